@@ -1,0 +1,87 @@
+"""What every Hydra entry point shares: validation, the run dir, one-line errors.
+
+Stage scripts run on the Hydra run dir of the current job, or, given ``run_dir=<path>``, on
+a previous run: then the config saved in that run (``config.yaml``) is used, with this
+command line's overrides applied on top, so ``scripts/evaluate.py run_dir=...`` evaluates
+what was trained there rather than today's defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from distill.config import DistillError, PipelineConfig, register_configs, to_pipeline_config
+
+log = logging.getLogger("distill")
+
+register_configs()
+
+CONFIG_FILE = "config.yaml"
+
+
+def _hydra_run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _cli_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under @hydra.main (e.g. a test calling run_stage directly)
+        return []
+
+
+def resolve(cfg: DictConfig) -> tuple[PipelineConfig, Path]:
+    """The validated config and the run dir this stage works in.
+
+    Raises:
+        DistillError: invalid config, or a ``run_dir`` that holds no saved run.
+    """
+    run_dir_value = cfg.get("run_dir")
+    if run_dir_value:
+        run_dir = Path(str(run_dir_value)).expanduser()
+        saved = run_dir / CONFIG_FILE
+        if not saved.exists():
+            raise DistillError(
+                f"run_dir={run_dir_value}: no {CONFIG_FILE} there; pass the folder of a run made "
+                "by scripts/pipeline.py or scripts/distill.py"
+            )
+        base = OmegaConf.load(saved)
+        # Group choices (e.g. loss=jsd) cannot be re-applied to a saved run; plain key
+        # overrides can, and they win over what was saved.
+        keyed = [
+            o for o in _cli_overrides() if "=" in o and "." in o.split("=", 1)[0] and not o.startswith("hydra")
+        ]
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(keyed)) if keyed else base
+        merged.run_dir = str(run_dir)
+        return to_pipeline_config(merged), run_dir
+    return to_pipeline_config(cfg), _hydra_run_dir()
+
+
+def save_config(cfg: PipelineConfig, run_dir: Path) -> None:
+    """Write the resolved config that stage scripts reload with ``run_dir=``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    node = OmegaConf.structured(cfg)
+    node.run_dir = None
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(node))
+
+
+def main_guard(stage: Callable[[PipelineConfig, Path], object], cfg: DictConfig, *, save: bool) -> None:
+    """Run ``stage`` with user errors printed as one line (exit 2), not a traceback."""
+    logging.getLogger("distill").setLevel(logging.INFO)
+    try:
+        pcfg, run_dir = resolve(cfg)
+        if save:
+            save_config(pcfg, run_dir)
+        stage(pcfg, run_dir)
+    except DistillError as err:
+        print(f"distill: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

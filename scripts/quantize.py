@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Quantize a distilled student: python scripts/quantize.py run_dir=outputs/<run> [quant...]
+
+Reads <run>/final/ and writes <run>/quantized/<method>/ for every quant.methods entry.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from distill import quantize
+from distill.cli import main_guard
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    main_guard(quantize.run, cfg, save=False)
+
+
+if __name__ == "__main__":
+    main()

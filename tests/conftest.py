@@ -1,0 +1,129 @@
+"""Shared fixtures: microscopic models and a tokenizer built in-process, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A distilled student learns from its teacher. "
+    "Memory traffic bounds decoding: every generated token reads every weight once. "
+) * 4
+
+
+def make_tokenizer(vocab_size: int = 200, eos: str = "<|endoftext|>"):
+    """A byte-level BPE tokenizer trained on a few sentences (a second or less)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos, pad_token=eos
+    )
+
+
+def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(vocab_size: int, layers: int = 2, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=256)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 4-layer llama teacher with its tokenizer, saved as a local HF folder."""
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    model = tiny_llama(len(tokenizer), layers=4)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_dir(tmp_path_factory) -> Path:
+    """A few text files, enough for a handful of 16-token blocks in each split."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text(f"Document {i}. " + CORPUS)
+    return folder
+
+
+def compose(overrides: list[str]):
+    """The real shipped config, composed as a script would, with ``overrides``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import distill.cli  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return hydra_compose(config_name="pipeline", overrides=overrides)
+
+
+def tiny_overrides(teacher_dir: Path, corpus_dir: Path, cache_dir: Path) -> list[str]:
+    """Overrides that shrink the default pipeline to seconds on the tiny teacher."""
+    return [
+        f"pair.teacher.name_or_path={teacher_dir}",
+        "pair.teacher.gguf_file=null",
+        "pair.student.layers=[0,3]",
+        "data=text_files",
+        f"data.paths=[{corpus_dir}/*.txt]",
+        "data.block_size=16",
+        "data.val_fraction=0.34",
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.eval_every_n_steps=2",
+        "train.save_every_n_steps=2",
+        "train.eval_max_blocks=2",
+        "train.warmup_steps=1",
+        "eval.max_blocks=2",
+        "eval.prompt_tokens=4",
+        "eval.decode_tokens=4",
+        "eval.prefill_tokens=8",
+        "eval.repeats=1",
+        f"cache_dir={cache_dir}",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _no_env_cache(monkeypatch):
+    # Tests pass cache_dir explicitly; an outer DISTILL_CACHE must not redirect them.
+    monkeypatch.delenv("DISTILL_CACHE", raising=False)
