@@ -158,18 +158,24 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(
-    path: Path, *, model: Any, optimizer: torch.optim.Optimizer
-) -> TrainerState:
+def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer) -> TrainerState:
     """Restore weights, optimizer and RNG state in place; return the trainer state.
 
     Raises:
         CheckpointError: naming any missing piece; resume never continues half-restored.
     """
-    needed = ["model.safetensors", "optimizer.pt", "rng.safetensors", "rng.json", "trainer_state.json"]
+    needed = [
+        "model.safetensors",
+        "optimizer.pt",
+        "rng.safetensors",
+        "rng.json",
+        "trainer_state.json",
+    ]
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: cannot resume exactly")
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(missing)}: cannot resume exactly"
+        )
     weights = load_file(str(path / "model.safetensors"))
     # Tied weights are stored once; load non-strictly, then check nothing real is missing.
     result = model.load_state_dict(weights, strict=False)
@@ -180,6 +186,8 @@ def load_checkpoint(
             f"unexpected {result.unexpected_keys[:5]}"
         )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    restore_rng(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
+    restore_rng(
+        load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text())
+    )
     raw = json.loads((path / "trainer_state.json").read_text())
     return TrainerState(**raw)

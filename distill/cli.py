@@ -58,7 +58,9 @@ def resolve(cfg: DictConfig) -> tuple[PipelineConfig, Path]:
         # Group choices (e.g. loss=jsd) cannot be re-applied to a saved run; plain key
         # overrides can, and they win over what was saved.
         keyed = [
-            o for o in _cli_overrides() if "=" in o and "." in o.split("=", 1)[0] and not o.startswith("hydra")
+            o
+            for o in _cli_overrides()
+            if "=" in o and "." in o.split("=", 1)[0] and not o.startswith("hydra")
         ]
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(keyed)) if keyed else base
         merged.run_dir = str(run_dir)
@@ -74,7 +76,9 @@ def save_config(cfg: PipelineConfig, run_dir: Path) -> None:
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(node))
 
 
-def main_guard(stage: Callable[[PipelineConfig, Path], object], cfg: DictConfig, *, save: bool) -> None:
+def main_guard(
+    stage: Callable[[PipelineConfig, Path], object], cfg: DictConfig, *, save: bool
+) -> None:
     """Run ``stage`` with user errors printed as one line (exit 2), not a traceback."""
     logging.getLogger("distill").setLevel(logging.INFO)
     try:

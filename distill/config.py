@@ -202,7 +202,8 @@ class TrainConfig:
             out.append(f"train.eval_max_blocks={self.eval_max_blocks}: must be >= 1")
         if self.teacher_mode not in TEACHER_MODES:
             out.append(
-                f"train.teacher_mode={self.teacher_mode!r}: choose one of {', '.join(TEACHER_MODES)}"
+                f"train.teacher_mode={self.teacher_mode!r}: choose one of "
+                f"{', '.join(TEACHER_MODES)}"
             )
         if self.mixed_precision not in MIXED_PRECISION:
             out.append(
@@ -283,9 +284,7 @@ class PipelineConfig:
             problems.extend(section.problems())
         problems.extend(self.publish.problems())
         if problems:
-            raise ConfigError(
-                f"{len(problems)} invalid config field(s): " + "; ".join(problems)
-            )
+            raise ConfigError(f"{len(problems)} invalid config field(s): " + "; ".join(problems))
 
 
 def register_configs() -> None:

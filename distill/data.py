@@ -72,9 +72,7 @@ def expand_paths(patterns: list[str]) -> list[str]:
         matches = sorted(glob.glob(expanded, recursive=True))
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise DataError(
-                f"data.paths entry {pattern!r} matches no file: check the path or glob"
-            )
+            raise DataError(f"data.paths entry {pattern!r} matches no file: check the path or glob")
         files.extend(matches)
     return files
 
@@ -97,7 +95,9 @@ def load_documents(cfg: DataConfig) -> list[Document]:
         raise DataError(f"unknown data.source {cfg.source!r}")
     docs = [d for d in docs if d.text.strip()]
     if not docs:
-        raise DataError(f"corpus data.source={cfg.source} holds no text: point data at a non-empty corpus")
+        raise DataError(
+            f"corpus data.source={cfg.source} holds no text: point data at a non-empty corpus"
+        )
     if cfg.max_documents is not None:
         docs = docs[: cfg.max_documents]
     return docs
@@ -191,7 +191,8 @@ def split_documents(
     """Assign documents to val in the order of a hash of ``(seed, doc_id)``.
 
     Documents join val until it holds ``val_fraction`` of the characters, so one long
-    document cannot swallow the split. With a single document the text itself is split: its last ``val_fraction`` of characters
+    document cannot swallow the split. With a single document the text itself is split: its
+    last ``val_fraction`` of characters
     (cut at a line break when there is one) become val. At least one document goes to each
     side when there are two or more.
     """
@@ -201,7 +202,9 @@ def split_documents(
         newline = text.rfind("\n", 0, cut)
         if newline > cut // 2:
             cut = newline + 1
-        return [Document(docs[0].doc_id, text[:cut])], [Document(docs[0].doc_id + "#val", text[cut:])]
+        return [Document(docs[0].doc_id, text[:cut])], [
+            Document(docs[0].doc_id + "#val", text[cut:])
+        ]
 
     def score(doc: Document) -> float:
         digest = hashlib.sha256(f"{seed}:{doc.doc_id}".encode()).digest()

@@ -29,7 +29,7 @@ def weight_bytes(model: nn.Module, include_buffers: bool = True) -> int:
     """Bytes of all parameters (and persistent buffers), each shared tensor counted once."""
     seen: set[int] = set()
     total = 0
-    tensors = list(model.parameters(remove_duplicate=False))
+    tensors = [p for _, p in model.named_parameters(remove_duplicate=False)]
     if include_buffers:
         names = {
             name

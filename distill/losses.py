@@ -48,7 +48,11 @@ def cross_entropy_per_token(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def forward_kl_per_token(
-    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, scale_by_t2: bool = True
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
 ) -> Tensor:
     """KL(p_teacher ‖ p_student) per position, both softened by ``temperature``.
 

@@ -209,7 +209,8 @@ def load_causal_lm(
         pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         if not has_st and pickled:
             raise ModelError(
-                f"{what} {name_or_path!r} holds only pickled weights ({', '.join(sorted(pickled))}); "
+                f"{what} {name_or_path!r} holds only pickled weights "
+                f"({', '.join(sorted(pickled))}); "
                 "pickle can run code when loaded: convert them to safetensors first"
             )
     try:
@@ -424,7 +425,9 @@ def check_vocab(
         )
 
 
-def preflight_pretrained_student(cfg: StudentConfig, teacher_tok: PreTrainedTokenizerBase, teacher_vocab_size: int) -> None:
+def preflight_pretrained_student(
+    cfg: StudentConfig, teacher_tok: PreTrainedTokenizerBase, teacher_vocab_size: int
+) -> None:
     """Compare a pretrained student's tokenizer and config with the teacher's, weights unloaded.
 
     Raises:
@@ -434,7 +437,9 @@ def preflight_pretrained_student(cfg: StudentConfig, teacher_tok: PreTrainedToke
     check_source(cfg.name_or_path, "pair.student.name_or_path")
     student_tok = load_tokenizer(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
+        )
     except Exception as err:
         raise _load_error("student config", cfg.name_or_path, err) from None
     check_vocab(teacher_tok, student_tok, teacher_vocab_size, int(config.vocab_size))

@@ -119,7 +119,9 @@ def micro_batch_loss(
     return loss, {"ce": ce.item(), "kd": kd.item(), "loss": loss.item()}
 
 
-def train_step(ctx: StepContext, micro_batches: list[Batch], lr: float, step: int) -> dict[str, float]:
+def train_step(
+    ctx: StepContext, micro_batches: list[Batch], lr: float, step: int
+) -> dict[str, float]:
     """One optimizer step over ``micro_batches`` (the accumulation window).
 
     Every micro-batch loss is divided by the number of scored tokens in the whole window
@@ -188,7 +190,9 @@ def micro_batches_for_step(
     """This process's share of global step ``step``: ``grad_accum_steps`` micro-batches."""
     out = []
     for k in range(cfg.grad_accum_steps):
-        idx = batch_indices(blocks.shape[0], cfg.batch_size * world, step * cfg.grad_accum_steps + k, cfg.seed)
+        idx = batch_indices(
+            blocks.shape[0], cfg.batch_size * world, step * cfg.grad_accum_steps + k, cfg.seed
+        )
         mine = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
         ids = blocks[mine].to(device)
         out.append(Batch(input_ids=ids, labels=ids))
@@ -198,11 +202,16 @@ def micro_batches_for_step(
 @torch.inference_mode()
 def teacher_logits_for(teacher: Any, blocks: Tensor, batch_size: int) -> list[Tensor]:
     """Teacher logits ``(b, T, V)`` per eval batch, computed once and reused."""
-    return [teacher(input_ids=blocks[i : i + batch_size]).logits.float() for i in range(0, len(blocks), batch_size)]
+    return [
+        teacher(input_ids=blocks[i : i + batch_size]).logits.float()
+        for i in range(0, len(blocks), batch_size)
+    ]
 
 
 @torch.inference_mode()
-def quick_eval(model: Any, blocks: Tensor, teacher_logits: list[Tensor], batch_size: int) -> dict[str, float]:
+def quick_eval(
+    model: Any, blocks: Tensor, teacher_logits: list[Tensor], batch_size: int
+) -> dict[str, float]:
     """Val perplexity, mean KL(teacher ‖ model) and top-1 agreement on ``blocks``."""
     was_training = model.training
     model.eval()
@@ -228,19 +237,27 @@ def quick_eval(model: Any, blocks: Tensor, teacher_logits: list[Tensor], batch_s
 def config_fingerprint(cfg: PipelineConfig) -> str:
     """Hash of everything that shapes the trajectory (not eval/quant/publish settings)."""
     bookkeeping = {
-        "resume", "eval_every_n_steps", "eval_max_blocks", "save_every_n_steps",
-        "keep_last_n_checkpoints", "log_every_n_steps",
+        "resume",
+        "eval_every_n_steps",
+        "eval_max_blocks",
+        "save_every_n_steps",
+        "keep_last_n_checkpoints",
+        "log_every_n_steps",
     }
     trajectory = {k: v for k, v in asdict(cfg.train).items() if k not in bookkeeping}
     payload = json.dumps(
-        [asdict(cfg.pair), asdict(cfg.data), asdict(cfg.loss), trajectory], sort_keys=True, default=str
+        [asdict(cfg.pair), asdict(cfg.data), asdict(cfg.loss), trajectory],
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def preflight(cfg: PipelineConfig) -> None:
     """Checks that need no model weights: paths exist, data files are readable."""
-    check_source(cfg.pair.teacher.name_or_path, "pair.teacher.name_or_path", cfg.pair.teacher.gguf_file)
+    check_source(
+        cfg.pair.teacher.name_or_path, "pair.teacher.name_or_path", cfg.pair.teacher.gguf_file
+    )
     if cfg.pair.student.init == "pretrained":
         assert cfg.pair.student.name_or_path is not None
         check_source(cfg.pair.student.name_or_path, "pair.student.name_or_path")
@@ -290,9 +307,19 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
     if cfg.pair.student.init == "pretrained":
         preflight_pretrained_student(cfg.pair.student, tokenizer, int(teacher.config.vocab_size))
     student, student_tok = build_student(cfg.pair.student, teacher, tc.seed)
-    check_vocab(tokenizer, student_tok or tokenizer, int(teacher.config.vocab_size), int(student.config.vocab_size))
+    check_vocab(
+        tokenizer,
+        student_tok or tokenizer,
+        int(teacher.config.vocab_size),
+        int(student.config.vocab_size),
+    )
     data = prepare_data(cfg.data, tokenizer, cache_root(cfg))
-    log.info("data: %d train / %d val blocks of %d tokens", len(data.train), len(data.val), cfg.data.block_size)
+    log.info(
+        "data: %d train / %d val blocks of %d tokens",
+        len(data.train),
+        len(data.val),
+        cfg.data.block_size,
+    )
 
     if main and not (run_dir / "student_init" / "config.json").exists():
         student.save_pretrained(str(run_dir / "student_init"))
@@ -336,15 +363,24 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
     )
     logger = _Logger(run_dir, main)
     bar = tqdm(
-        range(start_step, tc.max_steps), initial=start_step, total=tc.max_steps,
-        desc="distill", disable=not main, dynamic_ncols=True,
+        range(start_step, tc.max_steps),
+        initial=start_step,
+        total=tc.max_steps,
+        desc="distill",
+        disable=not main,
+        dynamic_ncols=True,
     )
     last_saved = start_step
     try:
         for step in bar:
             t0 = time.perf_counter()
             micro = micro_batches_for_step(
-                data.train, tc, step, accelerator.process_index, accelerator.num_processes, accelerator.device
+                data.train,
+                tc,
+                step,
+                accelerator.process_index,
+                accelerator.num_processes,
+                accelerator.device,
             )
             try:
                 metrics = train_step(ctx, micro, lr_at(step, tc), step)
@@ -389,7 +425,12 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
     if main:
         _save_final(raw_student, tokenizer, final)
     accelerator.wait_for_everyone()
-    log.info("trained %d steps (last checkpoint at %d); final student in %s", tc.max_steps, last_saved, final)
+    log.info(
+        "trained %d steps (last checkpoint at %d); final student in %s",
+        tc.max_steps,
+        last_saved,
+        final,
+    )
     return final
 
 

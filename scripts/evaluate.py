@@ -4,6 +4,7 @@
 Writes <run>/report.json, report.md and memory_vs_quality.png.
 """
 
+import _pathfix  # noqa: F401  (must precede `import distill`; see its docstring)
 import hydra
 from omegaconf import DictConfig
 

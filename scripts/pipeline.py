@@ -5,6 +5,7 @@ distill -> quantize -> evaluate -> publish; prints the report table and the path
 run dir and the publish folder. Hydra multirun (-m) sweeps it.
 """
 
+import _pathfix  # noqa: F401  (must precede `import distill`; see its docstring)
 import hydra
 from omegaconf import DictConfig
 

@@ -5,6 +5,7 @@ Writes <run>/publish/ (model card, weights, tokenizer, quantized variants in sub
 pushes to the Hub only when publish.repo_id is set.
 """
 
+import _pathfix  # noqa: F401  (must precede `import distill`; see its docstring)
 import hydra
 from omegaconf import DictConfig
 

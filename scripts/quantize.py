@@ -4,6 +4,7 @@
 Reads <run>/final/ and writes <run>/quantized/<method>/ for every quant.methods entry.
 """
 
+import _pathfix  # noqa: F401  (must precede `import distill`; see its docstring)
 import hydra
 from omegaconf import DictConfig
 

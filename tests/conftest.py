@@ -33,9 +33,7 @@ def make_tokenizer(vocab_size: int = 200, eos: str = "<|endoftext|>"):
         show_progress=False,
     )
     tok.train_from_iterator([CORPUS], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=eos, pad_token=eos
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
 
 
 def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0, tie: bool = True):

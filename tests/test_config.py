@@ -91,7 +91,12 @@ def test_missing_required_value_is_named() -> None:
 
 def run_script(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "distill.py"), f"hydra.run.dir={tmp_path}/run", *args],
+        [
+            sys.executable,
+            str(REPO / "scripts" / "distill.py"),
+            f"hydra.run.dir={tmp_path}/run",
+            *args,
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -105,7 +110,10 @@ def run_script(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
         (["loss.temperature=0"], "loss.temperature=0"),
         (["loss.kd_ratio=1.5"], "loss.kd_ratio=1.5"),
         (["train.max_steps=0"], "train.max_steps=0"),
-        (["pair.teacher.name_or_path=/nonexistent/teacher", "pair.teacher.gguf_file=null"], "/nonexistent/teacher"),
+        (
+            ["pair.teacher.name_or_path=/nonexistent/teacher", "pair.teacher.gguf_file=null"],
+            "/nonexistent/teacher",
+        ),
         (["data=text_files", "data.paths=[/nonexistent/*.txt]"], "/nonexistent/*.txt"),
     ],
 )

@@ -58,13 +58,19 @@ def test_pydoc_corpus_is_present() -> None:
 
 def test_text_json_and_parquet_files(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("plain text document")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "first"}) + "\n" + json.dumps({"body": "second"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"body": "first"}) + "\n" + json.dumps({"body": "second"}) + "\n"
+    )
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["third", "fourth"]}), tmp_path / "c.parquet")
     docs = load_documents(
-        DataConfig(source="text_files", paths=[str(tmp_path / "b.jsonl"), str(tmp_path / "c.parquet")], text_column="body")
+        DataConfig(
+            source="text_files",
+            paths=[str(tmp_path / "b.jsonl"), str(tmp_path / "c.parquet")],
+            text_column="body",
+        )
     )
     assert [d.text for d in docs] == ["first", "second", "third", "fourth"]
     docs = load_documents(DataConfig(source="text_files", paths=[str(tmp_path / "*.txt")]))
@@ -90,7 +96,12 @@ def test_bad_data_is_named(tmp_path: Path, tokenizer) -> None:
 
 
 def test_prepare_data_caches(tmp_path: Path, tokenizer, tiny_corpus_dir: Path) -> None:
-    cfg = DataConfig(source="text_files", paths=[str(tiny_corpus_dir / "*.txt")], block_size=16, val_fraction=0.34)
+    cfg = DataConfig(
+        source="text_files",
+        paths=[str(tiny_corpus_dir / "*.txt")],
+        block_size=16,
+        val_fraction=0.34,
+    )
     first = prepare_data(cfg, tokenizer, tmp_path)
     second = prepare_data(cfg, tokenizer, tmp_path)
     assert first.cache_path == second.cache_path and (second.cache_path / "COMPLETE").exists()

@@ -46,7 +46,9 @@ def test_student_keeps_tied_embeddings_tied() -> None:
 
 def test_student_kv_cache_generation_works() -> None:
     student = build_student_from_teacher(tiny_llama(64, layers=4), [0, 2])
-    out = student.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    out = student.generate(
+        torch.tensor([[1, 2, 3]]), max_new_tokens=4, min_new_tokens=4, do_sample=False
+    )
     assert out.shape == (1, 7)
 
 
@@ -64,7 +66,9 @@ def test_select_layers_keeps_front_and_back() -> None:
 
 def test_from_config_overrides_and_unknown_key() -> None:
     teacher = tiny_llama(64, layers=4)
-    student = build_student_from_config(teacher.config, {"num_hidden_layers": 1, "intermediate_size": 16})
+    student = build_student_from_config(
+        teacher.config, {"num_hidden_layers": 1, "intermediate_size": 16}
+    )
     assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 16
     with pytest.raises(ModelError, match="not_a_key"):
         build_student_from_config(teacher.config, {"not_a_key": 1})

@@ -18,25 +18,39 @@ from tests.conftest import compose, tiny_llama, tiny_overrides
 
 
 def tiny_cfg(tiny_teacher_dir: Path, tiny_corpus_dir: Path, cache: Path, extra: list[str] = ()):
-    return to_pipeline_config(compose(tiny_overrides(tiny_teacher_dir, tiny_corpus_dir, cache) + list(extra)))
+    return to_pipeline_config(
+        compose(tiny_overrides(tiny_teacher_dir, tiny_corpus_dir, cache) + list(extra))
+    )
 
 
 def test_run_writes_the_expected_files(tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir) -> None:
     cfg = tiny_cfg(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache")
     run_dir = tmp_path / "run"
     train.run(cfg, run_dir)
-    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step-000002", "step-000004"]
-    for name in ("final/model.safetensors", "final/config.json", "final/tokenizer.json", "student_init/model.safetensors"):
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == [
+        "step-000002",
+        "step-000004",
+    ]
+    for name in (
+        "final/model.safetensors",
+        "final/config.json",
+        "final/tokenizer.json",
+        "student_init/model.safetensors",
+    ):
         assert (run_dir / name).exists(), name
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    assert all({"ce", "kd", "loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in train_rows)
+    assert all(
+        {"ce", "kd", "loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in train_rows
+    )
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [2, 4]
     assert any((run_dir / "tensorboard").iterdir())
 
 
-def test_resume_reaches_identical_weights(tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir) -> None:
+def test_resume_reaches_identical_weights(
+    tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir
+) -> None:
     cfg = tiny_cfg(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache")
     straight = tmp_path / "straight"
     train.run(cfg, straight)
@@ -48,7 +62,9 @@ def test_resume_reaches_identical_weights(tmp_path: Path, tiny_teacher_dir, tiny
 
     shutil.rmtree(interrupted / "checkpoints" / "step-000004")
     shutil.rmtree(interrupted / "final")
-    resumed_cfg = tiny_cfg(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache", ["train.resume=auto"])
+    resumed_cfg = tiny_cfg(
+        tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache", ["train.resume=auto"]
+    )
     train.run(resumed_cfg, interrupted)
 
     a = load_file(str(straight / "final" / "model.safetensors"))
@@ -57,7 +73,9 @@ def test_resume_reaches_identical_weights(tmp_path: Path, tiny_teacher_dir, tiny
     for key in a:
         assert torch.equal(a[key], b[key]), key
     losses = lambda d: [  # noqa: E731
-        r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"
+        r["loss"]
+        for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "train"
     ]
     assert losses(straight) == losses(interrupted)[:2] + losses(interrupted)[-2:]
 
@@ -93,7 +111,11 @@ def test_accumulation_matches_one_big_batch_with_padding() -> None:
         model = tiny_llama(64, layers=2, seed=0).train()
         ctx = _ctx(model, teacher)
         batches = [
-            Batch(input_ids=ids[i : i + micro], labels=ids[i : i + micro], attention_mask=mask[i : i + micro])
+            Batch(
+                input_ids=ids[i : i + micro],
+                labels=ids[i : i + micro],
+                attention_mask=mask[i : i + micro],
+            )
             for i in range(0, 4, micro)
         ]
         metrics = train_step(ctx, batches, lr=1e-3, step=0)

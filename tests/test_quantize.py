@@ -1,0 +1,257 @@
+"""The quantize stage on microscopic llama and GPT-2 models saved to disk.
+
+Every quantized folder is reloaded with plain ``AutoModelForCausalLM.from_pretrained``, as a
+user would, and compared with the float model it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from distill.config import (
+    DistillError,
+    PairConfig,
+    PipelineConfig,
+    QuantConfig,
+    StudentConfig,
+    TeacherConfig,
+)
+from distill.quantize import QuantizeError, plan_quantization, quantize_folder, run
+
+VOCAB = 256
+METHOD = "int8_weight_only"
+# Symmetric per-row int8 moves each weight by at most max|row| / 254 (~0.4% of the row's
+# range); through two layers this shifts these logits (std ~0.17) by ~7e-3 at most. 2e-2
+# leaves room for other seeds while still failing on a wrong scale, axis or a float fallback.
+LOGIT_ATOL = 2e-2
+
+
+def _tiny_llama() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _tiny_gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _save(model: nn.Module, folder: Path, tokenizer) -> Path:
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    """(2, 16, V) logits on fixed token ids."""
+    ids = torch.arange(32).reshape(2, 16) * 7 % VOCAB
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def llama_src(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    return _save(_tiny_llama(), tmp_path_factory.mktemp("llama") / "final", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def llama_q(llama_src: Path) -> tuple[Path, dict]:
+    dst = llama_src.parent / "quantized" / METHOD
+    return dst, quantize_folder(llama_src, dst, METHOD, include_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def gpt2_src(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    return _save(_tiny_gpt2(), tmp_path_factory.mktemp("gpt2") / "final", tokenizer)
+
+
+def test_llama_reload_matches_float_logits(llama_src: Path, llama_q: tuple[Path, dict]) -> None:
+    dst, result = llama_q
+    float_model = AutoModelForCausalLM.from_pretrained(llama_src)
+    q = AutoModelForCausalLM.from_pretrained(dst)
+    assert type(q.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+    assert type(q.model.embed_tokens.weight).__name__ == "Int8Tensor"
+    torch.testing.assert_close(_logits(q), _logits(float_model), atol=LOGIT_ATOL, rtol=0)
+    # Every Linear and the embedding: 7 per layer, plus the embedding and its tied head.
+    assert len(result["quantized_modules"]) == 2 * 7 + 2
+    assert result["skipped_modules"] == []
+    assert result["quant_type"] == "Int8WeightOnlyConfig"
+
+
+def test_llama_weight_bytes_about_a_quarter(llama_q: tuple[Path, dict]) -> None:
+    _, result = llama_q
+    # int8 values are 1/4 of fp32; per-row fp32 scales (4 bytes per 64-256 values) and the
+    # float RMSNorm weights add ~2%. Two stored copies of the tied table would give > 0.35.
+    assert 0.25 < result["weight_bytes_ratio"] <= 0.30
+    assert result["weight_bytes"] == pytest.approx(0.27 * result["float_weight_bytes"], rel=0.03)
+    assert result["disk_bytes"] <= 0.32 * result["float_disk_bytes"]
+
+
+def test_tied_embedding_is_stored_once(llama_q: tuple[Path, dict]) -> None:
+    dst, result = llama_q
+    assert result["tied_embeddings"] is True
+    assert result["tied_modules"] == {"lm_head": "model.embed_tokens"}
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if k.startswith("lm_head")], keys
+    assert "model.embed_tokens._weight_qdata" in keys
+    q = AutoModelForCausalLM.from_pretrained(dst)
+    assert q.lm_head.weight is q.model.embed_tokens.weight
+
+
+def test_folder_is_complete_and_has_no_leftovers(
+    llama_src: Path, llama_q: tuple[Path, dict]
+) -> None:
+    dst, _ = llama_q
+    names = {f.name for f in dst.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "torchao"
+    assert qc["include_input_output_embeddings"] is True
+    assert [f.name for f in dst.parent.iterdir()] == [METHOD]  # no staging dir left behind
+
+
+def test_embeddings_kept_in_float_are_reported(llama_src: Path, tmp_path: Path) -> None:
+    result = quantize_folder(llama_src, tmp_path / "q", METHOD, include_embeddings=False)
+    skipped = {s["name"]: s for s in result["skipped_modules"]}
+    assert set(skipped) == {"model.embed_tokens", "lm_head"}
+    assert "include_embeddings" in skipped["model.embed_tokens"]["reason"]
+    assert "tied to model.embed_tokens" in skipped["lm_head"]["reason"]
+    assert result["tied_embeddings"] is True
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert type(q.model.embed_tokens.weight) is nn.Parameter
+    assert q.model.embed_tokens.weight.dtype == torch.float32
+    # Only the 14 Linear weights shrank: the float embedding is most of this tiny model.
+    assert 0.35 < result["weight_bytes_ratio"] < 0.45
+
+
+def test_gpt2_conv1d_is_reported_and_embeddings_quantized(gpt2_src: Path, tmp_path: Path) -> None:
+    result = quantize_folder(gpt2_src, tmp_path / "q", METHOD, include_embeddings=True)
+    skipped = {s["name"]: s for s in result["skipped_modules"]}
+    conv = [n for n, s in skipped.items() if s["class"] == "Conv1D"]
+    assert len(conv) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    assert all("addmm" in skipped[n]["reason"] for n in conv)
+    assert skipped["transformer.wpe"]["class"] == "Embedding"
+    assert result["quantized_modules"] == ["transformer.wte", "lm_head"]
+    assert result["tied_embeddings"] is True
+
+    float_model = AutoModelForCausalLM.from_pretrained(gpt2_src)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert q.lm_head.weight is q.transformer.wte.weight
+    torch.testing.assert_close(_logits(q), _logits(float_model), atol=LOGIT_ATOL, rtol=0)
+    assert result["weight_bytes"] < result["float_weight_bytes"]
+
+
+@pytest.mark.parametrize("build", [_tiny_llama, _tiny_gpt2], ids=["llama", "gpt2"])
+def test_plan_accounts_for_every_2d_weight(build) -> None:
+    model = build()
+    for include in (True, False):
+        plan = plan_quantization(model, include_embeddings=include)
+        accounted = plan.quantize + [s["name"] for s in plan.skipped]
+        accounted += [a for a, o in plan.aliases.items() if o in plan.quantize]
+        with_weight = [
+            n
+            for n, m in model.named_modules()
+            if getattr(m, "weight", None) is not None and m.weight.dim() == 2
+        ]
+        assert sorted(accounted) == sorted(with_weight)
+        assert len(set(accounted)) == len(accounted)
+
+
+def test_run_writes_every_method_and_summary(llama_src: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(llama_src, run_dir / "final")
+    cfg = PipelineConfig(
+        pair=PairConfig(
+            name="tiny",
+            teacher=TeacherConfig(name_or_path="unused"),
+            student=StudentConfig(num_layers=1),
+        ),
+        quant=QuantConfig(methods=[METHOD], include_embeddings=True),
+    )
+    run(cfg, run_dir)
+    results = run(cfg, run_dir)  # a second run replaces the first run's folders whole
+    summary = json.loads((run_dir / "quantized" / "quantize.json").read_text())
+    assert summary == json.loads(json.dumps(results))
+    assert [r["method"] for r in summary] == [METHOD]
+    assert sorted(f.name for f in (run_dir / "quantized").iterdir()) == [METHOD, "quantize.json"]
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "quantized" / METHOD) is not None
+
+
+def test_run_without_final_names_the_fix(tmp_path: Path) -> None:
+    cfg = PipelineConfig(
+        pair=PairConfig(
+            name="tiny",
+            teacher=TeacherConfig(name_or_path="unused"),
+            student=StudentConfig(num_layers=1),
+        ),
+    )
+    with pytest.raises(QuantizeError, match="scripts/distill.py") as err:
+        run(cfg, tmp_path)
+    assert isinstance(err.value, DistillError)
+
+
+def test_unknown_method_is_a_user_error(llama_src: Path, tmp_path: Path) -> None:
+    with pytest.raises(QuantizeError, match="int8_weight_only"):
+        quantize_folder(llama_src, tmp_path / "q", "int3", include_embeddings=True)
+    assert not (tmp_path / "q").exists()
+
+
+def test_fresh_process_reloads_without_distill(llama_src: Path, llama_q: tuple[Path, dict]) -> None:
+    dst, _ = llama_q
+    expected = _logits(AutoModelForCausalLM.from_pretrained(llama_src))
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(dst)!r})
+        assert not any(k == "distill" or k.startswith("distill.") for k in sys.modules)
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+        ids = torch.arange(32).reshape(2, 16) * 7 % {VOCAB}
+        with torch.inference_mode():
+            torch.save(m(ids).logits, sys.argv[1])
+            out = m.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, 7), out.shape
+        """
+    )
+    out_file = dst.parent.parent / "fresh_logits.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=dst.parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out_file, weights_only=True)
+    torch.testing.assert_close(got, expected, atol=LOGIT_ATOL, rtol=0)
