@@ -9,10 +9,12 @@ what was trained there rather than today's defaults.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import DistillError, PipelineConfig, register_configs, to_pipeline_config
@@ -65,7 +67,25 @@ def resolve(cfg: DictConfig) -> tuple[PipelineConfig, Path]:
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(keyed)) if keyed else base
         merged.run_dir = str(run_dir)
         return to_pipeline_config(merged), run_dir
-    return to_pipeline_config(cfg), _hydra_run_dir()
+    return to_pipeline_config(cfg), shared_run_dir(_hydra_run_dir())
+
+
+def shared_run_dir(own: Path) -> Path:
+    """Under ``accelerate launch`` every process runs Hydra and may stamp a different time
+    into its run dir; the main process's choice is broadcast and the others' dirs removed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return own
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    chosen = broadcast_object_list([str(own)], from_process=0)[0]
+    if not state.is_main_process and Path(chosen) != own:
+        import shutil
+
+        # Only Hydra's own bookkeeping is in it; no stage has written there yet.
+        shutil.rmtree(own, ignore_errors=True)
+    return Path(chosen)
 
 
 def save_config(cfg: PipelineConfig, run_dir: Path) -> None:

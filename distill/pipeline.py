@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from distill import evaluate, publish, quantize, train
 from distill.config import PipelineConfig
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     """Distill, quantize, evaluate and publish; print the table and where things are."""
     train.run(cfg, run_dir)
+    if not _is_main_process():
+        return {}  # under accelerate launch, one process quantizes, evaluates and publishes
     quantize.run(cfg, run_dir)
     report = evaluate.run(cfg, run_dir)
     published = publish.run(cfg, run_dir)
