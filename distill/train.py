@@ -298,7 +298,9 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
     """
     preflight(cfg)
     tc = cfg.train
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision)
+    # cpu=True without CUDA: that is what makes a multi-process launch use gloo (MULTI_CPU)
+    # instead of silently running every process as an independent single-process job.
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(tc.seed)
     main = accelerator.is_main_process
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -387,8 +389,9 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
             except torch.OutOfMemoryError:
                 raise OutOfMemory(
                     f"out of memory at step {step}: lower train.batch_size (now {tc.batch_size}) "
-                    f"and raise train.grad_accum_steps to keep the batch, or lower "
-                    f"data.block_size; the last checkpoint stays the resume point"
+                    "and raise train.grad_accum_steps to keep the batch, lower loss.chunk_size, "
+                    "or use train.teacher_mode=cached so the teacher is not held; resume from "
+                    "the last checkpoint with train.resume=auto"
                 ) from None
             elapsed = time.perf_counter() - t0
             tokens_seen += int(metrics["tokens"])
@@ -425,12 +428,13 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
     if main:
         _save_final(raw_student, tokenizer, final)
     accelerator.wait_for_everyone()
-    log.info(
-        "trained %d steps (last checkpoint at %d); final student in %s",
-        tc.max_steps,
-        last_saved,
-        final,
-    )
+    if main:
+        log.info(
+            "trained %d steps (last checkpoint at %d); final student in %s",
+            tc.max_steps,
+            last_saved,
+            final,
+        )
     return final
 
 
