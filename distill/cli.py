@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import DistillError, PipelineConfig, register_configs, to_pipeline_config
+from distill.frontier import FAILED_FILE
 
 log = logging.getLogger("distill")
 
@@ -101,11 +102,39 @@ def main_guard(
 ) -> None:
     """Run ``stage`` with user errors printed as one line (exit 2), not a traceback."""
     logging.getLogger("distill").setLevel(logging.INFO)
+    run_dir: Path | None = None
     try:
         pcfg, run_dir = resolve(cfg)
         if save:
             save_config(pcfg, run_dir)
         stage(pcfg, run_dir)
     except DistillError as err:
+        _record_failure(run_dir, str(err))
         print(f"distill: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        if not _in_multirun():
+            sys.exit(2)
+    except Exception as err:
+        _record_failure(run_dir, f"{type(err).__name__}: {err}")
+        raise
+
+
+def _record_failure(run_dir: Path | None, message: str) -> None:
+    """Leave the error in the run dir, so scripts/report.py lists the run as failed."""
+    if run_dir is None:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FAILED_FILE).write_text(message + "\n")
+    except OSError:
+        pass
+
+
+def _in_multirun() -> bool:
+    """In a sweep a bad job is recorded and the sweep goes on to the next one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False

@@ -1,0 +1,305 @@
+"""Aggregate many runs' ``report.json`` into one memory-versus-quality table and plot.
+
+Each variant of each run is a point (weight bytes, perplexity, KL to teacher). A point is on
+the Pareto front when no other point is at least as small *and* at least as good, and
+strictly better in one of the two. The teacher is kept once per distinct teacher and marked;
+``student_init`` rows (students before distillation) are not deployable and are left out.
+Runs without a report are listed with the error they left (``FAILED`` file, written by the
+entry points), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.config import DistillError
+
+FAILED_FILE = "FAILED"
+
+
+class ReportError(DistillError):
+    """Nothing to aggregate where the user pointed."""
+
+
+@dataclass
+class Point:
+    run: str
+    variant: str
+    pair: str
+    loss: str
+    kd_ratio: float | None
+    teacher_mode: str
+    weight_bytes: int
+    perplexity: float
+    kl_to_teacher: float | None
+    top1_agreement: float | None
+    decode_tokens_per_s: float | None
+    bits_per_weight: float | None
+    is_teacher: bool
+    pareto_ppl: bool = False
+    pareto_kl: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FailedRun:
+    run: str
+    error: str
+
+
+@dataclass
+class Frontier:
+    points: list[Point]
+    failed: list[FailedRun]
+
+
+def find_run_dirs(paths: list[Path]) -> list[Path]:
+    """Run dirs under ``paths``: folders holding report.json, FAILED or a Hydra config.
+
+    A multirun folder is searched recursively; a run dir given directly is taken as is.
+    """
+    found: list[Path] = []
+    for root in paths:
+        if not root.exists():
+            raise ReportError(f"{root} does not exist: pass run dirs or a multirun dir")
+        candidates = [root, *sorted(p for p in root.rglob("*") if p.is_dir())]
+        for d in candidates:
+            if any(part.startswith(".") for part in d.relative_to(root).parts):
+                continue  # Hydra's .hydra/ holds a config.yaml too; it is not a run
+            if any(d.is_relative_to(run) for run in found):
+                continue  # checkpoints/, publish/ ... inside a run already found
+            if any((d / name).exists() for name in ("report.json", FAILED_FILE, "config.yaml")):
+                found.append(d)
+    return found
+
+
+def _training(config: dict[str, Any]) -> tuple[str, str, float | None, str]:
+    pair = config.get("pair", {}).get("name", "?")
+    loss = config.get("loss", {}).get("name", "?")
+    kd_ratio = config.get("loss", {}).get("kd_ratio")
+    mode = config.get("train", {}).get("teacher_mode", "online")
+    return pair, loss, kd_ratio, mode
+
+
+def load_points(run_dirs: list[Path], base: Path | None = None) -> Frontier:
+    """Read every run's report (or failure) into points and failed runs."""
+    points: list[Point] = []
+    failed: list[FailedRun] = []
+    teachers_seen: set[str] = set()
+    for d in run_dirs:
+        name = str(d.relative_to(base)) if base and d.is_relative_to(base) else str(d)
+        report_file = d / "report.json"
+        if not report_file.exists():
+            error = (d / FAILED_FILE).read_text().strip() if (d / FAILED_FILE).exists() else ""
+            failed.append(FailedRun(name, error or "no report.json (interrupted or still running)"))
+            continue
+        try:
+            report = json.loads(report_file.read_text())
+            config = report.get("config", {})
+            pair, loss, kd_ratio, mode = _training(config)
+            teacher_id = json.dumps(config.get("pair", {}).get("teacher", {}), sort_keys=True)
+            for v in report["variants"]:
+                if v["name"] == "student_init":
+                    continue
+                is_teacher = v["name"] == "teacher"
+                if is_teacher:
+                    if teacher_id in teachers_seen:
+                        continue
+                    teachers_seen.add(teacher_id)
+                points.append(
+                    Point(
+                        run=name,
+                        variant=v["name"],
+                        pair=pair,
+                        loss=loss,
+                        kd_ratio=kd_ratio,
+                        teacher_mode=mode,
+                        weight_bytes=int(v["weight_bytes"]),
+                        perplexity=float(v["perplexity"]),
+                        kl_to_teacher=v.get("kl_to_teacher"),
+                        top1_agreement=v.get("top1_agreement"),
+                        decode_tokens_per_s=v.get("decode_tokens_per_s"),
+                        bits_per_weight=v.get("bits_per_weight"),
+                        is_teacher=is_teacher,
+                        extra={
+                            k: v[k]
+                            for k in ("fits_memory_budget", "bandwidth_bound_ratio", "total_bytes")
+                            if k in v
+                        },
+                    )
+                )
+        except (KeyError, TypeError, ValueError) as err:
+            failed.append(FailedRun(name, f"unreadable report.json: {type(err).__name__}: {err}"))
+    mark_pareto(points)
+    return Frontier(points=points, failed=failed)
+
+
+def pareto_front(costs: list[tuple[float, float]]) -> list[bool]:
+    """Whether each (size, loss) pair is undominated; both are minimised. NaN never wins."""
+    flags = []
+    for i, (a_size, a_loss) in enumerate(costs):
+        if math.isnan(a_size) or math.isnan(a_loss):
+            flags.append(False)
+            continue
+        dominated = False
+        for j, (b_size, b_loss) in enumerate(costs):
+            if i == j or math.isnan(b_size) or math.isnan(b_loss):
+                continue
+            if b_size <= a_size and b_loss <= a_loss and (b_size < a_size or b_loss < a_loss):
+                dominated = True
+                break
+        flags.append(not dominated)
+    return flags
+
+
+def mark_pareto(points: list[Point]) -> None:
+    by_ppl = pareto_front([(p.weight_bytes, p.perplexity) for p in points])
+    by_kl = pareto_front(
+        [
+            (p.weight_bytes, float("nan") if p.kl_to_teacher is None else p.kl_to_teacher)
+            for p in points
+        ]
+    )
+    for p, a, b in zip(points, by_ppl, by_kl, strict=True):
+        p.pareto_ppl, p.pareto_kl = a, b
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def render_markdown(f: Frontier) -> str:
+    lines = [
+        "# Memory vs quality frontier",
+        "",
+        "| run | variant | pair | loss (kd_ratio) | teacher | weight MB | bits/weight | ppl | "
+        "KL to teacher | top-1 | decode tok/s | Pareto (ppl / KL) |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+
+    def fmt(x: Any, spec: str) -> str:
+        return "–" if x is None else format(x, spec)
+
+    for p in sorted(f.points, key=lambda p: (p.weight_bytes, p.perplexity)):
+        lines.append(
+            f"| {p.run} | {'**teacher**' if p.is_teacher else p.variant} | {p.pair} | "
+            f"{p.loss} ({fmt(p.kd_ratio, 'g')}) | {p.teacher_mode} | {_mb(p.weight_bytes)} | "
+            f"{fmt(p.bits_per_weight, '.2f')} | {p.perplexity:.2f} | "
+            f"{fmt(p.kl_to_teacher, '.4f')} | {fmt(p.top1_agreement, '.3f')} | "
+            f"{fmt(p.decode_tokens_per_s, '.1f')} | "
+            f"{'yes' if p.pareto_ppl else 'no'} / {'yes' if p.pareto_kl else 'no'} |"
+        )
+    front = [p for p in f.points if p.pareto_ppl]
+    lines += ["", "## Pareto front (weight bytes vs perplexity)", ""]
+    lines += [
+        f"- {p.run} · {p.variant}: {_mb(p.weight_bytes)} MB, ppl {p.perplexity:.2f}"
+        for p in sorted(front, key=lambda p: p.weight_bytes)
+    ]
+    lines += ["", "## Failed runs", ""]
+    lines += [f"- {r.run}: {r.error}" for r in f.failed] or ["none"]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(f: Frontier, path: Path) -> None:
+    rows = [asdict(p) for p in f.points]
+    fields = [k for k in rows[0] if k != "extra"] if rows else ["run"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*fields, "status", "error"])
+        writer.writeheader()
+        for r in rows:
+            r.pop("extra", None)
+            writer.writerow({**r, "status": "ok", "error": ""})
+        for failed in f.failed:
+            writer.writerow({"run": failed.run, "status": "failed", "error": failed.error})
+
+
+def plot(f: Frontier, path: Path, memory_budget_bytes: int | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    panels = [
+        ("perplexity", "pareto_ppl", "held-out perplexity"),
+        ("kl_to_teacher", "pareto_kl", "mean KL(teacher ‖ model), nats/token"),
+    ]
+    kinds = sorted({_kind(p) for p in f.points if not p.is_teacher})
+    markers = dict(zip(kinds, "osD^v<>phX*", strict=False))
+    for ax, (metric, flag, label) in zip(axes, panels, strict=True):
+        pts = [p for p in f.points if getattr(p, metric) is not None]
+        for kind in kinds:
+            sel = [p for p in pts if not p.is_teacher and _kind(p) == kind]
+            ax.scatter(
+                [p.weight_bytes / 1e6 for p in sel],
+                [getattr(p, metric) for p in sel],
+                marker=markers[kind],
+                s=40,
+                label=kind,
+                alpha=0.8,
+            )
+        teachers = [p for p in pts if p.is_teacher]
+        if teachers:
+            ax.scatter(
+                [p.weight_bytes / 1e6 for p in teachers],
+                [getattr(p, metric) for p in teachers],
+                marker="*",
+                s=220,
+                color="black",
+                label="teacher",
+                zorder=5,
+            )
+        front = sorted((p for p in pts if getattr(p, flag)), key=lambda p: p.weight_bytes)
+        if front:
+            ax.step(
+                [p.weight_bytes / 1e6 for p in front],
+                [getattr(p, metric) for p in front],
+                where="post",
+                color="red",
+                linewidth=1.2,
+                label="Pareto front",
+            )
+        if memory_budget_bytes:
+            ax.axvline(
+                memory_budget_bytes / 1e6, color="gray", linestyle="--", label="memory budget"
+            )
+        ax.set_xscale("log")
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.set_xlabel("weight bytes as stored (MB, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_title("Memory vs perplexity")
+    axes[1].set_title("Memory vs fidelity to the teacher")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _kind(p: Point) -> str:
+    """Legend group: the precision of the variant (fp32 student, int8, gguf-q4_0, ...)."""
+    if p.variant == "student":
+        return "student fp32"
+    return p.variant.removeprefix("student-")
+
+
+def write_all(f: Frontier, out_dir: Path, memory_budget_bytes: int | None = None) -> list[Path]:
+    """Write frontier.md, .csv, .json and .png into ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, csv_path, js, png = (out_dir / f"frontier.{ext}" for ext in ("md", "csv", "json", "png"))
+    md.write_text(render_markdown(f))
+    write_csv(f, csv_path)
+    js.write_text(
+        json.dumps(
+            {"points": [asdict(p) for p in f.points], "failed": [asdict(r) for r in f.failed]},
+            indent=2,
+        )
+    )
+    plot(f, png, memory_budget_bytes)
+    return [md, csv_path, js, png]
