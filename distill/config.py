@@ -27,9 +27,12 @@ class ConfigError(DistillError):
 
 STUDENT_INITS = ("from_teacher", "from_config", "pretrained")
 DATA_SOURCES = ("pydoc", "text_files", "hf")
-LOSSES = ("forward_kl",)
-QUANT_METHODS = ("int8_weight_only",)
-TEACHER_MODES = ("online",)
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
+# torchao methods (see distill/quantize.py for what each stores on which device) and the
+# GGUF tensor types the ``gguf`` package quantizes in numpy (no k-quants there).
+QUANT_METHODS = ("bf16", "fp16", "int8_weight_only", "int8_dynamic", "int4_weight_only")
+GGUF_TYPES = ("f16", "q8_0", "q4_1", "q4_0")
+TEACHER_MODES = ("online", "cached")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -143,6 +146,14 @@ class LossConfig:
     temperature: float = 1.0
     # Multiply the KD term by T^2 so its gradient scale does not shrink as T grows (Hinton).
     scale_by_t2: bool = True
+    # jsd: 0 = forward KL, 1 = reverse KL, between: generalized JSD (see distill/losses.py).
+    beta: float = 0.5
+    # skew_kl: KL(p_t || alpha p_t + (1 - alpha) p_s); 0 = forward KL.
+    alpha: float = 0.1
+    # Positions per chunk of the memory-bounded loss: at most this many (tokens, vocab)
+    # rows of logits/probabilities exist at once (128 x 49,152 fp32 = 24 MiB each). Larger
+    # chunks suit GPUs; null: the plain, unchunked form.
+    chunk_size: int | None = 128
 
     def problems(self) -> list[str]:
         out = []
@@ -152,6 +163,12 @@ class LossConfig:
             out.append(f"loss.kd_ratio={self.kd_ratio}: must be in [0, 1]")
         if not self.temperature > 0.0:
             out.append(f"loss.temperature={self.temperature}: must be > 0")
+        if not 0.0 <= self.beta <= 1.0:
+            out.append(f"loss.beta={self.beta}: must be in [0, 1]")
+        if not 0.0 <= self.alpha < 1.0:
+            out.append(f"loss.alpha={self.alpha}: must be in [0, 1)")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            out.append(f"loss.chunk_size={self.chunk_size}: must be >= 1 or null")
         return out
 
 
@@ -171,12 +188,25 @@ class TrainConfig:
     eval_max_blocks: int = 16
     save_every_n_steps: int = 50
     keep_last_n_checkpoints: int = 2
+    # online: the teacher runs every step. cached: its top-k log-probabilities are read from
+    # a cache built once (distill/teacher_cache.py); the eval during training still uses it.
     teacher_mode: str = "online"
+    # Teacher tokens kept per position in the cache (plus one bucket for the rest).
+    teacher_top_k: int = 64
+    # null: cache_root/teacher_logits/<key>; or a folder (e.g. built elsewhere) whose
+    # manifest must match this run.
+    teacher_cache_dir: str | None = None
     # null: start fresh; "auto": newest complete checkpoint in the run dir (fresh if none);
     # or the path of one checkpoint folder.
     resume: str | None = None
     mixed_precision: str = "no"
+    # Where the frozen teacher lives under FSDP / DeepSpeed ZeRO-3: a full copy per device
+    # (replicate: fastest when it fits) or sharded like the student (shard).
+    teacher_placement: str = "replicate"
     log_every_n_steps: int = 1
+    # last: final/ is the last step. best_quantized: each kept checkpoint is quantized with
+    # quant.methods[0] and the one with the best held-out perplexity becomes final/.
+    select_checkpoint: str = "last"
 
     def problems(self) -> list[str]:
         out = []
@@ -200,10 +230,20 @@ class TrainConfig:
             out.append(f"train.max_grad_norm={self.max_grad_norm}: must be > 0")
         if self.eval_max_blocks < 1:
             out.append(f"train.eval_max_blocks={self.eval_max_blocks}: must be >= 1")
+        if self.teacher_top_k < 1:
+            out.append(f"train.teacher_top_k={self.teacher_top_k}: must be >= 1")
         if self.teacher_mode not in TEACHER_MODES:
             out.append(
                 f"train.teacher_mode={self.teacher_mode!r}: choose one of "
                 f"{', '.join(TEACHER_MODES)}"
+            )
+        if self.select_checkpoint not in ("last", "best_quantized"):
+            out.append(
+                f"train.select_checkpoint={self.select_checkpoint!r}: choose last or best_quantized"
+            )
+        if self.teacher_placement not in ("replicate", "shard"):
+            out.append(
+                f"train.teacher_placement={self.teacher_placement!r}: choose replicate or shard"
             )
         if self.mixed_precision not in MIXED_PRECISION:
             out.append(
@@ -215,10 +255,14 @@ class TrainConfig:
 
 @dataclass
 class QuantConfig:
-    methods: list[str] = field(default_factory=lambda: ["int8_weight_only"])
+    methods: list[str] = field(default_factory=lambda: ["int8_weight_only", "int4_weight_only"])
     # Quantize the input embedding and the (tied) LM head too. They hold a third of a small
     # model's weights, so leaving them in float caps the byte saving.
     include_embeddings: bool = True
+    # int4_weight_only: one scale and zero point per this many input weights of a row.
+    group_size: int = 32
+    # GGUF files for llama.cpp-family runtimes, one per type (llama-architecture students).
+    gguf: list[str] = field(default_factory=lambda: ["q8_0", "q4_1", "q4_0"])
 
     def problems(self) -> list[str]:
         out = []
@@ -227,6 +271,13 @@ class QuantConfig:
             out.append(f"quant.methods has unknown {bad}: choose from {', '.join(QUANT_METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             out.append(f"quant.methods={list(self.methods)} lists a method twice")
+        if self.group_size not in (32, 64, 128, 256):
+            out.append(f"quant.group_size={self.group_size}: choose one of 32, 64, 128, 256")
+        bad = [t for t in self.gguf if t not in GGUF_TYPES]
+        if bad:
+            out.append(f"quant.gguf has unknown {bad}: choose from {', '.join(GGUF_TYPES)}")
+        if len(set(self.gguf)) != len(self.gguf):
+            out.append(f"quant.gguf={list(self.gguf)} lists a type twice")
         return out
 
 

@@ -1,7 +1,10 @@
 """Score every model of a run on the same held-out blocks and write the comparison.
 
-Variants: ``teacher``, ``student_init`` (before distillation), ``student`` (``final/``) and
-``student-<method>`` for each quantized folder. Quality is measured against the teacher on
+Variants: ``teacher``, ``student_init`` (before distillation), ``student`` (``final/``),
+``student-<method>`` for each quantized folder and ``student-gguf-<type>`` for each GGUF file
+(evaluated as transformers reloads it, dequantized; its ``weight_bytes`` are the file's tensor
+bytes). Every row has ``bits_per_weight`` (weight bytes x 8 / parameters) and quantized rows
+the ``parity`` figures of the quantize stage. Quality is measured against the teacher on
 the first ``eval.max_blocks`` validation blocks:
 
 * perplexity = exp(mean next-token cross-entropy), in nats per token before exp;
@@ -637,6 +640,13 @@ def variant_folders(cfg: PipelineConfig, run_dir: Path) -> list[tuple[str, Path]
             out.append((f"student-{method}", folder))
         else:
             log.warning("%s is missing: run scripts/quantize.py to evaluate it", folder)
+    # GGUF files are evaluated through their reloaded (dequantized) form; the path is the file.
+    for gguf_type in cfg.quant.gguf:
+        path = run_dir / "quantized" / "gguf" / f"student-{gguf_type}.gguf"
+        if path.is_file():
+            out.append((f"student-gguf-{gguf_type}", path))
+        else:
+            log.warning("%s is missing: run scripts/quantize.py to evaluate it", path)
     return out
 
 
@@ -644,8 +654,11 @@ def load_variant(folder: Path, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     # Plain from_pretrained, as a user would: the quantized folders carry their own
-    # quantization_config, and safetensors only (no pickle).
-    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
+    # quantization_config, and safetensors only (no pickle). A .gguf file is dequantized.
+    if folder.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(folder.parent), gguf_file=folder.name)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
     return model.to(device).eval()
 
 
@@ -719,11 +732,24 @@ def run(
             row["skipped_modules"] = record.get("skipped_modules")
             row["quant_type"] = record.get("quant_type")
             row["include_embeddings"] = record.get("include_embeddings")
+            row["parity"] = record.get("parity")
+        if folder.suffix == ".gguf":
+            from distill.gguf_export import gguf_tensor_bytes
+
+            # transformers dequantizes GGUF on load: count the bytes the file stores instead.
+            row["loaded_weight_bytes"] = row["weight_bytes"]
+            row["weight_bytes"] = gguf_tensor_bytes(folder)
+            row["weight_bytes_source"] = "GGUF file tensor data (transformers loads it dequantized)"
+            row["disk_bytes"] = folder.stat().st_size
         rows.append(row)
         del model  # the next window's start() collects it before taking its baseline
     for row in rows:
         row["weight_bytes_ratio_to_teacher"] = row["weight_bytes"] / teacher_bytes
+        # Stored weight bytes x 8 / parameters: 32 for fp32, ~8 for int8, 4.5 for Q4_0.
+        row["bits_per_weight"] = row["weight_bytes"] * 8 / row["params"]
     del reference
-    report = {"variants": rows, "config": asdict(cfg)}
+    # How the student was trained, up front: the full config below holds the same values.
+    training = {"teacher_mode": cfg.train.teacher_mode, "loss": asdict(cfg.loss)}
+    report = {"variants": rows, "training": training, "config": asdict(cfg)}
     write_report(report, run_dir)
     return report

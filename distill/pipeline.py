@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from distill import evaluate, publish, quantize, train
+from distill import evaluate, publish, quantize, select, train
 from distill.config import PipelineConfig
 
 
@@ -21,6 +21,8 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     train.run(cfg, run_dir)
     if not _is_main_process():
         return {}  # under accelerate launch, one process quantizes, evaluates and publishes
+    if cfg.train.select_checkpoint == "best_quantized":
+        select.run(cfg, run_dir)
     quantize.run(cfg, run_dir)
     report = evaluate.run(cfg, run_dir)
     published = publish.run(cfg, run_dir)

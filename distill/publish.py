@@ -27,7 +27,7 @@ import os
 import re
 import shlex
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ import yaml
 from distill.config import DistillError, PipelineConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
+# Provenance next to the weights: teacher, data, the full config, quantization records.
+METADATA_FILE = "distill_metadata.json"
 
 PKG_PREFIX = "pkg:"
 # Files a Hugging Face model folder needs; anything else in final/ (optimizer state,
@@ -314,7 +316,7 @@ def reproduce_command(run_dir: Path) -> str:
 
 
 def _quant_notes(records: dict[str, dict[str, Any]], methods: list[str]) -> list[str]:
-    if not methods:
+    if not methods and not any(r.get("format") == "gguf" for r in records.values()):
         return ["No quantized variant was produced for this run."]
     lines = []
     for method in methods:
@@ -328,6 +330,8 @@ def _quant_notes(records: dict[str, dict[str, Any]], methods: list[str]) -> list
             )
         if "weight_bytes_ratio" in r:
             parts.append(f"weights at {100 * r['weight_bytes_ratio']:.0f}% of the float student")
+        if r.get("storage"):
+            parts.append(f"stored as {r['storage']}")
         lines.append("; ".join(parts) + ".")
         for s in r.get("skipped_modules") or []:
             label = (
@@ -336,10 +340,31 @@ def _quant_notes(records: dict[str, dict[str, Any]], methods: list[str]) -> list
                 else str(s)
             )
             lines.append(f"  - kept in float: {label}")
+    for r in records.values():
+        if r.get("format") == "gguf" and r.get("gguf_file"):
+            lines.append(
+                f"- `gguf/{r['gguf_file']}`: GGUF {r.get('quant_type')}, "
+                f"{r.get('bits_per_weight', 0):.2f} bits per weight, tokenizer and chat "
+                "template embedded; runs in llama.cpp-family runtimes, and transformers loads it "
+                "dequantized to float."
+            )
     lines.append(
-        "- Loading a quantized variant needs `torchao` installed; the weights are stored as "
-        "int8 values with per-row scales in safetensors, and `from_pretrained` rebuilds them."
+        "- Loading a torchao variant needs `torchao` installed; the quantized tensors are stored "
+        "flattened in safetensors, and `from_pretrained` rebuilds them."
     )
+    checked = [
+        f"`{name}` (KL to the float student {r['parity']['kl_to_float']:.4f}, perplexity "
+        f"x{r['parity']['ppl_ratio_to_float']:.4f})"
+        for name, r in records.items()
+        if isinstance(r.get("parity"), dict) and "kl_to_float" in r["parity"]
+    ]
+    if checked:
+        lines.append(
+            "- Every variant was reloaded in a fresh process with plain transformers and "
+            "compared with the model it was written from on held-out blocks: "
+            + ", ".join(checked)
+            + "."
+        )
     return lines
 
 
@@ -405,6 +430,13 @@ def render_card(
             f'model_{method} = AutoModelForCausalLM.from_pretrained("{repo}", '
             f'subfolder="{method}")  # needs torchao'
         )
+    for r in records.values():
+        if r.get("format") == "gguf" and r.get("gguf_file"):
+            key = r["gguf_file"].removesuffix(".gguf").replace("student-", "").replace("-", "_")
+            lines.append(
+                f'model_gguf_{key} = AutoModelForCausalLM.from_pretrained("{repo}", '
+                f'gguf_file="gguf/{r["gguf_file"]}")  # dequantized on load'
+            )
     lines += ["```", "", "## Evaluation", ""]
     if report is not None:
         lines += [
@@ -576,6 +608,14 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
                     and not (sub / f.name).exists()
                 ):
                     shutil.copyfile(f, sub / f.name)
+        # GGUF files carry their own tokenizer; publish/gguf/<file>.gguf.
+        for gguf_type in cfg.quant.gguf:
+            src = run_dir / "quantized" / "gguf" / f"student-{gguf_type}.gguf"
+            if src.is_file():
+                (staging / "gguf").mkdir(exist_ok=True)
+                shutil.copyfile(src, staging / "gguf" / src.name)
+            else:
+                records.pop(f"gguf-{gguf_type}", None)
         check_finite(staging)
         card = render_card(
             cfg,
@@ -587,6 +627,26 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
             records,
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / METADATA_FILE).write_text(
+            json.dumps(
+                {
+                    "teacher": {
+                        **asdict(cfg.pair.teacher),
+                        "hub_id": teacher.hub_id,
+                        "license": teacher.license,
+                    },
+                    "student": asdict(cfg.pair.student),
+                    "data": asdict(cfg.data),
+                    "quantization": {
+                        "config": asdict(cfg.quant),
+                        "artifacts": list(records.values()),
+                    },
+                    "config": asdict(cfg),
+                },
+                indent=2,
+                default=str,
+            )
+        )
         _replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,24 +1,51 @@
-"""Post-training weight quantization of the distilled student with torchao.
+"""Post-training quantization of the distilled student: torchao variants and GGUF files.
 
-The output folder is an ordinary Hugging Face model folder: ``config.json`` records a
-``TorchAoConfig`` and ``model.safetensors`` holds torchao's flattened int8 tensors, so plain
-``AutoModelForCausalLM.from_pretrained(folder)`` reloads it (torchao installed, no ``distill``).
+Every variant is written, then reloaded in a fresh process and checked against the model it
+was written from (:mod:`distill.parity`); a failed check stops the stage naming the artifact.
 
-Why the weights are quantized here and written by hand instead of through
+torchao variants (``quant.methods``) are ordinary Hugging Face folders: ``config.json``
+records a ``TorchAoConfig`` and ``model.safetensors`` holds torchao's flattened tensors, so
+plain ``AutoModelForCausalLM.from_pretrained(folder)`` reloads them (torchao installed, no
+``distill``). What each method stores (torchao 0.18, bytes per weight of a 2-D weight):
+
+* ``bf16`` / ``fp16``: every float tensor cast; 2 bytes per weight.
+* ``int8_weight_only``: ``Int8Tensor``, int8 per output row with one fp32 scale per row;
+  ~1 byte per weight on any device.
+* ``int8_dynamic``: the same weights, plus per-token int8 activations at run time.
+* ``int4_weight_only``: asymmetric int4 groups of ``quant.group_size`` values (scale + zero
+  point per group). CPU: ``IntxUnpackedToInt8Tensor``, the int4 values stored *unpacked*, one
+  per int8 byte (~1.16 bytes per weight at group 32). CUDA: ``Int4TilePackedTo4dTensor``, two
+  values per byte in tinygemm's tile layout, bf16 scales and zeros (that folder reloads on
+  CUDA only); the embedding stays the unpacked tensor, which alone implements ``embedding``.
+
+On CPU torchao 0.18 has no packed int4 tensor that transformers can reload
+(``Int4WeightOnlyConfig`` needs CUDA or the ``mslk`` package; the CPU ``Int4OpaqueTensor`` is a
+prototype outside torchao's safetensors allow-list), so a CPU ``int4_weight_only`` folder is
+no smaller than int8. The truly 4-bit CPU artifact is the GGUF ``q4_0`` file (4.5 bits per
+weight; :mod:`distill.gguf_export`), which llama.cpp runs directly.
+
+Why the torchao weights are quantized here and written by hand instead of through
 ``from_pretrained(src, quantization_config=TorchAoConfig(...))`` + ``save_pretrained``
-(transformers 5.23, torchao 0.18):
+(transformers 5.23):
 
 * transformers' on-load quantizer calls ``quantize_`` with torchao's default ``_is_linear``
   filter, so ``include_input_output_embeddings=True`` alone leaves ``nn.Embedding`` in float;
 * with tied embeddings, ``save_pretrained`` looks for aliases among the *flattened* names
   (``lm_head._weight_qdata``), which its tied-key patterns (``lm_head.weight``) do not match,
-  so it writes the int8 table twice, and the reload then fails in ``tie_weights`` because
+  so it writes the table twice, and the reload then fails in ``tie_weights`` because
   ``torch.equal`` is not implemented for torchao tensors.
 
 Here each shared weight is quantized once, every alias is pointed back at the quantized
 tensor, and only the first name of each alias group is written; transformers re-ties the
 others on load from ``tie_word_embeddings``. Every linear-like module is either quantized or
 reported in ``skipped_modules`` with the reason.
+
+GPT-2's ``Conv1D`` stays in float in the torchao variants: it computes
+``torch.addmm(bias, x, weight)`` and no torchao 0.18 tensor implements ``aten.addmm``
+(``Int8Tensor`` and ``IntxUnpackedToInt8Tensor`` implement ``linear``/``embedding`` only), so
+a quantized Conv1D fails on its first forward in a process that has not registered an
+``addmm`` kernel itself, which a plain ``from_pretrained`` user has not. Rewriting Conv1D as
+``nn.Linear`` does not survive ``from_pretrained`` either, which rebuilds Conv1D modules.
 """
 
 from __future__ import annotations
@@ -36,7 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.config import QUANT_METHODS, DistillError, PipelineConfig
+from distill.config import GGUF_TYPES, QUANT_METHODS, DistillError, PipelineConfig, cache_root
 from distill.footprint import disk_bytes, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -51,7 +78,7 @@ class QuantizeError(DistillError):
     """The quantize stage cannot run on the given folder or method."""
 
 
-def _int8_weight_only() -> Any:
+def _int8_weight_only(group_size: int, device: str) -> Any:
     # Int8Tensor: symmetric per-output-row int8 with one float scale per row. torchao's
     # Int8WeightOnlyConfig and IntxWeightOnlyConfig(weight_dtype=torch.int8) both reload in
     # transformers and gave the same perplexity on the student; Int8Tensor stores no zero
@@ -62,8 +89,101 @@ def _int8_weight_only() -> Any:
     return Int8WeightOnlyConfig(set_inductor_config=False)
 
 
-_AO_CONFIGS: dict[str, Callable[[], Any]] = {"int8_weight_only": _int8_weight_only}
-assert set(_AO_CONFIGS) == set(QUANT_METHODS), "config.QUANT_METHODS and _AO_CONFIGS disagree"
+def _int8_dynamic(group_size: int, device: str) -> Any:
+    # The same per-row int8 weights; activations are quantized per token (symmetric) at run
+    # time and the matmul runs int8 x int8 -> int32.
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+
+
+def _int4_weight_only(group_size: int, device: str) -> Any:
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    if device == "cuda":
+        # Packed two per byte for tinygemm's _weight_int4pack_mm (in torch itself, no mslk).
+        return Int4WeightOnlyConfig(
+            group_size=group_size,
+            int4_packing_format="tile_packed_to_4d",
+            set_inductor_config=False,
+        )
+    return _intx_int4(group_size)
+
+
+def _intx_int4(group_size: int) -> Any:
+    # What config.json records for the unpacked int4 tensors; the tensors themselves are
+    # built by int4_float_zero (torchao's own affine path rounds the zero point to an int8).
+    from torchao.quantization import IntxWeightOnlyConfig, MappingType, PerGroup
+
+    return IntxWeightOnlyConfig(
+        weight_dtype=torch.int4,
+        granularity=PerGroup(group_size),
+        mapping_type=MappingType.ASYMMETRIC,
+    )
+
+
+def int4_float_zero(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Asymmetric int4 with a float zero point per group, as torchao's unpacked int4 tensor.
+
+    Each group of ``group_size`` values along a row is mapped onto 16 evenly spaced levels
+    from its minimum to its maximum: ``w ~ (q - zero) * scale`` with ``q`` in [-8, 7] and
+    ``scale``, ``zero`` in fp16 (llama.cpp's Q4_1 and tinygemm's scheme). torchao's own
+    affine choice stores the zero point as an int8, which puts the grid's ends on whole
+    steps and leaves part of each group's range unused: on SmolLM2's layers that doubled the
+    weight error.
+
+    Args:
+        weight: ``(out, in)`` float weight, ``in`` a multiple of ``group_size``.
+
+    Returns:
+        an ``IntxUnpackedToInt8Tensor`` (int4 values stored one per int8) that implements
+        ``linear`` and ``embedding`` and reloads through transformers' ``TorchAoConfig``.
+    """
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    rows, cols = weight.shape
+    groups = weight.detach().float().reshape(rows, cols // group_size, group_size)
+    lo = groups.amin(-1, keepdim=True)
+    hi = groups.amax(-1, keepdim=True)
+    # fp16 parameters, and the levels computed from the rounded ones the tensor will hold.
+    scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float16).tiny).half()
+    lo = lo.half().float()
+    levels = torch.clamp(torch.round((groups - lo) / scale.float()), 0, 15)
+    zero = (-8 - lo / scale.float()).half()
+    return IntxUnpackedToInt8Tensor(
+        qdata=(levels - 8).to(torch.int8).reshape(rows, cols),
+        scale=scale.reshape(rows, -1),
+        zero_point=zero.reshape(rows, -1),
+        target_dtype=torch.int4,
+        block_size=(1, group_size),
+        dtype=weight.dtype,
+        activation_quantization=None,
+    )
+
+
+_CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_AO_CONFIGS: dict[str, Callable[[int, str], Any]] = {
+    "int8_weight_only": _int8_weight_only,
+    "int8_dynamic": _int8_dynamic,
+    "int4_weight_only": _int4_weight_only,
+}
+assert set(_AO_CONFIGS) | set(_CAST) == set(QUANT_METHODS), "QUANT_METHODS and quantize disagree"
+
+# What a method stores per device, written into quantize.json and the model card.
+STORAGE = {
+    ("bf16", "cpu"): "every float tensor in bfloat16",
+    ("fp16", "cpu"): "every float tensor in float16",
+    ("int8_weight_only", "cpu"): "int8 per output row + one float scale per row",
+    ("int8_dynamic", "cpu"): "int8 per output row + one float scale per row; int8 activations",
+    ("int4_weight_only", "cpu"): (
+        "int4 values stored unpacked, one per int8 byte, + float scale and int8 zero point per "
+        "group (torchao 0.18 has no reloadable packed int4 tensor on CPU)"
+    ),
+    ("int4_weight_only", "cuda"): (
+        "int4 packed two per byte (tinygemm tile layout) + bf16 scale and zero per group; "
+        "embedding unpacked int4 in int8"
+    ),
+}
 
 
 @dataclass
@@ -240,67 +360,162 @@ def _tied(model: nn.Module) -> bool:
     return emb_in is not None and emb_out is not None and emb_in.weight is emb_out.weight
 
 
-def quantize_folder(src: Path, dst: Path, method: str, *, include_embeddings: bool) -> dict:
-    """Quantize the causal LM in ``src`` and write a folder plain transformers reloads.
+def _skip_indivisible(model: nn.Module, plan: QuantPlan, group_size: int) -> None:
+    """Move modules whose rows are not whole groups of ``group_size`` to ``plan.skipped``."""
+    keep = []
+    for name in plan.quantize:
+        cols = model.get_submodule(name).weight.shape[-1]
+        if cols % group_size:
+            plan.skipped.append(
+                {
+                    "name": name,
+                    "class": type(model.get_submodule(name)).__name__,
+                    "reason": f"rows of {cols} values are not whole groups of "
+                    f"quant.group_size={group_size}",
+                }
+            )
+        else:
+            keep.append(name)
+    plan.quantize = keep
 
-    The folder is built in a hidden staging directory next to ``dst`` and renamed into place,
-    then reloaded with ``AutoModelForCausalLM.from_pretrained`` to measure what a user gets.
+
+def _cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters and persistent buffers to ``dtype``, as a reload in ``dtype`` has them.
+
+    ``model.to(dtype)`` would also cast non-persistent buffers such as RoPE's ``inv_freq``,
+    which ``from_pretrained`` recomputes in fp32: the in-memory model would then compute
+    something the saved folder never does.
+    """
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        persistent = set(module._buffers) - set(getattr(module, "_non_persistent_buffers_set", ()))
+        for name in persistent:
+            buf = module._buffers[name]
+            if buf is not None and buf.is_floating_point():
+                module._buffers[name] = buf.to(dtype)
+    model.config.dtype = dtype
+
+
+def quantize_model(
+    model: nn.Module,
+    method: str,
+    *,
+    include_embeddings: bool,
+    group_size: int = 32,
+    device: str = "cpu",
+) -> tuple[QuantPlan, Any]:
+    """Quantize (or cast) ``model`` in place with ``method``; tied weights stay one tensor.
 
     Args:
-        src: Hugging Face model folder (config, safetensors, tokenizer files).
-        dst: output folder; replaced if it exists.
+        model: a causal LM on ``device``.
         method: one of ``config.QUANT_METHODS``.
-        include_embeddings: also quantize the input embedding and the (tied) LM head.
+        group_size: values per scale for ``int4_weight_only``.
+        device: ``"cpu"`` or ``"cuda"``; picks the int4 tensor layout.
 
     Returns:
-        ``method``, ``src``, ``dst``, ``quant_type`` (torchao config class),
-        ``include_embeddings``, ``quantized_modules`` (names), ``tied_modules``
-        (alias -> owner), ``skipped_modules`` (``{"name", "class", "reason"}``),
-        ``float_weight_bytes``, ``weight_bytes`` (of the reloaded model, via
-        :func:`distill.footprint.weight_bytes`), ``weight_bytes_ratio``, ``float_disk_bytes``,
-        ``disk_bytes``, ``tied_embeddings`` (the reloaded embedding and LM head share one
-        tensor) and ``seconds``.
+        the plan (empty for casts) and the torchao config used (None for casts).
 
     Raises:
-        QuantizeError: unknown method, ``src`` is not a model folder, or the reloaded model
-            lost a weight tie (which would store a tied weight twice).
+        QuantizeError: unknown method.
     """
+    if method in _CAST:
+        _cast_weights(model, _CAST[method])
+        return QuantPlan(), None
+    if method not in _AO_CONFIGS:
+        raise QuantizeError(
+            f"unknown quant method {method!r}: choose from {', '.join(QUANT_METHODS)}"
+        )
+    plan = plan_quantization(model, include_embeddings=include_embeddings)
+    if method == "int4_weight_only":
+        _skip_indivisible(model, plan, group_size)
+    ao_config = _AO_CONFIGS[method](group_size, device)
+    if method == "int4_weight_only":
+        # CPU: every module gets the unpacked float-zero int4 tensor. CUDA: Linear weights
+        # get the packed tinygemm tensor; the embedding keeps the unpacked one, which alone
+        # implements embedding (a head tied to it computes with it too).
+        packed = set()
+        if device == "cuda":
+            from torchao.quantization import quantize_
+
+            packed = {n for n in plan.quantize if isinstance(model.get_submodule(n), nn.Linear)}
+            quantize_(model, ao_config, filter_fn=lambda _m, fqn: fqn in packed)
+        for name in plan.quantize:
+            if name not in packed:
+                module = model.get_submodule(name)
+                module.weight = nn.Parameter(
+                    int4_float_zero(module.weight, group_size), requires_grad=False
+                )
+        for alias, owner in plan.aliases.items():
+            model.get_submodule(alias).weight = model.get_submodule(owner).weight
+    else:
+        _apply_plan(model, plan, ao_config)
+    return plan, ao_config
+
+
+def quantize_to_folder(
+    src: Path,
+    dst: Path,
+    method: str,
+    *,
+    include_embeddings: bool,
+    group_size: int = 32,
+    device: str | None = None,
+) -> tuple[dict, nn.Module]:
+    """:func:`quantize_folder`, also returning the in-memory model the folder was written from."""
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
-    if method not in _AO_CONFIGS:
+    if method not in QUANT_METHODS:
         raise QuantizeError(
             f"unknown quant method {method!r}: choose from {', '.join(QUANT_METHODS)}"
         )
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise QuantizeError(f"{src} has no config.json: give a Hugging Face model folder")
+    if device is None:
+        # Only int4 has a device-specific layout; everything else is quantized on the CPU.
+        device = "cuda" if method == "int4_weight_only" and torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
 
     # dtype="auto" keeps the stored dtype, so scales come out in the model's own precision.
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     model.eval()
     float_bytes = weight_bytes(model)
+    params = sum(p.numel() for p in model.parameters())
     was_tied = _tied(model)
-    plan = plan_quantization(model, include_embeddings=include_embeddings)
-    ao_config = _AO_CONFIGS[method]()
-    _apply_plan(model, plan, ao_config)
-    quant_config = TorchAoConfig(
-        ao_config,
-        modules_to_not_convert=[s["name"] for s in plan.skipped] or None,
-        include_input_output_embeddings=include_embeddings,
+    if device == "cuda":
+        # tinygemm's int4 kernel takes bf16 activations and scales; config.dtype follows, so
+        # the reload computes in bf16 too.
+        model.to("cuda")
+        _cast_weights(model, torch.bfloat16)
+    plan, ao_config = quantize_model(
+        model, method, include_embeddings=include_embeddings, group_size=group_size, device=device
     )
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = dst.parent / f".{dst.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _write_folder(model, plan, src, staging, quant_config)
+        if ao_config is None:
+            model.save_pretrained(str(staging))
+            for f in sorted(src.iterdir()):
+                if f.is_file() and not (staging / f.name).exists():
+                    if not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _WEIGHT_INDEXES:
+                        shutil.copy2(f, staging / f.name)
+        else:
+            quant_config = TorchAoConfig(
+                ao_config,
+                modules_to_not_convert=[s["name"] for s in plan.skipped] or None,
+                include_input_output_embeddings=include_embeddings,
+            )
+            _write_folder(model, plan, src, staging, quant_config)
         _publish(staging, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    del model
 
-    reloaded = AutoModelForCausalLM.from_pretrained(dst)
+    load_kwargs: dict[str, Any] = {"device_map": device} if device != "cpu" else {}
+    reloaded = AutoModelForCausalLM.from_pretrained(dst, **load_kwargs)
     for alias, owner in plan.aliases.items():
         if reloaded.get_submodule(alias).weight is not reloaded.get_submodule(owner).weight:
             raise QuantizeError(
@@ -311,37 +526,164 @@ def quantize_folder(src: Path, dst: Path, method: str, *, include_embeddings: bo
     if was_tied and not tied:
         raise QuantizeError(f"{dst}: input embedding and LM head came back untied")
     q_bytes = weight_bytes(reloaded)
-    # An alias of a quantized weight (the tied LM head) computes with the int8 tensor too.
+    del reloaded
+    # An alias of a quantized weight (the tied LM head) computes with the quantized tensor too.
     quantized = plan.quantize + [a for a, o in plan.aliases.items() if o in plan.quantize]
-    return {
+    record = {
         "method": method,
+        "format": "torchao" if ao_config is not None else "safetensors",
         "src": str(src),
         "dst": str(dst),
-        "quant_type": type(ao_config).__name__,
+        "quant_type": type(ao_config).__name__ if ao_config is not None else str(_CAST[method]),
+        "device": device,
+        "storage": STORAGE.get((method, device), STORAGE.get((method, "cpu"), "")),
+        "group_size": group_size if method == "int4_weight_only" else None,
         "include_embeddings": include_embeddings,
         "quantized_modules": quantized,
         "tied_modules": dict(plan.aliases),
         "skipped_modules": plan.skipped,
+        "params": params,
         "float_weight_bytes": float_bytes,
         "weight_bytes": q_bytes,
         "weight_bytes_ratio": q_bytes / float_bytes,
+        "bits_per_weight": q_bytes * 8 / params,
         "float_disk_bytes": disk_bytes(src),
         "disk_bytes": disk_bytes(dst),
         "tied_embeddings": tied,
         "seconds": round(time.perf_counter() - start, 2),
     }
+    return record, model
 
 
-def run(cfg: PipelineConfig, run_dir: Path) -> list[dict]:
-    """Quantize ``run_dir/final`` with every method in ``cfg.quant.methods``.
+def quantize_folder(
+    src: Path,
+    dst: Path,
+    method: str,
+    *,
+    include_embeddings: bool,
+    group_size: int = 32,
+    device: str | None = None,
+) -> dict:
+    """Quantize the causal LM in ``src`` and write a folder plain transformers reloads.
 
-    Writes ``run_dir/quantized/<method>/`` per method and ``run_dir/quantized/quantize.json``
-    holding the list of :func:`quantize_folder` results.
+    The folder is built in a hidden staging directory next to ``dst`` and renamed into place,
+    then reloaded with ``AutoModelForCausalLM.from_pretrained`` to measure what a user gets.
+
+    Args:
+        src: Hugging Face model folder (config, safetensors, tokenizer files).
+        dst: output folder; replaced if it exists.
+        method: one of ``config.QUANT_METHODS``.
+        include_embeddings: also quantize the input embedding and the (tied) LM head.
+        group_size: values per scale and zero point for ``int4_weight_only``.
+        device: where to quantize; default CUDA for int4 when available (packed layout, that
+            folder then reloads on CUDA only), else CPU.
+
+    Returns:
+        ``method``, ``format`` (``torchao`` or ``safetensors`` for casts), ``src``, ``dst``,
+        ``quant_type`` (torchao config class or dtype), ``device``, ``storage`` (what the
+        bytes are), ``group_size``, ``include_embeddings``, ``quantized_modules`` (names),
+        ``tied_modules`` (alias -> owner), ``skipped_modules`` (``{"name", "class",
+        "reason"}``), ``params``, ``float_weight_bytes``, ``weight_bytes`` (of the reloaded
+        model, via :func:`distill.footprint.weight_bytes`), ``weight_bytes_ratio``,
+        ``bits_per_weight`` (weight bytes x 8 / parameters), ``float_disk_bytes``,
+        ``disk_bytes``, ``tied_embeddings`` (the reloaded embedding and LM head share one
+        tensor) and ``seconds``.
+
+    Raises:
+        QuantizeError: unknown method, ``src`` is not a model folder, or the reloaded model
+            lost a weight tie (which would store a tied weight twice).
+    """
+    record, _ = quantize_to_folder(
+        src,
+        dst,
+        method,
+        include_embeddings=include_embeddings,
+        group_size=group_size,
+        device=device,
+    )
+    return record
+
+
+def gguf_record(export: Any, float_bytes: int, include_embeddings: bool, seconds: float) -> dict:
+    """The quantize.json entry of one GGUF file written by :func:`export_gguf`."""
+    counts: dict[str, int] = {}
+    for kind in export.tensor_types.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return {
+        "method": f"gguf-{export.gguf_type}",
+        "format": "gguf",
+        "dst": str(export.path),
+        "gguf_file": export.path.name,
+        "quant_type": export.gguf_type.upper(),
+        "device": "cpu",
+        "storage": (
+            f"GGUF {export.gguf_type.upper()} 2-D weights, F32 norms; transformers dequantizes "
+            "it to float on load, llama.cpp computes on it directly"
+        ),
+        "include_embeddings": include_embeddings,
+        "tensor_types": counts,
+        "f16_fallback": export.f16_fallback,
+        "params": export.params,
+        "float_weight_bytes": float_bytes,
+        # The file's tensor data: what a runtime that keeps the format holds in memory.
+        "weight_bytes": export.tensor_bytes,
+        "weight_bytes_source": "tensor data stored in the GGUF file (header excluded)",
+        "weight_bytes_ratio": export.tensor_bytes / float_bytes,
+        "bits_per_weight": export.tensor_bytes * 8 / export.params,
+        "disk_bytes": export.path.stat().st_size,
+        "tied_embeddings": "output.weight absent (tied)"
+        if "output.weight" not in export.tensor_types
+        else False,
+        "seconds": round(seconds, 2),
+    }
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``(B, T, V)`` fp32 logits on the CPU, one block at a time (bounded activations)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        rows = [
+            model(input_ids=ids[i : i + 1].to(device), use_cache=False).logits.float().cpu()
+            for i in range(ids.shape[0])
+        ]
+    return torch.cat(rows)
+
+
+def parity_blocks(cfg: PipelineConfig, tokenizer: Any) -> torch.Tensor:
+    """The first ``PARITY_BLOCKS`` held-out blocks ``(N, T)`` of the run's data."""
+    from distill.data import prepare_data
+    from distill.parity import PARITY_BLOCKS
+
+    return prepare_data(cfg.data, tokenizer, cache_root(cfg)).val[:PARITY_BLOCKS]
+
+
+def run(
+    cfg: PipelineConfig, run_dir: Path, *, val_blocks: torch.Tensor | None = None
+) -> list[dict]:
+    """Write every variant of ``run_dir/final``, check each in a fresh process, summarise.
+
+    Writes ``run_dir/quantized/<method>/`` per ``cfg.quant.methods`` entry,
+    ``run_dir/quantized/gguf/student-<type>.gguf`` per ``cfg.quant.gguf`` entry,
+    ``quantized/parity_blocks.safetensors`` (the held-out ids the parity check used) and
+    ``quantized/quantize.json``: one record per artifact (:func:`quantize_folder`,
+    :func:`gguf_record`), each with its ``parity`` figures (:mod:`distill.parity`).
+
+    Args:
+        val_blocks: held-out blocks ``(N, T)``; by default the run's validation split.
 
     Raises:
         QuantizeError: ``run_dir/final`` does not exist, or a method fails as described in
             :func:`quantize_folder`.
+        GGUFExportError: GGUF asked for a student llama.cpp cannot run as llama.
+        ParityError: an artifact does not reproduce its model (quantize.json is written
+            first, with the figures).
     """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from distill import parity
+    from distill.gguf_export import check_exportable, export_gguf, reference_model
+
     run_dir = Path(run_dir)
     final = run_dir / "final"
     if not (final / "config.json").is_file():
@@ -349,33 +691,105 @@ def run(cfg: PipelineConfig, run_dir: Path) -> list[dict]:
             f"{final} holds no trained model: run scripts/distill.py first, or set run_dir to a "
             "finished run"
         )
+    if cfg.quant.gguf:
+        check_exportable(AutoConfig.from_pretrained(final))  # before any work
     out = run_dir / "quantized"
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = (parity_blocks(cfg, tokenizer) if val_blocks is None else val_blocks)[
+        : parity.PARITY_BLOCKS
+    ]
+    save_file({"ids": ids.contiguous()}, str(out / "parity_blocks.safetensors"))
+    workdir = out / f".parity-{os.getpid()}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir()
+
+    float_model = AutoModelForCausalLM.from_pretrained(final, dtype="auto").eval()
+    float_logits = _logits(float_model, ids)
+    float_bytes = weight_bytes(float_model)
+    results: list[dict] = []
+    artifacts: list[parity.Artifact] = []
+    in_memory: dict[str, Path] = {}
+
+    def keep_reference(name: str, model: nn.Module) -> None:
+        in_memory[name] = workdir / f"{name}-in-memory.safetensors"
+        save_file({"logits": _logits(model, ids).contiguous()}, str(in_memory[name]))
+
+    steps = len(cfg.quant.methods) + len(cfg.quant.gguf)
     for i, method in enumerate(cfg.quant.methods, 1):
-        log.info("quantize %d/%d: %s on %s", i, len(cfg.quant.methods), method, final)
-        result = quantize_folder(
-            final, out / method, method, include_embeddings=cfg.quant.include_embeddings
-        )
-        log.info(
-            "quantize %s: %.1f MB -> %.1f MB of weights (%.1f%%), %d modules quantized, "
-            "%d skipped, %.1f s",
+        log.info("quantize %d/%d: %s on %s", i, steps, method, final)
+        result, qmodel = quantize_to_folder(
+            final,
+            out / method,
             method,
-            result["float_weight_bytes"] / 1e6,
-            result["weight_bytes"] / 1e6,
-            100 * result["weight_bytes_ratio"],
-            len(result["quantized_modules"]),
-            len(result["skipped_modules"]),
-            result["seconds"],
+            include_embeddings=cfg.quant.include_embeddings,
+            group_size=cfg.quant.group_size,
         )
-        by_reason: dict[str, list[str]] = {}
-        for skipped in result["skipped_modules"]:
-            by_reason.setdefault(skipped["reason"], []).append(skipped["name"])
-        for reason, names in by_reason.items():
-            log.info("  kept in float: %d module(s), e.g. %s: %s", len(names), names[0], reason)
+        keep_reference(method, qmodel)
+        del qmodel
+        artifacts.append(parity.Artifact(method, out / method, device=result["device"]))
+        _log_result(result)
         results.append(result)
-    # Written whole and renamed, so a crash never leaves a truncated summary.
-    tmp = out / "quantize.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "quantize.json")
+    for i, gguf_type in enumerate(cfg.quant.gguf, len(cfg.quant.methods) + 1):
+        log.info("quantize %d/%d: GGUF %s of %s", i, steps, gguf_type, final)
+        start = time.perf_counter()
+        export = export_gguf(
+            float_model,
+            tokenizer,
+            out / "gguf" / f"student-{gguf_type}.gguf",
+            gguf_type,
+            include_embeddings=cfg.quant.include_embeddings,
+            name=f"{final.parent.name}-student-{gguf_type}",
+        )
+        result = gguf_record(
+            export, float_bytes, cfg.quant.include_embeddings, time.perf_counter() - start
+        )
+        keep_reference(result["method"], reference_model(float_model, export))
+        export.reference_state.clear()
+        artifacts.append(parity.Artifact(result["method"], export.path.parent, export.path.name))
+        _log_result(result)
+        results.append(result)
+    for gguf_type in set(GGUF_TYPES) - set(cfg.quant.gguf):  # files of an earlier run
+        (out / "gguf" / f"student-{gguf_type}.gguf").unlink(missing_ok=True)
+    del float_model
+
+    # One held-out document's worth of text for the GGUF tokenizer check.
+    text = tokenizer.decode(ids[0]) if cfg.quant.gguf else None
+    source_ids = tokenizer(text)["input_ids"] if text is not None else None
+    try:
+        parity.check_artifacts(
+            results,
+            artifacts,
+            in_memory,
+            float_logits,
+            ids,
+            workdir,
+            text=text,
+            source_token_ids=source_ids,
+        )
+    finally:
+        # Written whole and renamed, so a crash never leaves a truncated summary; written
+        # even when parity fails, so the figures of the failed artifact can be read.
+        tmp = out / "quantize.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, out / "quantize.json")
     return results
+
+
+def _log_result(result: dict) -> None:
+    log.info(
+        "quantize %s: %.1f MB -> %.1f MB of weights (%.1f%%, %.2f bits/weight), %.1f s",
+        result["method"],
+        result["float_weight_bytes"] / 1e6,
+        result["weight_bytes"] / 1e6,
+        100 * result["weight_bytes_ratio"],
+        result["bits_per_weight"],
+        result["seconds"],
+    )
+    by_reason: dict[str, list[str]] = {}
+    for skipped in result.get("skipped_modules") or []:
+        by_reason.setdefault(skipped["reason"], []).append(skipped["name"])
+    for reason, names in by_reason.items():
+        log.info("  kept in float: %d module(s), e.g. %s: %s", len(names), names[0], reason)
+    if result.get("f16_fallback"):
+        log.info("  written F16 (rows not whole 32-value blocks): %s", result["f16_fallback"])

@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from distill import teacher_cache
 from distill.checkpoint import (
     TrainerState,
     load_checkpoint,
@@ -32,8 +33,14 @@ from distill.checkpoint import (
 from distill.config import DistillError, PipelineConfig, TrainConfig, cache_root
 from distill.data import batch_indices, check_data_inputs, prepare_data
 from distill.losses import (
+    KDLoss,
+    ProjectedTeacher,
+    TopKTeacher,
+    chunked_distill_loss,
     cross_entropy_per_token,
     forward_kl_per_token,
+    fused_head,
+    make_kd_loss,
     reduce_masked,
     scored_positions,
     shift_for_next_token,
@@ -69,11 +76,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @dataclass
 class Batch:
-    """One micro-batch: ``input_ids``/``labels`` ``(B, T)``, ``attention_mask`` or None."""
+    """One micro-batch: ``input_ids``/``labels`` ``(B, T)``, ``attention_mask`` or None, and
+    ``block_ids`` ``(B,)``, the rows of ``data.train`` (how the cached teacher finds them)."""
 
     input_ids: Tensor
     labels: Tensor
     attention_mask: Tensor | None = None
+    block_ids: Tensor | None = None
 
 
 @dataclass
@@ -86,36 +95,79 @@ class StepContext:
     temperature: float
     scale_by_t2: bool
     max_grad_norm: float
+    # The divergence with its settings bound (distill.losses.make_kd_loss); None: forward KL.
+    kd_loss: KDLoss | None = None
+    # Positions per chunk of the memory-bounded loss (None: the plain form), and the output
+    # projections it is fused with (None: that model's logits are made whole first).
+    chunk_size: int | None = None
+    student_head: Any = None
+    teacher_head: Any = None
+    # train.teacher_mode=cached: top-k teacher rows come from here instead of a forward.
+    teacher_cache: Any = None
+
+
+def teacher_targets(ctx: StepContext, batch: Batch) -> Tensor | TopKTeacher | ProjectedTeacher:
+    """The teacher's side of positions ``0 .. T-2``: cached top-k rows ``(B, T-1, k)``, or an
+    online forward: final hidden states ``(B, T-1, D)`` when the chunked loss makes the
+    logits itself, else logits ``(B, T-1, V)``."""
+    if ctx.teacher_cache is not None:
+        assert batch.block_ids is not None, "the cached teacher needs Batch.block_ids"
+        return ctx.teacher_cache.lookup(batch.block_ids, batch.input_ids.device)
+    # no_grad rather than inference_mode: the KD loss saves teacher probabilities for
+    # the student's backward, and autograd refuses to save inference-mode tensors.
+    with torch.no_grad():
+        if ctx.teacher_head is not None and ctx.chunk_size is not None:
+            out = ctx.teacher(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+            weight, bias = ctx.teacher_head
+            return ProjectedTeacher(out.hidden_states[-1][:, :-1], weight, bias)
+        return ctx.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[
+            :, :-1
+        ]
 
 
 def micro_batch_loss(
     ctx: StepContext, batch: Batch, num_tokens: Tensor
 ) -> tuple[Tensor, dict[str, float]]:
     """Blended loss of one micro-batch, already divided by the window's token count."""
-    logits = ctx.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    s_logits, targets, valid = shift_for_next_token(logits, batch.labels, batch.attention_mask)
-    ce = reduce_masked(cross_entropy_per_token(s_logits, targets), valid, num_tokens)
-    if ctx.kd_ratio > 0.0:
-        # no_grad rather than inference_mode: the KD loss saves teacher probabilities for
-        # the student's backward, and autograd refuses to save inference-mode tensors.
-        with torch.no_grad():
-            t_logits = ctx.teacher(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask
-            ).logits[:, :-1]
-        kd = reduce_masked(
-            forward_kl_per_token(
-                s_logits,
-                t_logits,
-                temperature=ctx.temperature,
-                scale_by_t2=ctx.scale_by_t2,
-            ),
-            valid,
-            num_tokens,
+    kd_loss = ctx.kd_loss or KDLoss("forward_kl", ctx.temperature, ctx.scale_by_t2)
+    teacher = teacher_targets(ctx, batch) if ctx.kd_ratio > 0.0 else None
+    if ctx.chunk_size is not None:
+        # Only scored positions enter the loss; the full (B, T, V) logits are never made
+        # when the student's head is fused in.
+        valid = scored_positions(batch.labels, batch.attention_mask)
+        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if ctx.student_head is not None:
+            out = ctx.student(**kwargs, output_hidden_states=True, logits_to_keep=1)
+            inputs = out.hidden_states[-1][:, :-1][valid]
+        else:
+            inputs = ctx.student(**kwargs).logits[:, :-1][valid]
+        loss, ce, kd = chunked_distill_loss(
+            inputs,
+            batch.labels[:, 1:][valid],
+            None if teacher is None else teacher[valid],
+            head=ctx.student_head,
+            kd_loss=kd_loss,
+            kd_ratio=ctx.kd_ratio,
+            num_tokens=num_tokens,
+            chunk_size=ctx.chunk_size,
         )
-        del t_logits
     else:
-        kd = torch.zeros((), device=ce.device)
-    loss = (1.0 - ctx.kd_ratio) * ce + ctx.kd_ratio * kd
+        logits = ctx.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        s_logits, targets, valid = shift_for_next_token(logits, batch.labels, batch.attention_mask)
+        ce = reduce_masked(cross_entropy_per_token(s_logits, targets), valid, num_tokens)
+        if isinstance(teacher, ProjectedTeacher):
+            teacher = teacher.logits()
+        if teacher is not None:
+            kd = reduce_masked(kd_loss(s_logits, teacher), valid, num_tokens)
+        else:
+            kd = torch.zeros((), device=ce.device)
+        loss = (1.0 - ctx.kd_ratio) * ce + ctx.kd_ratio * kd
+    del teacher
     return loss, {"ce": ce.item(), "kd": kd.item(), "loss": loss.item()}
 
 
@@ -195,7 +247,7 @@ def micro_batches_for_step(
         )
         mine = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
         ids = blocks[mine].to(device)
-        out.append(Batch(input_ids=ids, labels=ids))
+        out.append(Batch(input_ids=ids, labels=ids, block_ids=torch.tensor(mine)))
     return out
 
 
@@ -234,8 +286,78 @@ def quick_eval(
     }
 
 
-def config_fingerprint(cfg: PipelineConfig) -> str:
-    """Hash of everything that shapes the trajectory (not eval/quant/publish settings)."""
+def place_teacher(teacher: Any, accelerator: Accelerator, placement: str) -> Any:
+    """Put the frozen teacher where the launch wants it.
+
+    ``replicate``: a full copy on every device, cast to the mixed-precision dtype (it only
+    runs forward, so it needs no fp32 master weights). ``shard``: under FSDP each process
+    keeps a shard and layers are all-gathered in forward (accelerate's FSDP2 wrapper);
+    under DeepSpeed ZeRO-3 the teacher gets its own inference engine, as DeepSpeed requires
+    for a second model. Without FSDP/DeepSpeed, ``shard`` falls back to ``replicate``.
+    """
+    from accelerate.utils import DistributedType
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    kind = accelerator.distributed_type
+    if placement == "shard" and kind == DistributedType.FSDP:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        if dtype is not None:
+            teacher.to(dtype)
+        return fsdp2_prepare_model(accelerator, teacher).eval()
+    if placement == "shard" and kind == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        plugin = accelerator.state.deepspeed_plugin
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "bf16": {"enabled": dtype is torch.bfloat16},
+            "fp16": {"enabled": dtype is torch.float16},
+        }
+        if plugin is not None and plugin.zero_stage != 3:
+            log.info("teacher_placement=shard needs ZeRO-3; replicating the teacher instead")
+        else:
+            engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
+            return engine.module.eval()
+    if dtype is not None and accelerator.device.type != "cpu":
+        teacher.to(dtype)
+    return teacher.to(accelerator.device)
+
+
+def fused_heads(
+    cfg: PipelineConfig, accelerator: Accelerator, student: Any, teacher: Any
+) -> tuple[Any, Any]:
+    """The output projections the chunked loss is fused with; None (reason logged) where
+    logits must be made whole: loss.chunk_size=null, sharded weights, or an architecture
+    whose logits are not ``lm_head(last hidden state)``."""
+    if cfg.loss.chunk_size is None:
+        return None, None
+    from accelerate.utils import DistributedType
+
+    online_kd = cfg.train.teacher_mode == "online" and cfg.loss.kd_ratio > 0.0
+    heads = []
+    for name, model, needed in (("student", student, True), ("teacher", teacher, online_kd)):
+        head = None
+        if needed:
+            kind = accelerator.distributed_type
+            if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                head = f"{kind} shards the output projection"
+            else:
+                head = fused_head(model)
+            if isinstance(head, str):
+                log.info("loss: %s logits made whole, then chunked (%s)", name, head)
+                head = None
+        heads.append(head)
+    return heads[0], heads[1]
+
+
+def config_fingerprint(cfg: PipelineConfig, num_processes: int = 1) -> str:
+    """Hash of everything that shapes the trajectory (not eval/quant/publish settings).
+
+    The per-process batch enters as the global batch, so a DDP run may resume on another
+    process count as long as batch_size × processes is unchanged.
+    """
     bookkeeping = {
         "resume",
         "eval_every_n_steps",
@@ -245,6 +367,7 @@ def config_fingerprint(cfg: PipelineConfig) -> str:
         "log_every_n_steps",
     }
     trajectory = {k: v for k, v in asdict(cfg.train).items() if k not in bookkeeping}
+    trajectory["batch_size"] = cfg.train.batch_size * num_processes
     payload = json.dumps(
         [asdict(cfg.pair), asdict(cfg.data), asdict(cfg.loss), trajectory],
         sort_keys=True,
@@ -332,11 +455,11 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
         student.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay
     )
     student, optimizer = accelerator.prepare(student, optimizer)
-    teacher.to(accelerator.device)
+    teacher = place_teacher(teacher, accelerator, tc.teacher_placement)
     raw_student = accelerator.unwrap_model(student)
 
     ckpt_dir = run_dir / "checkpoints"
-    fingerprint = config_fingerprint(cfg)
+    fingerprint = config_fingerprint(cfg, accelerator.num_processes)
     start_step, tokens_seen = 0, 0
     resume_from = resolve_resume(tc.resume, ckpt_dir)
     if resume_from is not None:
@@ -349,9 +472,21 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
         start_step, tokens_seen = state.step, state.tokens_seen
         log.info("resumed from %s at step %d", resume_from, start_step)
 
+    student_head, teacher_head = fused_heads(cfg, accelerator, raw_student, teacher)
+    cache = None
+    if tc.teacher_mode == "cached" and cfg.loss.kd_ratio > 0.0:
+        needed = teacher_cache.blocks_for_steps(
+            len(data.train), tc, accelerator.num_processes, start_step
+        )
+        cache = teacher_cache.prepare(
+            cfg, teacher, tokenizer, data.train, needed, main, accelerator.wait_for_everyone
+        )
+
     eval_blocks = data.val[: tc.eval_max_blocks].to(accelerator.device)
     eval_bs = max(1, min(tc.batch_size, 8))
     teacher_eval = teacher_logits_for(teacher, eval_blocks, eval_bs) if main else []
+    if cache is not None:
+        teacher = None  # the eval logits above were its last use: free its memory
 
     ctx = StepContext(
         student=student,
@@ -362,6 +497,11 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
         temperature=cfg.loss.temperature,
         scale_by_t2=cfg.loss.scale_by_t2,
         max_grad_norm=tc.max_grad_norm,
+        kd_loss=make_kd_loss(cfg.loss),
+        chunk_size=cfg.loss.chunk_size,
+        student_head=student_head,
+        teacher_head=teacher_head,
+        teacher_cache=cache,
     )
     logger = _Logger(run_dir, main)
     bar = tqdm(

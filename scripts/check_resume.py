@@ -43,6 +43,7 @@ SMALL = [
 def tiny_teacher(folder: Path) -> list[str]:
     """A 4-layer llama with a BPE tokenizer trained on pydoc text, saved to ``folder``."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 

@@ -40,7 +40,9 @@ def test_every_yaml_opens_with_its_command() -> None:
         first = f.read_text().splitlines()[0]
         if first.startswith("# @package"):
             first = f.read_text().splitlines()[1]
-        assert first.startswith("# python scripts/"), f"{f} must open with the command that runs it"
+        assert first.startswith(("# python scripts/", "# accelerate launch")), (
+            f"{f} must open with the command that runs it"
+        )
 
 
 def test_pair_files_are_named_teacher_to_student() -> None:
@@ -77,6 +79,12 @@ def test_all_bad_fields_named_at_once() -> None:
         ("data.val_fraction=0", "data.val_fraction"),
         ("data.block_size=1", "data.block_size"),
         ("train.lr=-1", "train.lr"),
+        ("loss.beta=1.5", "loss.beta"),
+        ("loss.alpha=1", "loss.alpha"),
+        ("loss.chunk_size=0", "loss.chunk_size"),
+        ("loss.name=mse", "mse"),
+        ("train.teacher_top_k=0", "train.teacher_top_k"),
+        ("train.teacher_mode=offline", "offline"),
     ],
 )
 def test_out_of_range_values_are_named(override: str, needle: str) -> None:

@@ -195,7 +195,9 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path) -> None:
 
     on_disk = json.loads((tiny_run / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert set(on_disk) == {"variants", "config"}
+    assert set(on_disk) == {"variants", "training", "config"}
+    assert on_disk["training"]["teacher_mode"] == cfg.train.teacher_mode
+    assert on_disk["training"]["loss"] == on_disk["config"]["loss"]
     assert on_disk["config"] == json.loads(json.dumps(asdict(cfg)))
     names = [v["name"] for v in on_disk["variants"]]
     assert names == ["teacher", "student_init", "student", "student-int8_weight_only"]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, tiny_overrides
 
@@ -39,10 +40,16 @@ def run_pipeline(
     )
 
 
-def check_run_dir(run_dir: Path, methods: list[str]) -> dict:
+# configs/quant/default.yaml: torchao folders, then GGUF files.
+DEFAULT_METHODS = ["int8_weight_only", "int4_weight_only"]
+DEFAULT_GGUF = ["q8_0", "q4_1", "q4_0"]
+
+
+def check_run_dir(run_dir: Path, methods: list[str], gguf: list[str] = DEFAULT_GGUF) -> dict:
     report = json.loads((run_dir / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
-    assert names == ["teacher", "student_init", "student", *[f"student-{m}" for m in methods]]
+    expected = [f"student-{m}" for m in methods] + [f"student-gguf-{t}" for t in gguf]
+    assert names == ["teacher", "student_init", "student", *expected]
     for v in report["variants"]:
         assert REPORT_FIELDS <= v.keys(), v.keys()
         assert v["perplexity"] > 1.0 and v["weight_bytes"] > 0
@@ -61,7 +68,43 @@ def check_run_dir(run_dir: Path, methods: list[str]) -> dict:
         assert (publish / f).exists(), f
     for m in methods:
         assert (publish / m / "config.json").exists()
+    meta = json.loads((publish / "distill_metadata.json").read_text())
+    assert {"teacher", "student", "data", "quantization", "config"} <= meta.keys()
+    assert meta["quantization"]["config"]["methods"] == report["config"]["quant"]["methods"]
+    for t in gguf:
+        assert (publish / "gguf" / f"student-{t}.gguf").exists()
+    for v in report["variants"][3:]:
+        assert v["parity"]["passed"] is True, v["parity"]
+        assert 0 < v["bits_per_weight"] < 32
+    check_published_parity(run_dir, report)
     return report
+
+
+def check_published_parity(run_dir: Path, report: dict) -> None:
+    """Reloading the published variants in a fresh process gives the report's parity figures."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from distill import parity
+
+    publish = run_dir / "publish"
+    ids = load_file(str(run_dir / "quantized" / "parity_blocks.safetensors"))["ids"]
+    artifacts = []
+    for v in report["variants"][3:]:
+        name = v["name"].removeprefix("student-")
+        if name.startswith("gguf-"):
+            file = f"student-{name.removeprefix('gguf-')}.gguf"
+            artifacts.append(parity.Artifact(name, publish / "gguf", file))
+        else:
+            artifacts.append(parity.Artifact(name, publish / name))
+    reloaded = parity.reload_logits(artifacts, ids, run_dir / "recheck")
+    with torch.inference_mode():
+        float_logits = AutoModelForCausalLM.from_pretrained(publish)(ids).logits
+    for v in report["variants"][3:]:
+        name = v["name"].removeprefix("student-")
+        got = parity.compare(reloaded[name]["logits"], reloaded[name]["logits"], float_logits, ids)
+        assert got["kl_to_float"] == pytest.approx(v["parity"]["kl_to_float"], rel=1e-3, abs=1e-6)
+        assert got["ppl_reloaded"] == pytest.approx(v["parity"]["ppl_reloaded"], rel=1e-5)
 
 
 def test_pipeline_on_tiny_teacher(
@@ -74,7 +117,7 @@ def test_pipeline_on_tiny_teacher(
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = check_run_dir(run_dir, ["int8_weight_only"])
+    report = check_run_dir(run_dir, DEFAULT_METHODS)
     assert "publish folder:" in proc.stdout and "student-int8_weight_only" in proc.stdout
     by_name = {v["name"]: v for v in report["variants"]}
     assert by_name["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
@@ -103,7 +146,7 @@ def test_smoke_on_embedded_default(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_pipeline([f"hydra.run.dir={run_dir}", "experiment=quick"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = check_run_dir(run_dir, ["int8_weight_only"])
+    report = check_run_dir(run_dir, DEFAULT_METHODS)
     by_name = {v["name"]: v for v in report["variants"]}
     assert by_name["student"]["weight_bytes"] <= 0.6 * by_name["teacher"]["weight_bytes"]
     assert (

@@ -27,9 +27,10 @@ from distill.config import (
     StudentConfig,
     TeacherConfig,
 )
+from distill.parity import ParityError
 from distill.quantize import QuantizeError, plan_quantization, quantize_folder, run
 
-VOCAB = 256
+VOCAB = 257  # the conftest tokenizer: 256 byte symbols + <|endoftext|>
 METHOD = "int8_weight_only"
 # Symmetric per-row int8 moves each weight by at most max|row| / 254 (~0.4% of the row's
 # range); through two layers this shifts these logits (std ~0.17) by ~7e-3 at most. 2e-2
@@ -141,6 +142,49 @@ def test_folder_is_complete_and_has_no_leftovers(
     assert [f.name for f in dst.parent.iterdir()] == [METHOD]  # no staging dir left behind
 
 
+# (method, logit tolerance vs float, stored bits per weight range). int8: 8 bits + one fp32
+# scale per 64-value row; CPU int4: values unpacked in int8 + fp16 scale and fp16 zero point
+# per 32-value group (8 + 32/32); casts: 16. The float RMSNorm weights add a little.
+METHODS = [
+    ("bf16", 3e-2, (16.0, 16.1)),
+    ("fp16", 5e-3, (16.0, 16.1)),
+    ("int8_weight_only", LOGIT_ATOL, (8.5, 8.7)),
+    ("int8_dynamic", 5e-2, (8.5, 8.7)),
+    ("int4_weight_only", 0.2, (9.0, 9.2)),
+]
+
+
+@pytest.mark.parametrize("method,atol,bits", METHODS, ids=[m[0] for m in METHODS])
+def test_every_method_reloads_close_and_tied(
+    llama_src: Path, tmp_path: Path, method: str, atol: float, bits: tuple[float, float]
+) -> None:
+    result = quantize_folder(llama_src, tmp_path / method, method, include_embeddings=True)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / method)
+    float_logits = _logits(AutoModelForCausalLM.from_pretrained(llama_src))
+    torch.testing.assert_close(_logits(q).float(), float_logits, atol=atol, rtol=0)
+    assert q.lm_head.weight is q.model.embed_tokens.weight
+    assert result["tied_embeddings"] is True
+    assert bits[0] <= result["bits_per_weight"] <= bits[1], result["bits_per_weight"]
+    with safe_open(str(tmp_path / method / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("lm_head")]
+    assert result["device"] == "cpu" and result["storage"]
+
+
+def test_int4_groups_and_indivisible_rows(llama_src: Path, tmp_path: Path) -> None:
+    result = quantize_folder(
+        llama_src, tmp_path / "q", "int4_weight_only", include_embeddings=True, group_size=128
+    )
+    # Rows of 64 (hidden) are not whole groups of 128; rows of 128 (down_proj) are.
+    skipped = {s["name"]: s["reason"] for s in result["skipped_modules"]}
+    assert "model.layers.0.self_attn.q_proj" in skipped
+    assert "quant.group_size=128" in skipped["model.layers.0.self_attn.q_proj"]
+    assert "model.layers.0.mlp.down_proj" in result["quantized_modules"]
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert type(q.model.layers[0].mlp.down_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert type(q.model.layers[0].self_attn.q_proj.weight) is nn.Parameter
+    assert result["group_size"] == 128
+
+
 def test_embeddings_kept_in_float_are_reported(llama_src: Path, tmp_path: Path) -> None:
     result = quantize_folder(llama_src, tmp_path / "q", METHOD, include_embeddings=False)
     skipped = {s["name"]: s for s in result["skipped_modules"]}
@@ -188,24 +232,66 @@ def test_plan_accounts_for_every_2d_weight(build) -> None:
         assert len(set(accounted)) == len(accounted)
 
 
-def test_run_writes_every_method_and_summary(llama_src: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    shutil.copytree(llama_src, run_dir / "final")
-    cfg = PipelineConfig(
+def _cfg(methods: list[str], gguf: list[str]) -> PipelineConfig:
+    return PipelineConfig(
         pair=PairConfig(
             name="tiny",
             teacher=TeacherConfig(name_or_path="unused"),
             student=StudentConfig(num_layers=1),
         ),
-        quant=QuantConfig(methods=[METHOD], include_embeddings=True),
+        quant=QuantConfig(methods=methods, include_embeddings=True, gguf=gguf),
     )
-    run(cfg, run_dir)
-    results = run(cfg, run_dir)  # a second run replaces the first run's folders whole
+
+
+VAL = torch.arange(64).reshape(4, 16) * 5 % VOCAB
+
+
+def test_run_writes_every_artifact_with_parity(llama_src: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(llama_src, run_dir / "final")
+    run(_cfg([METHOD, "int4_weight_only"], ["q8_0", "q4_0"]), run_dir, val_blocks=VAL)
+    # A second run replaces the first run's artifacts whole, and drops a GGUF no longer asked.
+    results = run(_cfg([METHOD], ["q4_0"]), run_dir, val_blocks=VAL)
     summary = json.loads((run_dir / "quantized" / "quantize.json").read_text())
     assert summary == json.loads(json.dumps(results))
-    assert [r["method"] for r in summary] == [METHOD]
-    assert sorted(f.name for f in (run_dir / "quantized").iterdir()) == [METHOD, "quantize.json"]
-    assert AutoModelForCausalLM.from_pretrained(run_dir / "quantized" / METHOD) is not None
+    assert [r["method"] for r in summary] == [METHOD, "gguf-q4_0"]
+    out = run_dir / "quantized"
+    assert sorted(f.name for f in out.iterdir()) == [
+        "gguf",
+        "int4_weight_only",  # a method left out later is not deleted, only not rewritten
+        METHOD,
+        "parity_blocks.safetensors",
+        "quantize.json",
+    ]
+    assert [f.name for f in (out / "gguf").iterdir()] == ["student-q4_0.gguf"]
+    for r in summary:
+        par = r["parity"]
+        assert par["passed"] is True, par
+        assert par["scored_positions"] == 2 * 15  # PARITY_BLOCKS blocks, T - 1 positions
+        # Reloaded in a fresh process, the artifact computes what the in-memory model did.
+        assert par["max_abs_logit_diff"] <= 1e-4
+        assert par["ppl_reloaded"] == pytest.approx(par["ppl_in_memory"], rel=1e-5)
+        assert 0 < r["bits_per_weight"] < 32
+    assert summary[1]["parity"]["tokenizer_ids_match"] is True
+    assert summary[1]["weight_bytes"] < 0.2 * summary[1]["float_weight_bytes"]
+
+
+def test_parity_failure_names_the_artifact(
+    llama_src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distill import parity
+
+    monkeypatch.setitem(parity.MAX_KL_TO_FLOAT, "int4_weight_only", 0.0)
+    run_dir = tmp_path / "run"
+    shutil.copytree(llama_src, run_dir / "final")
+    with pytest.raises(ParityError, match="quantized/int4_weight_only: KL to the float") as err:
+        run(_cfg([METHOD, "int4_weight_only"], []), run_dir, val_blocks=VAL)
+    assert isinstance(err.value, DistillError)
+    assert f"quantized/{METHOD}" not in str(err.value)
+    # The figures are still written, so the failure can be inspected.
+    summary = json.loads((run_dir / "quantized" / "quantize.json").read_text())
+    assert [r["parity"]["passed"] for r in summary] == [True, False]
+    assert not list((run_dir / "quantized").glob(".parity-*"))
 
 
 def test_run_without_final_names_the_fix(tmp_path: Path) -> None:
@@ -255,3 +341,12 @@ def test_fresh_process_reloads_without_distill(llama_src: Path, llama_q: tuple[P
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out_file, weights_only=True)
     torch.testing.assert_close(got, expected, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_quant_config_names_every_bad_field() -> None:
+    bad = QuantConfig(methods=["int3", "int8_weight_only"], group_size=48, gguf=["q4_k", "q8_0"])
+    problems = " ".join(bad.problems())
+    assert "int3" in problems and "quant.group_size=48" in problems and "q4_k" in problems
+    assert "int8_dynamic" in problems  # the message lists the allowed methods
+    assert QuantConfig().problems() == []
+    assert QuantConfig().gguf == ["q8_0", "q4_1", "q4_0"]
