@@ -757,6 +757,9 @@ def run(
     text = tokenizer.decode(ids[0]) if cfg.quant.gguf else None
     source_ids = tokenizer(text)["input_ids"] if text is not None else None
     try:
+        if not artifacts:  # nothing asked for: no child process to start
+            shutil.rmtree(workdir, ignore_errors=True)
+            return results
         parity.check_artifacts(
             results,
             artifacts,

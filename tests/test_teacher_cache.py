@@ -45,6 +45,8 @@ def test_cache_rows_are_the_teachers_top_k_and_builds_extend(tmp_path: Path, tok
     assert torch.equal(got.ids, want.ids)
     assert torch.allclose(got.logprobs, want.logprobs, atol=2e-3)  # stored as float16
     assert torch.allclose(got.tail, want.tail)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under train.mixed_precision=bf16
+        assert cache.lookup([2], "cpu").logprobs.dtype == torch.float32
 
 
 def test_cache_for_another_teacher_or_block_size_is_refused(tmp_path: Path, tokenizer) -> None:
