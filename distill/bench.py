@@ -189,19 +189,9 @@ def load_variants(run_dir: Path, methods: list[str], gguf_types: list[str]) -> l
 
 
 def _generate_fn(model: Any, prompt: torch.Tensor, new_tokens: int) -> Any:
-    from transformers import GenerationConfig
+    from distill.evaluate import greedy_generation_config
 
-    eos = model.config.eos_token_id
-    pad = model.config.pad_token_id
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) else eos
-    gen_cfg = GenerationConfig(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
+    gen_cfg = greedy_generation_config(model, new_tokens)
     mask = torch.ones_like(prompt)
 
     def run() -> None:

@@ -298,6 +298,27 @@ def measure_prefill(
     return median_rate(ids.shape[1], _time_runs(forward, repeats, device)), ids.shape[1]
 
 
+def greedy_generation_config(model: Any, new_tokens: int) -> Any:
+    """Greedy decoding of exactly ``new_tokens`` tokens, whatever the folder's own config says.
+
+    A fresh config: the folder's generation_config may ask for sampling, and
+    ``min_new_tokens = max_new_tokens`` keeps an early EOS from shortening a timed run.
+    """
+    from transformers import GenerationConfig
+
+    eos = model.config.eos_token_id
+    pad = model.config.pad_token_id
+    if pad is None:  # generate wants one id; some configs list several EOS ids
+        pad = eos[0] if isinstance(eos, list) else eos
+    return GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+
+
 def measure_decode(
     model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, repeats: int
 ) -> float:
@@ -310,22 +331,9 @@ def measure_decode(
     Args:
         prompt: ``(1, P)`` token ids.
     """
-    from transformers import GenerationConfig
-
     device = model_device(model)
     ids = prompt.to(device)
-    eos = model.config.eos_token_id
-    pad = model.config.pad_token_id
-    if pad is None:  # generate wants one id; some configs list several EOS ids
-        pad = eos[0] if isinstance(eos, list) else eos
-    # A fresh config: the folder's own generation_config may ask for sampling.
-    gen_cfg = GenerationConfig(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
+    gen_cfg = greedy_generation_config(model, new_tokens)
     attention_mask = torch.ones_like(ids)
 
     def generate() -> object:
