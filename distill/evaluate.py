@@ -44,6 +44,12 @@ from tqdm.auto import tqdm
 
 from distill.config import DistillError, EvalConfig, PipelineConfig, cache_root
 from distill.footprint import disk_bytes, param_count, weight_bytes
+from distill.memory_model import (
+    MemoryModel,
+    decode_bound_tokens_per_s,
+    kv_cache_bytes_per_token,
+    measure_bandwidth,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -322,14 +328,14 @@ def greedy_generation_config(model: Any, new_tokens: int) -> Any:
 def measure_decode(
     model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, repeats: int
 ) -> float:
-    """New tokens per second of greedy ``generate`` after ``prompt``, batch size 1.
+    """New tokens per second of greedy ``generate`` after ``prompt``, all sequences together.
 
     The time covers the whole ``generate`` call (the prompt's prefill included), divided by
-    the ``new_tokens`` it must produce: ``min_new_tokens = max_new_tokens`` so an early EOS
+    the ``B * new_tokens`` it must produce: ``min_new_tokens = max_new_tokens`` so an early EOS
     cannot shorten the run and flatter a variant.
 
     Args:
-        prompt: ``(1, P)`` token ids.
+        prompt: ``(B, P)`` token ids (B sequences decoded as one batch).
     """
     device = model_device(model)
     ids = prompt.to(device)
@@ -344,7 +350,57 @@ def measure_decode(
             raise RuntimeError(f"generate produced {out.shape[1] - ids.shape[1]} != {new_tokens}")
         return out
 
-    return median_rate(new_tokens, _time_runs(generate, repeats, device))
+    return median_rate(ids.shape[0] * new_tokens, _time_runs(generate, repeats, device))
+
+
+def _kv_dtype_bytes(model: PreTrainedModel) -> int:
+    """Bytes per cached K/V value: the model's compute dtype (fp32 for weight-only int8/int4)."""
+    dtype = getattr(model, "dtype", torch.float32)
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def add_memory_fields(
+    row: dict[str, Any], cfg: EvalConfig, bandwidth_bytes_per_s: float | None
+) -> None:
+    """Memory model and bandwidth bound of one report row, in place (:mod:`distill.memory_model`).
+
+    ``memory_model``: stored weight bytes + the KV cache of ``eval.memory_batch_size``
+    sequences of ``eval.memory_context_tokens``, and whether that fits
+    ``eval.memory_budget_bytes``. The bound uses the bytes decode actually reads, the
+    weights as loaded (a GGUF row is loaded dequantized to fp32), plus the mean cached
+    context of the timed decode.
+    """
+    mm = MemoryModel(
+        weight_bytes=int(row["weight_bytes"]),
+        kv_bytes_per_token=int(row["kv_cache_bytes_per_token"]),
+        context_tokens=cfg.memory_context_tokens,
+        batch_size=cfg.memory_batch_size,
+    )
+    row["memory_model"] = {
+        "context_tokens": mm.context_tokens,
+        "batch_size": mm.batch_size,
+        "weight_bytes": mm.weight_bytes,
+        "kv_cache_bytes": mm.kv_cache_bytes,
+        "total_bytes": mm.total_bytes,
+        "budget_bytes": cfg.memory_budget_bytes,
+        "fits_budget": None
+        if cfg.memory_budget_bytes is None
+        else mm.total_bytes <= cfg.memory_budget_bytes,
+    }
+    if bandwidth_bytes_per_s is None:
+        return
+    mean_context = row["prompt_tokens"] + (row["decode_tokens"] - 1) / 2
+    loaded = int(row.get("loaded_weight_bytes") or row["weight_bytes"])
+    kv = int(row["kv_cache_bytes_per_token"])
+    bound = decode_bound_tokens_per_s(bandwidth_bytes_per_s, loaded, kv, mean_context)
+    row["decode_bytes_per_token"] = loaded + kv * mean_context
+    row["decode_bound_tokens_per_s"] = bound
+    row["decode_bound_ratio"] = row["decode_tokens_per_s"] / bound
+    if row.get("decode_tokens_per_s_batch") is not None:
+        b = int(row["decode_batch_size"])
+        bound_b = decode_bound_tokens_per_s(bandwidth_bytes_per_s, loaded, kv, mean_context, b)
+        row["decode_bound_tokens_per_s_batch"] = bound_b
+        row["decode_bound_ratio_batch"] = row["decode_tokens_per_s_batch"] / bound_b
 
 
 def batches_of(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -467,6 +523,21 @@ def evaluate_variant(
             decode_rate = measure_decode(
                 model, flat[:, :prompt_len], cfg.decode_tokens, cfg.repeats
             )
+            batch_rate = None
+            if cfg.decode_batch_size > 1:
+                # Distinct prompts per sequence, cut from consecutive stretches of held-out text.
+                need = cfg.decode_batch_size * prompt_len
+                prompts = (
+                    flat[:, :need]
+                    if flat.shape[1] >= need
+                    else flat[:, :prompt_len].repeat(1, cfg.decode_batch_size)
+                )
+                batch_rate = measure_decode(
+                    model,
+                    prompts.reshape(cfg.decode_batch_size, prompt_len),
+                    cfg.decode_tokens,
+                    cfg.repeats,
+                )
     finally:
         peak = tracker.stop()  # also ends the sampling thread when scoring raised
     method = tracker.method + (" (evaluation only, loading excluded)" if own_memory else "")
@@ -487,6 +558,11 @@ def evaluate_variant(
         "decode_tokens_per_s": decode_rate,
         "decode_tokens": cfg.decode_tokens,
         "prompt_tokens": prompt_len,
+        "decode_batch_size": cfg.decode_batch_size if batch_rate is not None else None,
+        "decode_tokens_per_s_batch": batch_rate,
+        # What one decode step reads: the weights as held in memory, and K/V per cached token.
+        "loaded_weight_bytes": weight_bytes(model),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.config, _kv_dtype_bytes(model)),
         "device": str(model_device(model)),
         "folder": str(folder) if folder is not None else None,
     }
@@ -539,6 +615,43 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_memory_table(report: dict[str, Any]) -> str:
+    """Memory model and decode against the bandwidth bound, one line per variant."""
+    variants = report["variants"]
+    if not variants or "memory_model" not in variants[0]:
+        return ""
+    mm0 = variants[0]["memory_model"]
+    batch = next((v.get("decode_batch_size") for v in variants if v.get("decode_batch_size")), None)
+    total = f"weights + KV ({mm0['batch_size']} x {mm0['context_tokens']} tokens)"
+    head = (
+        f"| variant | weights | KV / token | {total} | fits budget "
+        "| decode b=1 tok/s | bound | of bound |"
+    )
+    rule = "|---|---:|---:|---:|:---:|---:|---:|---:|"
+    if batch:
+        head += f" decode b={batch} tok/s | bound | of bound |"
+        rule += "---:|---:|---:|"
+    lines = [head, rule]
+    for v in variants:
+        mm = v["memory_model"]
+        fits = {None: "-", True: "yes", False: "**no**"}[mm["fits_budget"]]
+        line = (
+            f"| {v['name']} | {human_bytes(v['weight_bytes'])} "
+            f"| {human_bytes(v['kv_cache_bytes_per_token'])} | {human_bytes(mm['total_bytes'])} "
+            f"| {fits} | {_num(v['decode_tokens_per_s'], 1)} "
+            f"| {_num(v.get('decode_bound_tokens_per_s'), 1)} "
+            f"| {_num(v.get('decode_bound_ratio'), 0, 100.0)}% |"
+        )
+        if batch:
+            line += (
+                f" {_num(v.get('decode_tokens_per_s_batch'), 1)} "
+                f"| {_num(v.get('decode_bound_tokens_per_s_batch'), 1)} "
+                f"| {_num(v.get('decode_bound_ratio_batch'), 0, 100.0)}% |"
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def _module_label(entry: Any) -> str:
     # quantize.json lists {"name", "class", "reason"}; accept bare names too.
     if isinstance(entry, dict):
@@ -565,6 +678,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"decode is {last.get('decode_tokens', 'n/a')} greedy new tokens after a "
         f"{last.get('prompt_tokens', 'n/a')}-token prompt, timed over the whole generate call.",
     ]
+    memory = format_memory_table(report)
+    if memory:
+        bw = (report.get("machine") or {}).get("bandwidth_bytes_per_s")
+        budget = variants[0]["memory_model"]["budget_bytes"]
+        lines += [
+            "",
+            "## Memory and the bandwidth bound",
+            "",
+            memory,
+            "",
+            "- Decoding a token reads every weight once plus the KV cache of every earlier "
+            "position, so decode tokens/s <= bandwidth / bytes read per token (x batch, at "
+            "batch > 1). Bytes read: the weights as loaded for the timed decode (GGUF files "
+            "are loaded dequantized to fp32 here) plus K/V for the mean cached context.",
+            f"- Memory copy bandwidth measured here: {_num(bw and bw / 1e9, 1)} GB/s "
+            "(read + write bytes, median of 7 copies of 256 MiB)."
+            + (f" Budget: {human_bytes(budget)} (eval.memory_budget_bytes)." if budget else ""),
+        ]
     for v in variants:
         if v.get("skipped_modules"):
             kept = ", ".join(_module_label(m) for m in v["skipped_modules"])
@@ -744,8 +875,8 @@ def run(
         if folder.suffix == ".gguf":
             from distill.gguf_export import gguf_tensor_bytes
 
-            # transformers dequantizes GGUF on load: count the bytes the file stores instead.
-            row["loaded_weight_bytes"] = row["weight_bytes"]
+            # transformers dequantizes GGUF on load: count the bytes the file stores instead
+            # (loaded_weight_bytes keeps what decoding here reads).
             row["weight_bytes"] = gguf_tensor_bytes(folder)
             row["weight_bytes_source"] = "GGUF file tensor data (transformers loads it dequantized)"
             row["disk_bytes"] = folder.stat().st_size
@@ -756,8 +887,21 @@ def run(
         # Stored weight bytes x 8 / parameters: 32 for fp32, ~8 for int8, 4.5 for Q4_0.
         row["bits_per_weight"] = row["weight_bytes"] * 8 / row["params"]
     del reference
+    bandwidth = None
+    if cfg.eval.measure_bandwidth:
+        # After the timed decodes, so the copy's buffers never compete with them for memory.
+        bandwidth = measure_bandwidth(device=device)
+        log.info("memory copy bandwidth: %.1f GB/s (read + write)", bandwidth / 1e9)
+    for row in rows:
+        add_memory_fields(row, cfg.eval, bandwidth)
     # How the student was trained, up front: the full config below holds the same values.
     training = {"teacher_mode": cfg.train.teacher_mode, "loss": asdict(cfg.loss)}
-    report = {"variants": rows, "training": training, "config": asdict(cfg)}
+    machine = {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_method": "median of 7 copies of a 256 MiB fp32 tensor, read + write bytes",
+    }
+    report = {"variants": rows, "training": training, "machine": machine, "config": asdict(cfg)}
     write_report(report, run_dir)
     return report

@@ -41,6 +41,10 @@ class Point:
     decode_tokens_per_s: float | None
     bits_per_weight: float | None
     is_teacher: bool
+    # From the report's memory model and bandwidth bound (None in reports written before them).
+    memory_total_bytes: int | None = None
+    fits_budget: bool | None = None
+    decode_bound_ratio: float | None = None
     pareto_ppl: bool = False
     pareto_kl: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -126,11 +130,9 @@ def load_points(run_dirs: list[Path], base: Path | None = None) -> Frontier:
                         decode_tokens_per_s=v.get("decode_tokens_per_s"),
                         bits_per_weight=v.get("bits_per_weight"),
                         is_teacher=is_teacher,
-                        extra={
-                            k: v[k]
-                            for k in ("fits_memory_budget", "bandwidth_bound_ratio", "total_bytes")
-                            if k in v
-                        },
+                        memory_total_bytes=(v.get("memory_model") or {}).get("total_bytes"),
+                        fits_budget=(v.get("memory_model") or {}).get("fits_budget"),
+                        decode_bound_ratio=v.get("decode_bound_ratio"),
                     )
                 )
         except (KeyError, TypeError, ValueError) as err:
@@ -178,8 +180,9 @@ def render_markdown(f: Frontier) -> str:
         "# Memory vs quality frontier",
         "",
         "| run | variant | pair | loss (kd_ratio) | teacher | weight MB | bits/weight | ppl | "
-        "KL to teacher | top-1 | decode tok/s | Pareto (ppl / KL) |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "KL to teacher | top-1 | decode tok/s | of bound | fits budget | Pareto (ppl / KL) |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: "
+        "| --- |",
     ]
 
     def fmt(x: Any, spec: str) -> str:
@@ -192,6 +195,8 @@ def render_markdown(f: Frontier) -> str:
             f"{fmt(p.bits_per_weight, '.2f')} | {p.perplexity:.2f} | "
             f"{fmt(p.kl_to_teacher, '.4f')} | {fmt(p.top1_agreement, '.3f')} | "
             f"{fmt(p.decode_tokens_per_s, '.1f')} | "
+            f"{'–' if p.decode_bound_ratio is None else f'{100 * p.decode_bound_ratio:.0f}%'} | "
+            f"{ {None: '–', True: 'yes', False: 'no'}[p.fits_budget] } | "
             f"{'yes' if p.pareto_ppl else 'no'} / {'yes' if p.pareto_kl else 'no'} |"
         )
     front = [p for p in f.points if p.pareto_ppl]

@@ -14,9 +14,11 @@ else. Conventions kept from llama.cpp's own converter (``convert_hf_to_gguf.py``
 
 The quantized files (``q8_0``, ``q4_1``, ``q4_0``) quantize every 2-D weight, embedding
 included, unless ``include_embeddings`` is false: the embedding (and so the tied head) is then
-written F16. ``q4_1`` (scale and minimum per 32 values, 5 bits per weight) is the 4-bit type
-that keeps SmolLM2 within 10% of its float perplexity; ``q4_0`` (scale only, 4.5 bits) does
-not (README, "Quantization").
+written F16. In the 4-bit files the embedding is ``q8_0`` unless ``embedding_bits=4``. ``q4_0``
+weights can come from GPTQ (:mod:`distill.gptq`, packed here byte for byte as the gguf
+package's own Q4_0 writer lays blocks out); ``q4_1`` always uses the gguf package's min/max
+rounding, which on a student cut from our Q4_1 teacher snaps weights back onto the teacher's
+grid (README, "Quantization").
 
 Byte-level BPE tokenizers only (GPT-2 style, as SmolLM2, Llama 3, Qwen use): tokens in their
 byte-alphabet spelling, merges, token types (control / user-defined added tokens), special
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 
 from distill.config import GGUF_TYPES, DistillError
+from distill.gptq import Int4Groups, pack_q4_0
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -65,6 +68,8 @@ class GGUFExport:
     tensor_bytes: int
     params: int
     f16_fallback: list[str] = field(default_factory=list)
+    # Tensors written from GPTQ groups rather than the gguf package's rounding.
+    calibrated: int = 0
     reference_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
@@ -268,13 +273,17 @@ def _file_type(gguf_type: str) -> int:
     }[gguf_type]
 
 
-def _tensor_type(name: str, w: np.ndarray, gguf_type: str, include_embeddings: bool) -> str:
+def _tensor_type(
+    name: str, w: np.ndarray, gguf_type: str, include_embeddings: bool, embedding_bits: int
+) -> str:
     if w.ndim == 1:
         return "f32"
     if name == "token_embd.weight" and not include_embeddings:
         return "f16"
     if gguf_type != "f16" and w.shape[-1] % BLOCK_VALUES:
         return "f16"
+    if name == "token_embd.weight" and gguf_type in ("q4_0", "q4_1") and embedding_bits == 8:
+        return "q8_0"  # the tied output: llama.cpp's own Q4 mixes keep it above 4 bits too
     return gguf_type
 
 
@@ -286,6 +295,8 @@ def export_gguf(
     *,
     include_embeddings: bool = True,
     name: str | None = None,
+    int4_groups: dict[str, Int4Groups] | None = None,
+    embedding_bits: int = 8,
 ) -> GGUFExport:
     """Write ``model`` (``LlamaForCausalLM``, any layer count) and its tokenizer to ``path``.
 
@@ -295,6 +306,9 @@ def export_gguf(
         gguf_type: one of ``config.GGUF_TYPES`` for the 2-D weights.
         include_embeddings: quantize the embedding (and tied head); false keeps it F16.
         name: ``general.name`` (defaults to the file's stem).
+        int4_groups: ``q4_0`` only: GPTQ groups (group size 32) per module name, written as
+            they are instead of the gguf package's rounding (:mod:`distill.gptq`).
+        embedding_bits: 8 writes the embedding of a ``q4_0``/``q4_1`` file as ``q8_0``.
 
     Raises:
         GGUFExportError: see :func:`check_exportable` and :func:`tokenizer_metadata`.
@@ -364,7 +378,8 @@ def export_gguf(
             w = permute_rope_rows(w, n_heads)
         elif hf_name.endswith("k_proj.weight"):
             w = permute_rope_rows(w, n_kv)
-        kind = _tensor_type(out_name, w, gguf_type, include_embeddings)
+        kind = _tensor_type(out_name, w, gguf_type, include_embeddings, embedding_bits)
+        groups = (int4_groups or {}).get(hf_name.removesuffix(".weight"))
         if kind == "f16" and gguf_type != "f16" and w.ndim == 2:
             result.f16_fallback.append(out_name)
         if kind == "f32":
@@ -374,6 +389,23 @@ def export_gguf(
             data = w.astype(np.float16)
             back = data.astype(np.float32)
             writer.add_tensor(out_name, data)
+        elif kind == "q4_0" and groups is not None:
+            if groups.group_size != BLOCK_VALUES:
+                raise GGUFExportError(
+                    f"{hf_name}: Q4_0 needs groups of {BLOCK_VALUES}, got {groups.group_size}"
+                )
+            levels, scales = groups.levels.numpy(), groups.scales.numpy()
+            if hf_name.endswith("q_proj.weight"):  # rows move together with their groups
+                levels, scales = (
+                    permute_rope_rows(levels, n_heads),
+                    permute_rope_rows(scales, n_heads),
+                )
+            elif hf_name.endswith("k_proj.weight"):
+                levels, scales = permute_rope_rows(levels, n_kv), permute_rope_rows(scales, n_kv)
+            data = pack_q4_0(Int4Groups(torch.from_numpy(levels), torch.from_numpy(scales)))
+            back = gguf.quants.dequantize(data, _qtype(kind))
+            writer.add_tensor(out_name, data, raw_dtype=_qtype(kind))
+            result.calibrated += 1
         else:
             data = gguf.quants.quantize(w, _qtype(kind))
             back = gguf.quants.dequantize(data, _qtype(kind))

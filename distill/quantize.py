@@ -12,11 +12,14 @@ plain ``AutoModelForCausalLM.from_pretrained(folder)`` reloads them (torchao ins
 * ``int8_weight_only``: ``Int8Tensor``, int8 per output row with one fp32 scale per row;
   ~1 byte per weight on any device.
 * ``int8_dynamic``: the same weights, plus per-token int8 activations at run time.
-* ``int4_weight_only``: asymmetric int4 groups of ``quant.group_size`` values (scale + zero
-  point per group). CPU: ``IntxUnpackedToInt8Tensor``, the int4 values stored *unpacked*, one
-  per int8 byte (~1.16 bytes per weight at group 32). CUDA: ``Int4TilePackedTo4dTensor``, two
-  values per byte in tinygemm's tile layout, bf16 scales and zeros (that folder reloads on
-  CUDA only); the embedding stays the unpacked tensor, which alone implements ``embedding``.
+* ``int4_weight_only``: symmetric int4 groups of ``quant.group_size`` values (one fp16 scale
+  per group, the Q4_0 grid), chosen by GPTQ on training blocks when ``quant.calibration=gptq``
+  (:mod:`distill.gptq`), else rounded to nearest. CPU: ``IntxUnpackedToInt8Tensor``, the int4
+  values stored *unpacked*, one per int8 byte (~1.06 bytes per weight at group 32); the
+  embedding and tied head at ``quant.embedding_bits`` (8: int8 per row). CUDA:
+  ``Int4TilePackedTo4dTensor``, two values per byte in tinygemm's tile layout, bf16 scales and
+  zeros, uncalibrated (that folder reloads on CUDA only); the embedding stays the unpacked
+  tensor, which alone implements ``embedding``.
 
 On CPU torchao 0.18 has no packed int4 tensor that transformers can reload
 (``Int4WeightOnlyConfig`` needs CUDA or the ``mslk`` package; the CPU ``Int4OpaqueTensor`` is a
@@ -65,6 +68,7 @@ from torch import nn
 
 from distill.config import GGUF_TYPES, QUANT_METHODS, DistillError, PipelineConfig, cache_root
 from distill.footprint import disk_bytes, weight_bytes
+from distill.gptq import Int4Groups, rtn_int4
 
 log = logging.getLogger(__name__)
 
@@ -112,50 +116,57 @@ def _int4_weight_only(group_size: int, device: str) -> Any:
 
 def _intx_int4(group_size: int) -> Any:
     # What config.json records for the unpacked int4 tensors; the tensors themselves are
-    # built by int4_float_zero (torchao's own affine path rounds the zero point to an int8).
+    # built by int4_tensor from RTN or GPTQ groups (distill/gptq.py).
     from torchao.quantization import IntxWeightOnlyConfig, MappingType, PerGroup
 
     return IntxWeightOnlyConfig(
         weight_dtype=torch.int4,
         granularity=PerGroup(group_size),
-        mapping_type=MappingType.ASYMMETRIC,
+        mapping_type=MappingType.SYMMETRIC,
     )
 
 
-def int4_float_zero(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Asymmetric int4 with a float zero point per group, as torchao's unpacked int4 tensor.
+def int4_tensor(groups: Int4Groups, dtype: torch.dtype) -> torch.Tensor:
+    """torchao's unpacked int4 tensor (values one per int8, zero point 0) for ``groups``.
 
-    Each group of ``group_size`` values along a row is mapped onto 16 evenly spaced levels
-    from its minimum to its maximum: ``w ~ (q - zero) * scale`` with ``q`` in [-8, 7] and
-    ``scale``, ``zero`` in fp16 (llama.cpp's Q4_1 and tinygemm's scheme). torchao's own
-    affine choice stores the zero point as an int8, which puts the grid's ends on whole
-    steps and leaves part of each group's range unused: on SmolLM2's layers that doubled the
-    weight error.
-
-    Args:
-        weight: ``(out, in)`` float weight, ``in`` a multiple of ``group_size``.
-
-    Returns:
-        an ``IntxUnpackedToInt8Tensor`` (int4 values stored one per int8) that implements
-        ``linear`` and ``embedding`` and reloads through transformers' ``TorchAoConfig``.
+    Symmetric groups on the Q4_0 grid (:mod:`distill.gptq`): ``w = level * scale`` with
+    ``level`` in [-8, 7]. It implements ``linear`` and ``embedding`` and reloads through
+    transformers' ``TorchAoConfig``. (An earlier min/max grid with a float zero point per
+    group, Q4_1's scheme, cost 4.8x perplexity on the trained student: it snaps weights back
+    onto the teacher's own Q4_1 grid, undoing distillation.)
     """
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
-    rows, cols = weight.shape
-    groups = weight.detach().float().reshape(rows, cols // group_size, group_size)
-    lo = groups.amin(-1, keepdim=True)
-    hi = groups.amax(-1, keepdim=True)
-    # fp16 parameters, and the levels computed from the rounded ones the tensor will hold.
-    scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float16).tiny).half()
-    lo = lo.half().float()
-    levels = torch.clamp(torch.round((groups - lo) / scale.float()), 0, 15)
-    zero = (-8 - lo / scale.float()).half()
+    rows, _ = groups.levels.shape
     return IntxUnpackedToInt8Tensor(
-        qdata=(levels - 8).to(torch.int8).reshape(rows, cols),
-        scale=scale.reshape(rows, -1),
-        zero_point=zero.reshape(rows, -1),
+        qdata=groups.levels.contiguous(),
+        scale=groups.scales.reshape(rows, -1),
+        zero_point=torch.zeros_like(groups.scales).reshape(rows, -1),
         target_dtype=torch.int4,
-        block_size=(1, group_size),
+        block_size=(1, groups.group_size),
+        dtype=dtype,
+        activation_quantization=None,
+    )
+
+
+def int8_row_tensor(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 per row, as torchao's unpacked intx tensor (for an int4 model's embedding).
+
+    At 4 bits the embedding, which is also the tied LM head, alone cost 1.12x perplexity on
+    the default student; at 8 bits 1.002x (``quant.embedding_bits``).
+    """
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    w = weight.detach().float()
+    scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float16).tiny)
+    scale = scale.half()
+    levels = torch.clamp(torch.round(w / scale.float()), -128, 127).to(torch.int8)
+    return IntxUnpackedToInt8Tensor(
+        qdata=levels,
+        scale=scale,
+        zero_point=torch.zeros_like(scale),
+        target_dtype=torch.int8,
+        block_size=(1, w.shape[1]),
         dtype=weight.dtype,
         activation_quantization=None,
     )
@@ -176,8 +187,9 @@ STORAGE = {
     ("int8_weight_only", "cpu"): "int8 per output row + one float scale per row",
     ("int8_dynamic", "cpu"): "int8 per output row + one float scale per row; int8 activations",
     ("int4_weight_only", "cpu"): (
-        "int4 values stored unpacked, one per int8 byte, + float scale and int8 zero point per "
-        "group (torchao 0.18 has no reloadable packed int4 tensor on CPU)"
+        "symmetric int4 groups stored unpacked, one per int8 byte, + fp16 scale (and a zero "
+        "point of 0) per group; embedding int8 per row at quant.embedding_bits=8 (torchao 0.18 "
+        "has no reloadable packed int4 tensor on CPU)"
     ),
     ("int4_weight_only", "cuda"): (
         "int4 packed two per byte (tinygemm tile layout) + bf16 scale and zero per group; "
@@ -405,6 +417,8 @@ def quantize_model(
     include_embeddings: bool,
     group_size: int = 32,
     device: str = "cpu",
+    calibrated: dict[str, Int4Groups] | None = None,
+    embedding_bits: int = 8,
 ) -> tuple[QuantPlan, Any]:
     """Quantize (or cast) ``model`` in place with ``method``; tied weights stay one tensor.
 
@@ -413,6 +427,8 @@ def quantize_model(
         method: one of ``config.QUANT_METHODS``.
         group_size: values per scale for ``int4_weight_only``.
         device: ``"cpu"`` or ``"cuda"``; picks the int4 tensor layout.
+        calibrated: CPU ``int4_weight_only``: GPTQ groups per Linear name (others are RTN).
+        embedding_bits: CPU ``int4_weight_only``: 8 stores the embedding as int8 per row.
 
     Returns:
         the plan (empty for casts) and the torchao config used (None for casts).
@@ -432,9 +448,11 @@ def quantize_model(
         _skip_indivisible(model, plan, group_size)
     ao_config = _AO_CONFIGS[method](group_size, device)
     if method == "int4_weight_only":
-        # CPU: every module gets the unpacked float-zero int4 tensor. CUDA: Linear weights
-        # get the packed tinygemm tensor; the embedding keeps the unpacked one, which alone
-        # implements embedding (a head tied to it computes with it too).
+        # CPU: every Linear gets the unpacked int4 tensor (GPTQ groups where given), the
+        # embedding int4 or int8. CUDA: Linear weights get the packed tinygemm tensor; the
+        # embedding keeps the unpacked one, which alone implements embedding (a head tied to
+        # it computes with it too).
+        calibrated = calibrated or {}
         packed = set()
         if device == "cuda":
             from torchao.quantization import quantize_
@@ -442,11 +460,15 @@ def quantize_model(
             packed = {n for n in plan.quantize if isinstance(model.get_submodule(n), nn.Linear)}
             quantize_(model, ao_config, filter_fn=lambda _m, fqn: fqn in packed)
         for name in plan.quantize:
-            if name not in packed:
-                module = model.get_submodule(name)
-                module.weight = nn.Parameter(
-                    int4_float_zero(module.weight, group_size), requires_grad=False
-                )
+            if name in packed:
+                continue
+            module = model.get_submodule(name)
+            if isinstance(module, nn.Embedding) and embedding_bits == 8:
+                tensor = int8_row_tensor(module.weight)
+            else:
+                groups = calibrated.get(name) or rtn_int4(module.weight, group_size)
+                tensor = int4_tensor(groups, module.weight.dtype)
+            module.weight = nn.Parameter(tensor, requires_grad=False)
         for alias, owner in plan.aliases.items():
             model.get_submodule(alias).weight = model.get_submodule(owner).weight
     else:
@@ -462,6 +484,8 @@ def quantize_to_folder(
     include_embeddings: bool,
     group_size: int = 32,
     device: str | None = None,
+    calibrated: dict[str, Int4Groups] | None = None,
+    embedding_bits: int = 8,
 ) -> tuple[dict, nn.Module]:
     """:func:`quantize_folder`, also returning the in-memory model the folder was written from."""
     from transformers import AutoModelForCausalLM, TorchAoConfig
@@ -490,7 +514,13 @@ def quantize_to_folder(
         model.to("cuda")
         _cast_weights(model, torch.bfloat16)
     plan, ao_config = quantize_model(
-        model, method, include_embeddings=include_embeddings, group_size=group_size, device=device
+        model,
+        method,
+        include_embeddings=include_embeddings,
+        group_size=group_size,
+        device=device,
+        calibrated=calibrated,
+        embedding_bits=embedding_bits,
     )
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -529,6 +559,7 @@ def quantize_to_folder(
     del reloaded
     # An alias of a quantized weight (the tied LM head) computes with the quantized tensor too.
     quantized = plan.quantize + [a for a, o in plan.aliases.items() if o in plan.quantize]
+    int4_cpu = method == "int4_weight_only" and device == "cpu"
     record = {
         "method": method,
         "format": "torchao" if ao_config is not None else "safetensors",
@@ -538,6 +569,8 @@ def quantize_to_folder(
         "device": device,
         "storage": STORAGE.get((method, device), STORAGE.get((method, "cpu"), "")),
         "group_size": group_size if method == "int4_weight_only" else None,
+        "calibration": "gptq" if int4_cpu and calibrated else ("rtn" if int4_cpu else None),
+        "embedding_bits": embedding_bits if int4_cpu and include_embeddings else None,
         "include_embeddings": include_embeddings,
         "quantized_modules": quantized,
         "tied_modules": dict(plan.aliases),
@@ -623,6 +656,7 @@ def gguf_record(export: Any, float_bytes: int, include_embeddings: bool, seconds
         "include_embeddings": include_embeddings,
         "tensor_types": counts,
         "f16_fallback": export.f16_fallback,
+        "calibrated_tensors": export.calibrated,
         "params": export.params,
         "float_weight_bytes": float_bytes,
         # The file's tensor data: what a runtime that keeps the format holds in memory.
@@ -657,8 +691,59 @@ def parity_blocks(cfg: PipelineConfig, tokenizer: Any) -> torch.Tensor:
     return prepare_data(cfg.data, tokenizer, cache_root(cfg)).val[:PARITY_BLOCKS]
 
 
+def calibration_groups(
+    cfg: PipelineConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    group_sizes: set[int],
+    blocks: torch.Tensor | None = None,
+) -> dict[int, dict[str, Int4Groups]]:
+    """GPTQ groups per group size for every Linear of ``model`` (not the LM head).
+
+    Calibrated on the first ``quant.calibration_blocks`` *training* blocks, so the held-out
+    blocks that score the variants never shape them. Empty when ``quant.calibration=none``
+    or no 4-bit variant needs them. ``blocks`` ``(N, T)`` replaces the training blocks.
+    """
+    from distill.data import prepare_data
+    from distill.gptq import calibrated_int4, collect_hessians, gptq_int4
+
+    if cfg.quant.calibration != "gptq" or not group_sizes:
+        return {}
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and m.weight is not model.get_input_embeddings().weight  # a tied head: 8-bit or 4-bit RTN
+        and m.weight.shape[1] % max(group_sizes) == 0
+    ]
+    if blocks is None:
+        blocks = prepare_data(cfg.data, tokenizer, cache_root(cfg)).train
+    blocks = blocks[: cfg.quant.calibration_blocks]
+    start = time.perf_counter()
+    if len(group_sizes) == 1:
+        out = {g: calibrated_int4(model, blocks, names, g) for g in group_sizes}
+    else:
+        hessians = collect_hessians(model, blocks, names)
+        out = {
+            g: {n: gptq_int4(model.get_submodule(n).weight, hessians[n], g) for n in names}
+            for g in group_sizes
+        }
+    log.info(
+        "GPTQ: %d linear layers, group sizes %s, on %d training blocks, %.1f s",
+        len(names),
+        sorted(group_sizes),
+        blocks.shape[0],
+        time.perf_counter() - start,
+    )
+    return out
+
+
 def run(
-    cfg: PipelineConfig, run_dir: Path, *, val_blocks: torch.Tensor | None = None
+    cfg: PipelineConfig,
+    run_dir: Path,
+    *,
+    val_blocks: torch.Tensor | None = None,
+    calib_blocks: torch.Tensor | None = None,
 ) -> list[dict]:
     """Write every variant of ``run_dir/final``, check each in a fresh process, summarise.
 
@@ -670,6 +755,7 @@ def run(
 
     Args:
         val_blocks: held-out blocks ``(N, T)``; by default the run's validation split.
+        calib_blocks: GPTQ calibration blocks; by default the run's training split.
 
     Raises:
         QuantizeError: ``run_dir/final`` does not exist, or a method fails as described in
@@ -706,6 +792,15 @@ def run(
 
     float_model = AutoModelForCausalLM.from_pretrained(final, dtype="auto").eval()
     float_logits = _logits(float_model, ids)
+    int4_cpu = "int4_weight_only" in cfg.quant.methods and not torch.cuda.is_available()
+    calibrated = calibration_groups(
+        cfg,
+        float_model,
+        tokenizer,
+        ({cfg.quant.group_size} if int4_cpu else set())
+        | ({32} if "q4_0" in cfg.quant.gguf else set()),
+        calib_blocks,
+    )
     float_bytes = weight_bytes(float_model)
     results: list[dict] = []
     artifacts: list[parity.Artifact] = []
@@ -724,6 +819,8 @@ def run(
             method,
             include_embeddings=cfg.quant.include_embeddings,
             group_size=cfg.quant.group_size,
+            calibrated=calibrated.get(cfg.quant.group_size),
+            embedding_bits=cfg.quant.embedding_bits,
         )
         keep_reference(method, qmodel)
         del qmodel
@@ -740,6 +837,8 @@ def run(
             gguf_type,
             include_embeddings=cfg.quant.include_embeddings,
             name=f"{final.parent.name}-student-{gguf_type}",
+            int4_groups=calibrated.get(32) if gguf_type == "q4_0" else None,
+            embedding_bits=cfg.quant.embedding_bits,
         )
         result = gguf_record(
             export, float_bytes, cfg.quant.include_embeddings, time.perf_counter() - start

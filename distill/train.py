@@ -424,6 +424,13 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
     # cpu=True without CUDA: that is what makes a multi-process launch use gloo (MULTI_CPU)
     # instead of silently running every process as an independent single-process job.
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
+    log.info(
+        "accelerate: %s, %d process(es), mixed precision %s, device %s",
+        accelerator.distributed_type.value,
+        accelerator.num_processes,
+        accelerator.mixed_precision,
+        accelerator.device,
+    )
     set_seed(tc.seed)
     main = accelerator.is_main_process
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -13,17 +13,18 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, tiny_overrides
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str]) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def test_two_processes_match_one(tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir) -> None:
     args = tiny_overrides(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache")
     script = str(REPO / "scripts" / "distill.py")
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    _run(
+    out = _run(
         [
             accelerate,
             "launch",
@@ -35,6 +36,8 @@ def test_two_processes_match_one(tmp_path: Path, tiny_teacher_dir, tiny_corpus_d
             f"hydra.run.dir={tmp_path}/two",
         ]
     )
+    # Really two processes (`accelerate launch --cpu` would silently start one).
+    assert "accelerate: MULTI_CPU, 2 process(es)" in out
     _run([sys.executable, script, *args, "train.batch_size=2", f"hydra.run.dir={tmp_path}/one"])
     one = load_file(str(tmp_path / "one/final/model.safetensors"))
     two = load_file(str(tmp_path / "two/final/model.safetensors"))

@@ -164,6 +164,10 @@ def tiny_config() -> PipelineConfig:
             decode_tokens=4,
             prefill_tokens=16,
             repeats=1,
+            decode_batch_size=2,
+            memory_context_tokens=100,
+            # Between the 1-layer students' and the 2-layer teacher's weights + KV cache.
+            memory_budget_bytes=80_000,
         ),
     )
 
@@ -195,7 +199,9 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path) -> None:
 
     on_disk = json.loads((tiny_run / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert set(on_disk) == {"variants", "training", "config"}
+    assert set(on_disk) == {"variants", "training", "machine", "config"}
+    bandwidth = on_disk["machine"]["bandwidth_bytes_per_s"]
+    assert bandwidth > 1e8
     assert on_disk["training"]["teacher_mode"] == cfg.train.teacher_mode
     assert on_disk["training"]["loss"] == on_disk["config"]["loss"]
     assert on_disk["config"] == json.loads(json.dumps(asdict(cfg)))
@@ -207,6 +213,25 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path) -> None:
         assert v["perplexity"] > 1.0 and math.isfinite(v["perplexity"])
         assert v["prefill_tokens_per_s"] > 0 and v["decode_tokens_per_s"] > 0
         assert v["peak_memory_bytes"] >= 0
+        # Memory model: K and V, fp32, 2 kv heads x head dim 8 per layer.
+        layers = 2 if v["name"] == "teacher" else 1
+        assert v["kv_cache_bytes_per_token"] == layers * 2 * 8 * 2 * 4
+        mm = v["memory_model"]
+        assert mm["total_bytes"] == v["weight_bytes"] + 100 * v["kv_cache_bytes_per_token"]
+        assert mm["fits_budget"] is (mm["total_bytes"] <= 80_000)
+        # Bound: bandwidth / bytes read per token (weights + K/V of the mean cached context).
+        context = v["prompt_tokens"] + (v["decode_tokens"] - 1) / 2
+        read = v["loaded_weight_bytes"] + v["kv_cache_bytes_per_token"] * context
+        assert v["decode_bound_tokens_per_s"] == pytest.approx(bandwidth / read)
+        assert v["decode_bound_ratio"] == pytest.approx(
+            v["decode_tokens_per_s"] / v["decode_bound_tokens_per_s"]
+        )
+        assert v["decode_batch_size"] == 2 and v["decode_tokens_per_s_batch"] > 0
+        assert v["decode_bound_tokens_per_s_batch"] == pytest.approx(
+            2 * bandwidth / (v["loaded_weight_bytes"] + 2 * v["kv_cache_bytes_per_token"] * context)
+        )
+    fits = [v["memory_model"]["fits_budget"] for v in on_disk["variants"]]
+    assert fits == [False, True, True, True], fits
     teacher, _, student, quantized = on_disk["variants"]
     assert teacher["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
     assert teacher["top1_agreement"] == 1.0
@@ -226,6 +251,7 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path) -> None:
     assert f"{student['perplexity']:.2f}" in md
     assert (tiny_run / "memory_vs_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert evaluate.format_table(report) in md
+    assert evaluate.format_memory_table(report) in md and "**no**" in md
 
 
 def test_missing_final_names_the_fix(tmp_path: Path) -> None:

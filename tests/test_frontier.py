@@ -86,7 +86,10 @@ def test_aggregation_lists_front_teacher_and_failures(tmp_path: Path) -> None:
 
 def test_report_script_writes_four_files(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
-    write_run(sweep / "0", [variant("teacher", 500, 10.0, 0.0), variant("student", 300, 20.0, 0.5)])
+    student = variant("student", 300, 20.0, 0.5)
+    student["memory_model"] = {"total_bytes": 320_000_000, "fits_budget": False}
+    student["decode_bound_ratio"] = 0.61
+    write_run(sweep / "0", [variant("teacher", 500, 10.0, 0.0), student])
     (sweep / "1").mkdir()
     (sweep / "1" / "FAILED").write_text("ModelError: teacher missing\n")
     proc = subprocess.run(
@@ -100,6 +103,11 @@ def test_report_script_writes_four_files(tmp_path: Path) -> None:
         assert (sweep / f"frontier.{ext}").stat().st_size > 0
     md = (sweep / "frontier.md").read_text()
     assert "teacher missing" in md and "Pareto front" in md
+    # The report's memory model and bandwidth bound reach the table; older reports show "–".
+    assert "| 61% | no |" in md and "| – | – |" in md
     rows = list(csv.DictReader(open(sweep / "frontier.csv")))
+    by_variant = {r["variant"]: r for r in rows if r["status"] == "ok"}
+    assert by_variant["student"]["fits_budget"] == "False"
+    assert by_variant["student"]["memory_total_bytes"] == "320000000"
     assert {r["status"] for r in rows} == {"ok", "failed"}
     assert (sweep / "frontier.png").read_bytes()[:4] == b"\x89PNG"

@@ -82,13 +82,20 @@ def test_bits_per_weight_and_tensor_types(tmp_path, bpe_tokenizer) -> None:
     params = sum(p.numel() for p in model.parameters())
     bits = {}
     for gguf_type in ("f16", "q8_0", "q4_0"):
-        export = export_gguf(model, bpe_tokenizer, tmp_path / f"{gguf_type}.gguf", gguf_type)
+        # embedding_bits=4: every 2-D weight in the file's own type, to check its block size.
+        export = export_gguf(
+            model, bpe_tokenizer, tmp_path / f"{gguf_type}.gguf", gguf_type, embedding_bits=4
+        )
         assert export.params == params  # the tied head is not written twice
         bits[gguf_type] = export.tensor_bytes * 8 / params
         norms = [n for n in export.tensor_types if n.endswith("norm.weight")]
         assert {export.tensor_types[n] for n in norms} == {"f32"}
         assert export.tensor_types["token_embd.weight"] == gguf_type
         assert export.f16_fallback == []
+    # By default a 4-bit file keeps the embedding (the tied output) at Q8_0.
+    default = export_gguf(model, bpe_tokenizer, tmp_path / "q4_0-default.gguf", "q4_0")
+    assert default.tensor_types["token_embd.weight"] == "q8_0"
+    assert default.tensor_types["blk.0.attn_q.weight"] == "q4_0"
     # Q8_0: 34 bytes per 32 values, Q4_0: 18; the F32 norms add a little.
     assert 16.0 <= bits["f16"] < 16.3
     assert 8.5 <= bits["q8_0"] < 8.8

@@ -42,7 +42,7 @@ def run_pipeline(
 
 # configs/quant/default.yaml: torchao folders, then GGUF files.
 DEFAULT_METHODS = ["int8_weight_only", "int4_weight_only"]
-DEFAULT_GGUF = ["q8_0", "q4_1", "q4_0"]
+DEFAULT_GGUF = ["q8_0", "q4_0"]
 
 
 def check_run_dir(run_dir: Path, methods: list[str], gguf: list[str] = DEFAULT_GGUF) -> dict:
