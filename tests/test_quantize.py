@@ -362,3 +362,14 @@ def test_quant_config_names_every_bad_field() -> None:
     assert QuantConfig().gguf == ["q8_0", "q4_0"]
     bad = QuantConfig(calibration="awq", calibration_blocks=0, embedding_bits=6).problems()
     assert len(bad) == 3 and "gptq or none" in bad[0] and "4 or 8" in bad[2]
+
+
+def test_evaluate_loads_int4_at_its_stored_size(llama_src: Path, tmp_path: Path) -> None:
+    # torchao's unpacked int4 tensor widens its fp16 scales on any .to(): the evaluate stage
+    # must not move a model that is already where it should be.
+    from distill.evaluate import load_variant
+    from distill.footprint import weight_bytes
+
+    result = quantize_folder(llama_src, tmp_path / "q", "int4_weight_only", include_embeddings=True)
+    model = load_variant(tmp_path / "q", torch.device("cpu"))
+    assert weight_bytes(model) == result["weight_bytes"]
