@@ -84,6 +84,11 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
 
 def _training(config: dict[str, Any]) -> tuple[str, str, float | None, str]:
     pair = config.get("pair", {}).get("name", "?")
+    # A sweep over the student's layers keeps the pair's name: say how deep each one is.
+    student = config.get("pair", {}).get("student", {})
+    depth = len(student["layers"]) if student.get("layers") else student.get("num_layers")
+    if student.get("init", "from_teacher") == "from_teacher" and depth:
+        pair = f"{pair} ({depth} layers)"
     loss = config.get("loss", {}).get("name", "?")
     kd_ratio = config.get("loss", {}).get("kd_ratio")
     mode = config.get("train", {}).get("teacher_mode", "online")
