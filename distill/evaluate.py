@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from distill.config import DistillError, EvalConfig, PipelineConfig, cache_root
 from distill.footprint import disk_bytes, param_count, weight_bytes
 from distill.memory_model import (
+    BANDWIDTH_METHOD,
     MemoryModel,
     decode_bound_tokens_per_s,
     kv_cache_bytes_per_token,
@@ -355,8 +356,7 @@ def measure_decode(
 
 def _kv_dtype_bytes(model: PreTrainedModel) -> int:
     """Bytes per cached K/V value: the model's compute dtype (fp32 for weight-only int8/int4)."""
-    dtype = getattr(model, "dtype", torch.float32)
-    return torch.empty((), dtype=dtype).element_size()
+    return getattr(model, "dtype", torch.float32).itemsize
 
 
 def add_memory_fields(
@@ -541,10 +541,11 @@ def evaluate_variant(
     finally:
         peak = tracker.stop()  # also ends the sampling thread when scoring raised
     method = tracker.method + (" (evaluation only, loading excluded)" if own_memory else "")
+    loaded_bytes = weight_bytes(model)
     return {
         "name": name,
         "params": param_count(model),
-        "weight_bytes": weight_bytes(model),
+        "weight_bytes": loaded_bytes,
         "disk_bytes": (disk_bytes(folder) or None) if folder is not None else None,
         "peak_memory_bytes": peak,
         "peak_memory_method": method,
@@ -561,7 +562,7 @@ def evaluate_variant(
         "decode_batch_size": cfg.decode_batch_size if batch_rate is not None else None,
         "decode_tokens_per_s_batch": batch_rate,
         # What one decode step reads: the weights as held in memory, and K/V per cached token.
-        "loaded_weight_bytes": weight_bytes(model),
+        "loaded_weight_bytes": loaded_bytes,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.config, _kv_dtype_bytes(model)),
         "device": str(model_device(model)),
         "folder": str(folder) if folder is not None else None,
@@ -693,7 +694,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "batch > 1). Bytes read: the weights as loaded for the timed decode (GGUF files "
             "are loaded dequantized to fp32 here) plus K/V for the mean cached context.",
             f"- Memory copy bandwidth measured here: {_num(bw and bw / 1e9, 1)} GB/s "
-            "(read + write bytes, median of 7 copies of 256 MiB)."
+            f"({(report.get('machine') or {}).get('bandwidth_method', BANDWIDTH_METHOD)})."
             + (f" Budget: {human_bytes(budget)} (eval.memory_budget_bytes)." if budget else ""),
         ]
     for v in variants:
@@ -904,7 +905,7 @@ def run(
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "bandwidth_bytes_per_s": bandwidth,
-        "bandwidth_method": "median of 7 copies of a 256 MiB fp32 tensor, read + write bytes",
+        "bandwidth_method": BANDWIDTH_METHOD,
     }
     report = {"variants": rows, "training": training, "machine": machine, "config": asdict(cfg)}
     write_report(report, run_dir)

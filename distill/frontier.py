@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class Point:
     decode_bound_ratio: float | None = None
     pareto_ppl: bool = False
     pareto_kl: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -217,12 +216,11 @@ def render_markdown(f: Frontier) -> str:
 
 def write_csv(f: Frontier, path: Path) -> None:
     rows = [asdict(p) for p in f.points]
-    fields = [k for k in rows[0] if k != "extra"] if rows else ["run"]
+    fields = list(rows[0]) if rows else ["run"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*fields, "status", "error"])
         writer.writeheader()
         for r in rows:
-            r.pop("extra", None)
             writer.writerow({**r, "status": "ok", "error": ""})
         for failed in f.failed:
             writer.writerow({"run": failed.run, "status": "failed", "error": failed.error})

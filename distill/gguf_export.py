@@ -374,10 +374,16 @@ def export_gguf(
             continue  # absent output.weight = tied, for llama.cpp and transformers alike
         out_name = gguf_name(hf_name)
         w = tensor.detach().to(torch.float32).cpu().numpy()
-        if hf_name.endswith("q_proj.weight"):
-            w = permute_rope_rows(w, n_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            w = permute_rope_rows(w, n_kv)
+        # q and k rows are reordered for GGML's RoPE (per head); None: stored as they are.
+        rope_heads = (
+            n_heads
+            if hf_name.endswith("q_proj.weight")
+            else n_kv
+            if hf_name.endswith("k_proj.weight")
+            else None
+        )
+        if rope_heads:
+            w = permute_rope_rows(w, rope_heads)
         kind = _tensor_type(out_name, w, gguf_type, include_embeddings, embedding_bits)
         groups = (int4_groups or {}).get(hf_name.removesuffix(".weight"))
         if kind == "f16" and gguf_type != "f16" and w.ndim == 2:
@@ -395,13 +401,9 @@ def export_gguf(
                     f"{hf_name}: Q4_0 needs groups of {BLOCK_VALUES}, got {groups.group_size}"
                 )
             levels, scales = groups.levels.numpy(), groups.scales.numpy()
-            if hf_name.endswith("q_proj.weight"):  # rows move together with their groups
-                levels, scales = (
-                    permute_rope_rows(levels, n_heads),
-                    permute_rope_rows(scales, n_heads),
-                )
-            elif hf_name.endswith("k_proj.weight"):
-                levels, scales = permute_rope_rows(levels, n_kv), permute_rope_rows(scales, n_kv)
+            if rope_heads:  # rows move together with their groups
+                levels = permute_rope_rows(levels, rope_heads)
+                scales = permute_rope_rows(scales, rope_heads)
             data = pack_q4_0(Int4Groups(torch.from_numpy(levels), torch.from_numpy(scales)))
             back = gguf.quants.dequantize(data, _qtype(kind))
             writer.add_tensor(out_name, data, raw_dtype=_qtype(kind))
@@ -410,10 +412,8 @@ def export_gguf(
             data = gguf.quants.quantize(w, _qtype(kind))
             back = gguf.quants.dequantize(data, _qtype(kind))
             writer.add_tensor(out_name, data, raw_dtype=_qtype(kind))
-        if hf_name.endswith("q_proj.weight"):
-            back = unpermute_rope_rows(back, n_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            back = unpermute_rope_rows(back, n_kv)
+        if rope_heads:
+            back = unpermute_rope_rows(back, rope_heads)
         result.reference_state[hf_name] = torch.from_numpy(np.ascontiguousarray(back))
         result.tensor_types[out_name] = kind
         result.tensor_bytes += int(data.nbytes)

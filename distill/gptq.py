@@ -23,14 +23,12 @@ of decreasing Hessian diagonal) work with groups.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-
-log = logging.getLogger(__name__)
 
 LEVEL_MIN, LEVEL_MAX = -8, 7
 
@@ -73,7 +71,6 @@ def _round_to_levels(w: Tensor, scale: Tensor) -> Tensor:
 
 def rtn_int4(weight: Tensor, group_size: int) -> Int4Groups:
     """Round to nearest on :func:`group_scales` (no calibration)."""
-    rows, cols = weight.shape
     scales = group_scales(weight, group_size)
     full = scales.float().repeat_interleave(group_size, dim=1)
     levels = _round_to_levels(weight.detach().float(), full)
@@ -174,21 +171,30 @@ def calibrated_int4(
     model: nn.Module,
     blocks: Tensor,
     names: list[str],
-    group_size: int,
+    group_sizes: Iterable[int],
     *,
     damp: float = 0.01,
     act_order: bool = True,
-) -> dict[str, Int4Groups]:
-    """GPTQ int4 groups for each named ``nn.Linear`` of ``model``, calibrated on ``blocks``."""
+) -> dict[int, dict[str, Int4Groups]]:
+    """GPTQ int4 groups per group size for each named ``nn.Linear``, calibrated on ``blocks``.
+
+    One calibration forward serves every group size: the Hessians depend on the inputs only.
+    """
     from tqdm.auto import tqdm
 
     hessians = collect_hessians(model, blocks, names)
-    out = {}
-    for name in tqdm(names, desc="gptq", unit="layer"):
-        weight = model.get_submodule(name).weight
-        out[name] = gptq_int4(
-            weight, hessians.pop(name), group_size, damp=damp, act_order=act_order
-        )
+    out: dict[int, dict[str, Int4Groups]] = {}
+    for g in sorted(set(group_sizes)):
+        out[g] = {
+            name: gptq_int4(
+                model.get_submodule(name).weight,
+                hessians[name],
+                g,
+                damp=damp,
+                act_order=act_order,
+            )
+            for name in tqdm(names, desc=f"gptq (group {g})", unit="layer")
+        }
     return out
 
 
@@ -198,8 +204,6 @@ def pack_q4_0(groups: Int4Groups) -> numpy.ndarray:  # noqa: F821
     Each block is its fp16 scale then 16 bytes: byte ``j`` holds value ``j`` (low nibble) and
     value ``j + 16`` (high nibble), each stored as ``level + 8``.
     """
-    import numpy as np
-
     if groups.group_size != 32:
         raise ValueError(f"Q4_0 blocks hold 32 values, not {groups.group_size}")
     rows, cols = groups.levels.shape

@@ -62,8 +62,17 @@ def decode_bound_tokens_per_s(
     return batch_size * bandwidth_bytes_per_s / per_step
 
 
+COPY_BYTES = 256 * 2**20
+COPY_REPEATS = 7
+# How measure_bandwidth's figure is made, as the reports state it.
+BANDWIDTH_METHOD = (
+    f"median of {COPY_REPEATS} copies of a {COPY_BYTES // 2**20} MiB fp32 tensor, "
+    "read + write bytes"
+)
+
+
 def measure_bandwidth(
-    num_bytes: int = 256 * 2**20, repeats: int = 7, device: torch.device | str = "cpu"
+    num_bytes: int = COPY_BYTES, repeats: int = COPY_REPEATS, device: torch.device | str = "cpu"
 ) -> float:
     """Copy bandwidth in bytes/s (read + write counted), median over ``repeats`` copies.
 

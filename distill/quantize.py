@@ -476,6 +476,12 @@ def quantize_model(
     return plan, ao_config
 
 
+def default_device(method: str) -> str:
+    """Where ``method`` is quantized by default: only int4 has a device-specific layout
+    (packed for tinygemm on CUDA); everything else is quantized on the CPU."""
+    return "cuda" if method == "int4_weight_only" and torch.cuda.is_available() else "cpu"
+
+
 def quantize_to_folder(
     src: Path,
     dst: Path,
@@ -498,8 +504,7 @@ def quantize_to_folder(
     if not (src / "config.json").is_file():
         raise QuantizeError(f"{src} has no config.json: give a Hugging Face model folder")
     if device is None:
-        # Only int4 has a device-specific layout; everything else is quantized on the CPU.
-        device = "cuda" if method == "int4_weight_only" and torch.cuda.is_available() else "cpu"
+        device = default_device(method)
     start = time.perf_counter()
 
     # dtype="auto" keeps the stored dtype, so scales come out in the model's own precision.
@@ -569,7 +574,7 @@ def quantize_to_folder(
         "device": device,
         "storage": STORAGE.get((method, device), STORAGE.get((method, "cpu"), "")),
         "group_size": group_size if method == "int4_weight_only" else None,
-        "calibration": "gptq" if int4_cpu and calibrated else ("rtn" if int4_cpu else None),
+        "calibration": (("gptq" if calibrated else "rtn") if int4_cpu else None),
         "embedding_bits": embedding_bits if int4_cpu and include_embeddings else None,
         "include_embeddings": include_embeddings,
         "quantized_modules": quantized,
@@ -683,32 +688,16 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def parity_blocks(cfg: PipelineConfig, tokenizer: Any) -> torch.Tensor:
-    """The first ``PARITY_BLOCKS`` held-out blocks ``(N, T)`` of the run's data."""
-    from distill.data import prepare_data
-    from distill.parity import PARITY_BLOCKS
-
-    return prepare_data(cfg.data, tokenizer, cache_root(cfg)).val[:PARITY_BLOCKS]
-
-
 def calibration_groups(
-    cfg: PipelineConfig,
-    model: nn.Module,
-    tokenizer: Any,
-    group_sizes: set[int],
-    blocks: torch.Tensor | None = None,
+    cfg: PipelineConfig, model: nn.Module, group_sizes: set[int], blocks: torch.Tensor
 ) -> dict[int, dict[str, Int4Groups]]:
-    """GPTQ groups per group size for every Linear of ``model`` (not the LM head).
+    """GPTQ groups per group size for every Linear of ``model`` (not a tied LM head).
 
-    Calibrated on the first ``quant.calibration_blocks`` *training* blocks, so the held-out
-    blocks that score the variants never shape them. Empty when ``quant.calibration=none``
-    or no 4-bit variant needs them. ``blocks`` ``(N, T)`` replaces the training blocks.
+    Calibrated on the first ``quant.calibration_blocks`` of ``blocks`` (the run's *training*
+    blocks, so the held-out blocks that score the variants never shape them).
     """
-    from distill.data import prepare_data
-    from distill.gptq import calibrated_int4, collect_hessians, gptq_int4
+    from distill.gptq import calibrated_int4
 
-    if cfg.quant.calibration != "gptq" or not group_sizes:
-        return {}
     names = [
         n
         for n, m in model.named_modules()
@@ -716,18 +705,9 @@ def calibration_groups(
         and m.weight is not model.get_input_embeddings().weight  # a tied head: 8-bit or 4-bit RTN
         and m.weight.shape[1] % max(group_sizes) == 0
     ]
-    if blocks is None:
-        blocks = prepare_data(cfg.data, tokenizer, cache_root(cfg)).train
     blocks = blocks[: cfg.quant.calibration_blocks]
     start = time.perf_counter()
-    if len(group_sizes) == 1:
-        out = {g: calibrated_int4(model, blocks, names, g) for g in group_sizes}
-    else:
-        hessians = collect_hessians(model, blocks, names)
-        out = {
-            g: {n: gptq_int4(model.get_submodule(n).weight, hessians[n], g) for n in names}
-            for g in group_sizes
-        }
+    out = calibrated_int4(model, blocks, names, group_sizes)
     log.info(
         "GPTQ: %d linear layers, group sizes %s, on %d training blocks, %.1f s",
         len(names),
@@ -768,6 +748,7 @@ def run(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from distill import parity
+    from distill.data import prepare_data
     from distill.gguf_export import check_exportable, export_gguf, reference_model
 
     run_dir = Path(run_dir)
@@ -782,9 +763,19 @@ def run(
     out = run_dir / "quantized"
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(final)
-    ids = (parity_blocks(cfg, tokenizer) if val_blocks is None else val_blocks)[
-        : parity.PARITY_BLOCKS
-    ]
+    int4_cpu = "int4_weight_only" in cfg.quant.methods and (
+        default_device("int4_weight_only") == "cpu"
+    )
+    group_sizes = ({cfg.quant.group_size} if int4_cpu else set()) | (
+        {32} if "q4_0" in cfg.quant.gguf else set()
+    )
+    needs_calibration = cfg.quant.calibration == "gptq" and bool(group_sizes)
+    if val_blocks is None or (calib_blocks is None and needs_calibration):
+        # One load of the run's data serves the parity check and the calibration.
+        splits = prepare_data(cfg.data, tokenizer, cache_root(cfg))
+        val_blocks = splits.val if val_blocks is None else val_blocks
+        calib_blocks = splits.train if calib_blocks is None else calib_blocks
+    ids = val_blocks[: parity.PARITY_BLOCKS]
     save_file({"ids": ids.contiguous()}, str(out / "parity_blocks.safetensors"))
     workdir = out / f".parity-{os.getpid()}"
     shutil.rmtree(workdir, ignore_errors=True)
@@ -792,14 +783,8 @@ def run(
 
     float_model = AutoModelForCausalLM.from_pretrained(final, dtype="auto").eval()
     float_logits = _logits(float_model, ids)
-    int4_cpu = "int4_weight_only" in cfg.quant.methods and not torch.cuda.is_available()
-    calibrated = calibration_groups(
-        cfg,
-        float_model,
-        tokenizer,
-        ({cfg.quant.group_size} if int4_cpu else set())
-        | ({32} if "q4_0" in cfg.quant.gguf else set()),
-        calib_blocks,
+    calibrated = (
+        calibration_groups(cfg, float_model, group_sizes, calib_blocks) if needs_calibration else {}
     )
     float_bytes = weight_bytes(float_model)
     results: list[dict] = []
