@@ -151,6 +151,7 @@ def load_variants(run_dir: Path, methods: list[str], gguf_types: list[str]) -> l
     """The fp32 student of ``run_dir/final`` first, then every quantized variant found."""
     from transformers import AutoModelForCausalLM
 
+    from distill.conv1d import load_causal_lm
     from distill.gguf_export import gguf_tensor_bytes
 
     final = run_dir / "final"
@@ -159,7 +160,7 @@ def load_variants(run_dir: Path, methods: list[str], gguf_types: list[str]) -> l
     for method in methods:
         folder = run_dir / "quantized" / method
         if (folder / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            model = load_causal_lm(folder).eval()
             out.append(Variant(f"student-{method}", model, weight_bytes(model)))
             if method == "int8_weight_only":
                 # int4 gains nothing from it: its time goes into dequantizing every linear's
@@ -275,6 +276,61 @@ def table(variants: list[Variant], times: DecodeTimes, new_tokens: int) -> list[
             f"{v.name:<30} {times.rate(v.name, new_tokens):>12.1f} {times.speedup(v.name):>12.2f} "
             f"{v.stored_bytes / base.stored_bytes:>12.3f} {bits:>11.2f}"
             + (f"  ({v.note})" if v.note else "")
+        )
+    return lines
+
+
+@dataclass
+class CompiledRow:
+    name: str
+    tokens_per_s: float | None
+    compile_s: float | None
+    error: str | None
+
+
+def compiled_rates(
+    variants: list[Variant], prompt: torch.Tensor, new_tokens: int, repeats: int
+) -> list[CompiledRow]:
+    """Each variant's decode compiled (:mod:`distill.compiled_decode`), one after another.
+
+    Variants run under :func:`fast_cpu_kernels` are left out (their swapped dispatch is an
+    eager-mode device). Not paired like :func:`decode_times`: each compiled model's packed
+    weights are freed before the next compiles, so run this on a quiet machine.
+    """
+    from distill.compiled_decode import CompiledDecodeError, measure_compiled_decode
+
+    rows = []
+    for v in variants:
+        if v.fast_kernels:
+            continue
+        try:
+            with torch.inference_mode():
+                r = measure_compiled_decode(v.model, prompt, new_tokens, repeats)
+            rows.append(CompiledRow(v.name, r.tokens_per_s, r.compile_s, None))
+        except CompiledDecodeError as err:
+            rows.append(CompiledRow(v.name, None, None, str(err)))
+    return rows
+
+
+def compiled_table(
+    variants: list[Variant], rows: list[CompiledRow], times: DecodeTimes, new_tokens: int
+) -> list[str]:
+    """Compiled tok/s against the compiled fp32 student (first row) and the eager one."""
+    base = rows[0].tokens_per_s if rows and rows[0].tokens_per_s else float("nan")
+    eager_base = times.rate(variants[0].name, new_tokens)
+    stored = {v.name: v.stored_bytes for v in variants}
+    lines = [
+        f"{'variant (compiled)':<30} {'decode tok/s':>12} {'x fp32 comp':>11} "
+        f"{'x fp32 eager':>12} {'bytes x fp32':>12} {'compile s':>9}"
+    ]
+    for r in rows:
+        if r.tokens_per_s is None:
+            lines.append(f"{r.name:<30} failed: {r.error}")
+            continue
+        lines.append(
+            f"{r.name:<30} {r.tokens_per_s:>12.1f} {r.tokens_per_s / base:>11.2f} "
+            f"{r.tokens_per_s / eager_base:>12.2f} "
+            f"{stored[r.name] / variants[0].stored_bytes:>12.3f} {r.compile_s:>9.1f}"
         )
     return lines
 

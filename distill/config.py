@@ -317,6 +317,10 @@ class EvalConfig:
     memory_budget_bytes: int | None = None
     # Measure the machine's copy bandwidth and report each variant's decode against its bound.
     measure_bandwidth: bool = True
+    # Variants (names or fnmatch patterns: "student", "student-*", "*") whose batch-1 decode
+    # is also timed compiled (torch.compile, inductor freezing + C++ GEMMs, static cache;
+    # distill/compiled_decode.py). 30-40 s of compiling per 14-layer student on 2 cores.
+    compiled_decode: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         out = []
@@ -337,6 +341,16 @@ class EvalConfig:
             value = getattr(self, name)
             if value < 1:
                 out.append(f"eval.{name}={value}: must be >= 1")
+        if self.compiled_decode and self.decode_tokens < 2:
+            out.append(
+                f"eval.decode_tokens={self.decode_tokens}: eval.compiled_decode needs >= 2 "
+                "(the first token comes from the eager prefill)"
+            )
+        bad = [p for p in self.compiled_decode if not isinstance(p, str) or not p]
+        if bad:
+            out.append(
+                f"eval.compiled_decode={self.compiled_decode!r}: give variant names or patterns"
+            )
         return out
 
 

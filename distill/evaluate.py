@@ -401,6 +401,8 @@ def add_memory_fields(
         bound_b = decode_bound_tokens_per_s(bandwidth_bytes_per_s, loaded, kv, mean_context, b)
         row["decode_bound_tokens_per_s_batch"] = bound_b
         row["decode_bound_ratio_batch"] = row["decode_tokens_per_s_batch"] / bound_b
+    if row.get("decode_compiled_tokens_per_s") is not None:
+        row["decode_compiled_bound_ratio"] = row["decode_compiled_tokens_per_s"] / bound
 
 
 def batches_of(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -542,6 +544,8 @@ def evaluate_variant(
         peak = tracker.stop()  # also ends the sampling thread when scoring raised
     method = tracker.method + (" (evaluation only, loading excluded)" if own_memory else "")
     loaded_bytes = weight_bytes(model)
+    # After the peak-memory window: compiling holds packed copies of the weights.
+    compiled = compiled_decode_fields(name, model, flat[:, :prompt_len], cfg)
     return {
         "name": name,
         "params": param_count(model),
@@ -566,7 +570,46 @@ def evaluate_variant(
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.config, _kv_dtype_bytes(model)),
         "device": str(model_device(model)),
         "folder": str(folder) if folder is not None else None,
+        **compiled,
     }
+
+
+def compiled_decode_fields(
+    name: str, model: PreTrainedModel, prompt: torch.Tensor, cfg: EvalConfig
+) -> dict[str, Any]:
+    """Batch-1 compiled decode of one variant (:mod:`distill.compiled_decode`), as row fields.
+
+    Empty when ``name`` matches no ``eval.compiled_decode`` pattern. A variant that fails
+    to compile, or whose compiled logits differ from its eager ones, gets its error in
+    ``decode_compiled_error`` and no rate: the other variants' figures still stand.
+    """
+    from fnmatch import fnmatchcase
+
+    from distill.compiled_decode import METHOD, CompiledDecodeError, measure_compiled_decode
+
+    if not any(fnmatchcase(name, pattern) for pattern in cfg.compiled_decode):
+        return {}
+    fields: dict[str, Any] = {
+        "decode_compiled_method": METHOD,
+        "decode_compiled_tokens_per_s": None,
+        "decode_compiled_compile_s": None,
+        "decode_compiled_max_abs_logit_diff": None,
+        "decode_compiled_error": None,
+    }
+    log.info("%s: compiling for decode (tens of seconds on CPU)", name)
+    try:
+        with torch.inference_mode():
+            result = measure_compiled_decode(
+                model, prompt.to(model_device(model)), cfg.decode_tokens, cfg.repeats
+            )
+    except CompiledDecodeError as err:
+        log.warning("%s: compiled decode not measured: %s", name, err)
+        fields["decode_compiled_error"] = str(err)
+        return fields
+    fields["decode_compiled_tokens_per_s"] = result.tokens_per_s
+    fields["decode_compiled_compile_s"] = result.compile_s
+    fields["decode_compiled_max_abs_logit_diff"] = result.max_abs_logit_diff
+    return fields
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,6 +675,10 @@ def format_memory_table(report: dict[str, Any]) -> str:
     if batch:
         head += f" decode b={batch} tok/s | bound | of bound |"
         rule += "---:|---:|---:|"
+    compiled = any("decode_compiled_method" in v for v in variants)
+    if compiled:
+        head += " compiled b=1 tok/s | of bound |"
+        rule += "---:|---:|"
     lines = [head, rule]
     for v in variants:
         mm = v["memory_model"]
@@ -649,6 +696,16 @@ def format_memory_table(report: dict[str, Any]) -> str:
                 f"| {_num(v.get('decode_bound_tokens_per_s_batch'), 1)} "
                 f"| {_num(v.get('decode_bound_ratio_batch'), 0, 100.0)}% |"
             )
+        if compiled:
+            if v.get("decode_compiled_error"):
+                line += " failed (see report.json) | - |"
+            elif v.get("decode_compiled_tokens_per_s") is None:
+                line += " - | - |"
+            else:
+                line += (
+                    f" {_num(v['decode_compiled_tokens_per_s'], 1)} "
+                    f"| {_num(v.get('decode_compiled_bound_ratio'), 0, 100.0)}% |"
+                )
         lines.append(line)
     return "\n".join(lines)
 
@@ -697,6 +754,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"({(report.get('machine') or {}).get('bandwidth_method', BANDWIDTH_METHOD)})."
             + (f" Budget: {human_bytes(budget)} (eval.memory_budget_bytes)." if budget else ""),
         ]
+        method = next(
+            (v["decode_compiled_method"] for v in variants if "decode_compiled_method" in v), None
+        )
+        if method:
+            lines.append(
+                "- Compiled decode (variants in eval.compiled_decode): the same greedy decode "
+                f"timed with {method}; its logits matched the eager model's on the same tokens "
+                "before it was timed. Eager batch-1 decode on CPU runs each linear as an MKL "
+                "matrix-vector product on one core, hence its lower share of the bound."
+            )
     for v in variants:
         if v.get("skipped_modules"):
             kept = ", ".join(_module_label(m) for m in v["skipped_modules"])
@@ -793,12 +860,15 @@ def variant_folders(cfg: PipelineConfig, run_dir: Path) -> list[tuple[str, Path]
 def load_variant(folder: Path, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
+    from distill.conv1d import load_causal_lm
+
     # Plain from_pretrained, as a user would: the quantized folders carry their own
     # quantization_config, and safetensors only (no pickle). A .gguf file is dequantized.
+    # Folders storing GPT-2's Conv1D as Linear take the one loader that can read them.
     if folder.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(str(folder.parent), gguf_file=folder.name)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
+        model = load_causal_lm(folder, use_safetensors=True)
     if model_device(model) != device:
         # Only when it must move: torchao 0.18's unpacked int4 tensor casts its fp16 scales and
         # zero points to fp32 on any .to(), even to the device it is on (+7% bytes measured).

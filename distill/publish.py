@@ -426,6 +426,13 @@ def render_card(
         f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
     ]
     for method in methods:
+        if records.get(method, {}).get("loader") == "distill.conv1d.load_causal_lm":
+            # GPT-2 Conv1D stored as Linear: from_pretrained would rebuild Conv1D (quantize.py).
+            lines.append(
+                f"model_{method} = distill.conv1d.load_causal_lm(<local copy of {repo}>/"
+                f"{method})  # GPT-2 Conv1D stored as Linear; needs torchao and distill"
+            )
+            continue
         lines.append(
             f'model_{method} = AutoModelForCausalLM.from_pretrained("{repo}", '
             f'subfolder="{method}")  # needs torchao'

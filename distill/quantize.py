@@ -43,12 +43,13 @@ tensor, and only the first name of each alias group is written; transformers re-
 others on load from ``tie_word_embeddings``. Every linear-like module is either quantized or
 reported in ``skipped_modules`` with the reason.
 
-GPT-2's ``Conv1D`` stays in float in the torchao variants: it computes
-``torch.addmm(bias, x, weight)`` and no torchao 0.18 tensor implements ``aten.addmm``
-(``Int8Tensor`` and ``IntxUnpackedToInt8Tensor`` implement ``linear``/``embedding`` only), so
-a quantized Conv1D fails on its first forward in a process that has not registered an
-``addmm`` kernel itself, which a plain ``from_pretrained`` user has not. Rewriting Conv1D as
-``nn.Linear`` does not survive ``from_pretrained`` either, which rebuilds Conv1D modules.
+GPT-2's ``Conv1D`` (``addmm`` on an (in, out) weight, which no torchao 0.18 tensor implements)
+is rewritten as an equal ``nn.Linear`` before quantizing (:mod:`distill.conv1d`), so its
+weights are quantized like a llama model's. ``from_pretrained`` would rebuild Conv1D modules,
+so such a folder lists the rewritten modules in ``config.json`` and loads with
+:func:`distill.conv1d.load_causal_lm` (transformers + torchao + safetensors underneath); the
+parity check reloads it that way in its fresh process, and the quantize record says
+``loader: distill.conv1d.load_causal_lm``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ import torch
 from torch import nn
 
 from distill.config import GGUF_TYPES, QUANT_METHODS, DistillError, PipelineConfig, cache_root
+from distill.conv1d import CONFIG_KEY as CONV1D_CONFIG_KEY
+from distill.conv1d import conv1d_to_linear, linearized_modules, load_causal_lm
 from distill.footprint import disk_bytes, weight_bytes
 from distill.gptq import Int4Groups, rtn_int4
 
@@ -231,10 +234,8 @@ def _skip_reason(
     if any(f".{k}." in f".{name}." for k in keep_fp32):
         return "listed in the model's _keep_in_fp32_modules"
     if isinstance(module, Conv1D):
-        # Conv1D runs torch.addmm(bias, x, weight) on an (in, out) weight, and torchao's int8
-        # tensors implement F.linear and F.embedding but not addmm: a quantized Conv1D would
-        # fail on the first forward. Swapping it for nn.Linear would not survive a plain
-        # from_pretrained, which rebuilds Conv1D modules.
+        # quantize_model rewrites Conv1D as Linear first; a caller planning on an unconverted
+        # model learns why it would stay in float.
         return "transformers Conv1D (torch.addmm on an (in, out) weight): no torchao int8 kernel"
     if isinstance(module, nn.Linear) or is_embedding:
         return None
@@ -443,6 +444,10 @@ def quantize_model(
         raise QuantizeError(
             f"unknown quant method {method!r}: choose from {', '.join(QUANT_METHODS)}"
         )
+    linearized = conv1d_to_linear(model)
+    if linearized:
+        # Saved into config.json: the loader makes these Linear again (distill/conv1d.py).
+        setattr(model.config, CONV1D_CONFIG_KEY, linearized)
     plan = plan_quantization(model, include_embeddings=include_embeddings)
     if method == "int4_weight_only":
         _skip_indivisible(model, plan, group_size)
@@ -550,7 +555,7 @@ def quantize_to_folder(
         shutil.rmtree(staging, ignore_errors=True)
 
     load_kwargs: dict[str, Any] = {"device_map": device} if device != "cpu" else {}
-    reloaded = AutoModelForCausalLM.from_pretrained(dst, **load_kwargs)
+    reloaded = load_causal_lm(dst, **load_kwargs)
     for alias, owner in plan.aliases.items():
         if reloaded.get_submodule(alias).weight is not reloaded.get_submodule(owner).weight:
             raise QuantizeError(
@@ -588,6 +593,10 @@ def quantize_to_folder(
         "float_disk_bytes": disk_bytes(src),
         "disk_bytes": disk_bytes(dst),
         "tied_embeddings": tied,
+        # Folders with Conv1D stored as Linear need distill's loader (module docstring).
+        "loader": "distill.conv1d.load_causal_lm"
+        if linearized_modules(dst)
+        else "transformers.AutoModelForCausalLM.from_pretrained",
         "seconds": round(time.perf_counter() - start, 2),
     }
     return record, model

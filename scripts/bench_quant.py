@@ -40,6 +40,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--from-teacher", action="store_true", help="cut and quantize the default pair")
     p.add_argument("--profile", default=None, help="variant to profile one decode of")
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time each variant compiled (torch.compile, ~30-40 s of compiling each)",
+    )
     args = p.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     gguf = [t for t in args.gguf.split(",") if t]
@@ -62,6 +67,13 @@ def main() -> None:
         f"batch 1; speed = median of {args.repeats} back-to-back (fp32, variant) time ratios"
     )
     print("\n".join(bench.table(variants, times, args.new_tokens)))
+    if args.compiled:
+        rows = bench.compiled_rates(variants, prompt, args.new_tokens, args.repeats)
+        print(
+            "\ncompiled (distill.compiled_decode: inductor freezing + C++ GEMMs, static cache, "
+            "logits checked against eager; sequential runs, not paired):"
+        )
+        print("\n".join(bench.compiled_table(variants, rows, times, args.new_tokens)))
     if args.profile:
         chosen = [v for v in variants if v.name in (args.profile, f"student-{args.profile}")]
         if not chosen:

@@ -117,6 +117,8 @@ def tiny_overrides(teacher_dir: Path, corpus_dir: Path, cache_dir: Path) -> list
         "eval.decode_tokens=4",
         "eval.prefill_tokens=8",
         "eval.repeats=1",
+        # Compiling takes tens of seconds: test_compiled_decode covers it on its own.
+        "eval.compiled_decode=[]",
         f"cache_dir={cache_dir}",
     ]
 
