@@ -19,8 +19,10 @@ How it is measured, so the number can be trusted:
 * the timed runs reuse that one cache (``reset()`` between runs): inductor freezing treats
   the cache's statically marked buffers as part of the compiled graph, and a fresh cache
   object failed with an out-of-bounds write in the measurements that shaped this module;
-* time covers the prefill and every step, as :func:`distill.evaluate.measure_decode` does
-  for eager ``generate``, divided by the ``B * new_tokens`` tokens produced.
+* time covers the ``new_tokens - 1`` compiled decode steps, not the prompt's prefill (a
+  compute-bound pass the bandwidth bound does not model): tokens/s = ``B * (new_tokens - 1)``
+  / median seconds. The eager figure (:func:`distill.evaluate.measure_decode`) times the
+  whole ``generate`` call, prefill included, so it is the more conservative of the two.
 
 Compiling needs a C++ compiler (inductor's CPU backend) and takes tens of seconds per model
 (30-40 s for the 14-layer student here); the frozen, packed weight copies are released
@@ -50,7 +52,7 @@ INDUCTOR_OPTIONS: dict[str, Any] = {
 }
 METHOD = (
     "torch.compile(fullgraph, static shapes), inductor freezing + max_autotune (CPP,ATEN "
-    "GEMMs), transformers StaticCache, eager prefill, greedy"
+    "GEMMs), transformers StaticCache, eager prefill not timed, greedy"
 )
 # Compiled and eager logits on the same tokens must agree to this fraction of the largest
 # |logit|: fp32 GEMMs with another summation order differ by ~1e-5 of it (8.8e-5 absolute
@@ -79,7 +81,7 @@ def greedy_static(
     new_tokens: int,
     cache: Any,
     forced: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Greedy decode of ``new_tokens`` after ``prompt`` on a static cache.
 
     The prompt is prefilled by ``model`` (eager); each later token by ``step`` (the model
@@ -93,7 +95,8 @@ def greedy_static(
             so two models' logits are compared at the same inputs.
 
     Returns:
-        ``(tokens (B, new_tokens), last-position logits (B, new_tokens, V))``.
+        ``(tokens (B, new_tokens), last-position logits (B, new_tokens, V), seconds)``:
+        ``seconds`` is the wall time of the ``new_tokens - 1`` decode steps (prefill excluded).
     """
     batch, length = prompt.shape
     positions = torch.arange(length, device=prompt.device)
@@ -106,6 +109,9 @@ def greedy_static(
     ).logits[:, -1]
     all_logits = [logits]
     tokens = [logits.argmax(-1) if forced is None else forced[:, 0]]
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize(prompt.device)
+    t0 = time.perf_counter()
     for i in range(1, new_tokens):
         pos = torch.tensor([length + i - 1], device=prompt.device)
         logits = step(
@@ -117,7 +123,9 @@ def greedy_static(
         ).logits[:, -1]
         all_logits.append(logits)
         tokens.append(logits.argmax(-1) if forced is None else forced[:, i])
-    return torch.stack(tokens, 1), torch.stack(all_logits, 1)
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize(prompt.device)
+    return torch.stack(tokens, 1), torch.stack(all_logits, 1), time.perf_counter() - t0
 
 
 def measure_compiled_decode(
@@ -137,7 +145,7 @@ def measure_compiled_decode(
     max_len = prompt.shape[1] + new_tokens
     with torch.no_grad():
         eager_cache = StaticCache(config=model.config, max_cache_len=max_len)
-        tokens, eager_logits = greedy_static(model, model, prompt, new_tokens, eager_cache)
+        tokens, eager_logits, _ = greedy_static(model, model, prompt, new_tokens, eager_cache)
         del eager_cache
         torch._dynamo.reset()  # one model's graphs at a time; frees the last model's
         try:
@@ -145,7 +153,7 @@ def measure_compiled_decode(
                 compiled = torch.compile(model, fullgraph=True, dynamic=False)
                 cache = StaticCache(config=model.config, max_cache_len=max_len)
                 t0 = time.perf_counter()
-                _, compiled_logits = greedy_static(
+                _, compiled_logits, _ = greedy_static(
                     model, compiled, prompt, new_tokens, cache, forced=tokens
                 )
                 compile_s = time.perf_counter() - t0
@@ -160,9 +168,7 @@ def measure_compiled_decode(
                 times = []
                 for _ in range(repeats):
                     cache.reset()
-                    t0 = time.perf_counter()
-                    greedy_static(model, compiled, prompt, new_tokens, cache)
-                    times.append(time.perf_counter() - t0)
+                    times.append(greedy_static(model, compiled, prompt, new_tokens, cache)[2])
         except CompiledDecodeError:
             raise
         except Exception as err:  # inductor/dynamo failures come in many types
@@ -170,5 +176,5 @@ def measure_compiled_decode(
         finally:
             torch._dynamo.reset()
             gc.collect()
-    rate = prompt.shape[0] * new_tokens / max(statistics.median(times), 1e-12)
+    rate = prompt.shape[0] * (new_tokens - 1) / max(statistics.median(times), 1e-12)
     return CompiledDecode(tokens_per_s=rate, compile_s=compile_s, max_abs_logit_diff=diff)

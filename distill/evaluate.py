@@ -20,6 +20,8 @@ Footprint and speed: ``weight_bytes`` counts the bytes the loaded tensors really
 ``peak_memory_bytes`` the growth of memory from just before the variant is loaded to the end
 of its evaluation (see :class:`PeakMemory` for how, on CPU and CUDA). Prefill and decode
 speeds are medians over ``eval.repeats`` timed runs after one warm-up, at batch size 1.
+Variants named in ``eval.compiled_decode`` are also timed compiled
+(:mod:`distill.compiled_decode`), after their peak-memory window closes.
 """
 
 from __future__ import annotations
@@ -761,8 +763,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 "- Compiled decode (variants in eval.compiled_decode): the same greedy decode "
                 f"timed with {method}; its logits matched the eager model's on the same tokens "
-                "before it was timed. Eager batch-1 decode on CPU runs each linear as an MKL "
-                "matrix-vector product on one core, hence its lower share of the bound."
+                "before it was timed. It times the decode steps only; the eager columns time "
+                "the whole generate call, prefill included. Eager batch-1 decode on CPU runs "
+                "each linear as an MKL matrix-vector product on one core, hence its lower "
+                "share of the bound."
             )
     for v in variants:
         if v.get("skipped_modules"):

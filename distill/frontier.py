@@ -45,6 +45,9 @@ class Point:
     memory_total_bytes: int | None = None
     fits_budget: bool | None = None
     decode_bound_ratio: float | None = None
+    # Compiled batch-1 decode (eval.compiled_decode), where the run measured it.
+    decode_compiled_tokens_per_s: float | None = None
+    decode_compiled_bound_ratio: float | None = None
     pareto_ppl: bool = False
     pareto_kl: bool = False
 
@@ -137,6 +140,8 @@ def load_points(run_dirs: list[Path], base: Path | None = None) -> Frontier:
                         memory_total_bytes=(v.get("memory_model") or {}).get("total_bytes"),
                         fits_budget=(v.get("memory_model") or {}).get("fits_budget"),
                         decode_bound_ratio=v.get("decode_bound_ratio"),
+                        decode_compiled_tokens_per_s=v.get("decode_compiled_tokens_per_s"),
+                        decode_compiled_bound_ratio=v.get("decode_compiled_bound_ratio"),
                     )
                 )
         except (KeyError, TypeError, ValueError) as err:
@@ -184,13 +189,17 @@ def render_markdown(f: Frontier) -> str:
         "# Memory vs quality frontier",
         "",
         "| run | variant | pair | loss (kd_ratio) | teacher | weight MB | bits/weight | ppl | "
-        "KL to teacher | top-1 | decode tok/s | of bound | fits budget | Pareto (ppl / KL) |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: "
-        "| --- |",
+        "KL to teacher | top-1 | decode tok/s | of bound | compiled tok/s | of bound | "
+        "fits budget | Pareto (ppl / KL) |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | :---: | --- |",
     ]
 
     def fmt(x: Any, spec: str) -> str:
         return "–" if x is None else format(x, spec)
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{100 * x:.0f}%"
 
     for p in sorted(f.points, key=lambda p: (p.weight_bytes, p.perplexity)):
         lines.append(
@@ -198,8 +207,9 @@ def render_markdown(f: Frontier) -> str:
             f"{p.loss} ({fmt(p.kd_ratio, 'g')}) | {p.teacher_mode} | {_mb(p.weight_bytes)} | "
             f"{fmt(p.bits_per_weight, '.2f')} | {p.perplexity:.2f} | "
             f"{fmt(p.kl_to_teacher, '.4f')} | {fmt(p.top1_agreement, '.3f')} | "
-            f"{fmt(p.decode_tokens_per_s, '.1f')} | "
-            f"{'–' if p.decode_bound_ratio is None else f'{100 * p.decode_bound_ratio:.0f}%'} | "
+            f"{fmt(p.decode_tokens_per_s, '.1f')} | {pct(p.decode_bound_ratio)} | "
+            f"{fmt(p.decode_compiled_tokens_per_s, '.1f')} | "
+            f"{pct(p.decode_compiled_bound_ratio)} | "
             f"{ {None: '–', True: 'yes', False: 'no'}[p.fits_budget] } | "
             f"{'yes' if p.pareto_ppl else 'no'} / {'yes' if p.pareto_kl else 'no'} |"
         )

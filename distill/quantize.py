@@ -497,8 +497,13 @@ def quantize_to_folder(
     device: str | None = None,
     calibrated: dict[str, Int4Groups] | None = None,
     embedding_bits: int = 8,
+    compute_dtype: str = "float32",
 ) -> tuple[dict, nn.Module]:
-    """:func:`quantize_folder`, also returning the in-memory model the folder was written from."""
+    """:func:`quantize_folder`, also returning the in-memory model the folder was written from.
+
+    ``compute_dtype="bfloat16"`` casts the float tensors of a torchao variant quantized on
+    the CPU to bf16 first (``quant.compute_dtype``), so it reloads and computes in bf16.
+    """
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
     if method not in QUANT_METHODS:
@@ -522,6 +527,8 @@ def quantize_to_folder(
         # tinygemm's int4 kernel takes bf16 activations and scales; config.dtype follows, so
         # the reload computes in bf16 too.
         model.to("cuda")
+        _cast_weights(model, torch.bfloat16)
+    elif method in _AO_CONFIGS and compute_dtype == "bfloat16":
         _cast_weights(model, torch.bfloat16)
     plan, ao_config = quantize_model(
         model,
@@ -577,6 +584,7 @@ def quantize_to_folder(
         "dst": str(dst),
         "quant_type": type(ao_config).__name__ if ao_config is not None else str(_CAST[method]),
         "device": device,
+        "compute_dtype": str(model.dtype).removeprefix("torch."),
         "storage": STORAGE.get((method, device), STORAGE.get((method, "cpu"), "")),
         "group_size": group_size if method == "int4_weight_only" else None,
         "calibration": (("gptq" if calibrated else "rtn") if int4_cpu else None),
@@ -815,6 +823,7 @@ def run(
             group_size=cfg.quant.group_size,
             calibrated=calibrated.get(cfg.quant.group_size),
             embedding_bits=cfg.quant.embedding_bits,
+            compute_dtype=cfg.quant.compute_dtype,
         )
         keep_reference(method, qmodel)
         del qmodel

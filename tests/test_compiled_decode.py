@@ -29,7 +29,7 @@ def test_static_greedy_loop_equals_generate(model) -> None:
     ids = prompt(batch=2)
     with torch.no_grad():
         cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 5)
-        tokens, logits = greedy_static(model, model, ids, 5, cache)
+        tokens, logits, seconds = greedy_static(model, model, ids, 5, cache)
         ref = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -38,7 +38,7 @@ def test_static_greedy_loop_equals_generate(model) -> None:
             ),
         )
     assert torch.equal(tokens, ref[:, ids.shape[1] :])
-    assert logits.shape == (2, 5, VOCAB)
+    assert logits.shape == (2, 5, VOCAB) and seconds > 0
 
 
 def test_compiled_decode_matches_eager_and_times(model) -> None:

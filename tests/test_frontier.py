@@ -89,6 +89,8 @@ def test_report_script_writes_four_files(tmp_path: Path) -> None:
     student = variant("student", 300, 20.0, 0.5)
     student["memory_model"] = {"total_bytes": 320_000_000, "fits_budget": False}
     student["decode_bound_ratio"] = 0.61
+    student["decode_compiled_tokens_per_s"] = 80.4
+    student["decode_compiled_bound_ratio"] = 0.78
     write_run(sweep / "0", [variant("teacher", 500, 10.0, 0.0), student])
     (sweep / "1").mkdir()
     (sweep / "1" / "FAILED").write_text("ModelError: teacher missing\n")
@@ -104,7 +106,7 @@ def test_report_script_writes_four_files(tmp_path: Path) -> None:
     md = (sweep / "frontier.md").read_text()
     assert "teacher missing" in md and "Pareto front" in md
     # The report's memory model and bandwidth bound reach the table; older reports show "–".
-    assert "| 61% | no |" in md and "| – | – |" in md
+    assert "| 61% | 80.4 | 78% | no |" in md and "| – | – | – | – |" in md
     rows = list(csv.DictReader(open(sweep / "frontier.csv")))
     by_variant = {r["variant"]: r for r in rows if r["status"] == "ok"}
     assert by_variant["student"]["fits_budget"] == "False"

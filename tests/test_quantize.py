@@ -29,7 +29,13 @@ from distill.config import (
 )
 from distill.footprint import tensor_bytes
 from distill.parity import ParityError
-from distill.quantize import QuantizeError, plan_quantization, quantize_folder, run
+from distill.quantize import (
+    QuantizeError,
+    plan_quantization,
+    quantize_folder,
+    quantize_to_folder,
+    run,
+)
 
 VOCAB = 257  # the conftest tokenizer: 256 byte symbols + <|endoftext|>
 METHOD = "int8_weight_only"
@@ -415,3 +421,18 @@ def test_evaluate_loads_int4_at_its_stored_size(llama_src: Path, tmp_path: Path)
     result = quantize_folder(llama_src, tmp_path / "q", "int4_weight_only", include_embeddings=True)
     model = load_variant(tmp_path / "q", torch.device("cpu"))
     assert weight_bytes(model) == result["weight_bytes"]
+
+
+def test_bf16_compute_dtype_reloads_in_bf16(llama_src: Path, tmp_path: Path) -> None:
+    """quant.compute_dtype=bfloat16: int8 weights, bf16 activations, after a reload too."""
+    result, in_memory = quantize_to_folder(
+        llama_src, tmp_path / "q", METHOD, include_embeddings=True, compute_dtype="bfloat16"
+    )
+    assert result["compute_dtype"] == "bfloat16"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert reloaded.dtype == torch.bfloat16
+    assert type(reloaded.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    assert torch.equal(_logits(reloaded), _logits(in_memory))
+    float_logits = _logits(AutoModelForCausalLM.from_pretrained(llama_src))
+    torch.testing.assert_close(_logits(reloaded).float(), float_logits, atol=0.1, rtol=0)
+    assert 0.2 < result["weight_bytes_ratio"] < 0.3
