@@ -618,6 +618,7 @@ def quantize_folder(
     include_embeddings: bool,
     group_size: int = 32,
     device: str | None = None,
+    compute_dtype: str = "float32",
 ) -> dict:
     """Quantize the causal LM in ``src`` and write a folder plain transformers reloads.
 
@@ -632,6 +633,8 @@ def quantize_folder(
         group_size: values per scale and zero point for ``int4_weight_only``.
         device: where to quantize; default CUDA for int4 when available (packed layout, that
             folder then reloads on CUDA only), else CPU.
+        compute_dtype: ``"bfloat16"`` casts a CPU torchao variant's float tensors to bf16
+            first (``quant.compute_dtype``); ``"float32"`` keeps them.
 
     Returns:
         ``method``, ``format`` (``torchao`` or ``safetensors`` for casts), ``src``, ``dst``,
@@ -655,6 +658,7 @@ def quantize_folder(
         include_embeddings=include_embeddings,
         group_size=group_size,
         device=device,
+        compute_dtype=compute_dtype,
     )
     return record
 

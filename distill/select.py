@@ -79,7 +79,14 @@ def run(cfg: PipelineConfig, run_dir: Path, val_blocks: torch.Tensor | None = No
                 if (ckpt / f).exists():
                     shutil.copy(ckpt / f, src / f)
             dst = Path(tmp) / f"q-{ckpt.name}"
-            quantize_folder(src, dst, method, include_embeddings=cfg.quant.include_embeddings)
+            quantize_folder(
+                src,
+                dst,
+                method,
+                include_embeddings=cfg.quant.include_embeddings,
+                group_size=cfg.quant.group_size,
+                compute_dtype=cfg.quant.compute_dtype,
+            )
             model = AutoModelForCausalLM.from_pretrained(str(dst))
             ppl = perplexity(model, val_blocks)
             del model
