@@ -45,7 +45,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 # inductor settings for CPU decode: freeze weights as constants (lets the GEMM template
-# pre-pack them) and autotune GEMMs between the C++ template and ATen's kernels.
+# pre-pack them) and autotune GEMMs between the C++ template and ATen's kernels. Applied with
+# torch._inductor.config.patch: given as torch.compile(options=...) instead, freezing did
+# not take effect here (the generated code kept ATen's extern mm for every linear).
 INDUCTOR_OPTIONS: dict[str, Any] = {
     "freezing": True,
     "max_autotune": True,
