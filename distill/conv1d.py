@@ -92,8 +92,7 @@ def load_linearized(folder: str | Path, device: str | torch.device = "cpu") -> A
         raise ValueError(f"{folder}/config.json lists no {CONFIG_KEY}: use from_pretrained")
     config = AutoConfig.from_pretrained(folder)
     # The quantization config describes the stored tensors; from_config must not act on it.
-    config.quantization_config = None
-    del config.quantization_config
+    config.__dict__.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(config, dtype=config.dtype or torch.float32)
     converted = conv1d_to_linear(model)
     if sorted(converted) != sorted(expected):

@@ -69,7 +69,7 @@ from torch import nn
 
 from distill.config import GGUF_TYPES, QUANT_METHODS, DistillError, PipelineConfig, cache_root
 from distill.conv1d import CONFIG_KEY as CONV1D_CONFIG_KEY
-from distill.conv1d import conv1d_to_linear, linearized_modules, load_causal_lm
+from distill.conv1d import conv1d_to_linear, load_causal_lm
 from distill.footprint import disk_bytes, weight_bytes
 from distill.gptq import Int4Groups, rtn_int4
 
@@ -603,7 +603,7 @@ def quantize_to_folder(
         "tied_embeddings": tied,
         # Folders with Conv1D stored as Linear need distill's loader (module docstring).
         "loader": "distill.conv1d.load_causal_lm"
-        if linearized_modules(dst)
+        if getattr(model.config, CONV1D_CONFIG_KEY, None)
         else "transformers.AutoModelForCausalLM.from_pretrained",
         "seconds": round(time.perf_counter() - start, 2),
     }
