@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import DistillError, PipelineConfig, register_configs, to_pipeline_config
-from distill.frontier import FAILED_FILE
+from distill.evaluate.frontier import FAILED_FILE
 
 log = logging.getLogger("distill")
 

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import torch
 
-from distill import evaluate, publish, quantize, select, train
 from distill.config import PipelineConfig
+from distill.evaluate import stage as evaluate
+from distill.publish import stage as publish
+from distill.quantize import stage as quantize
+from distill.train import loop as train
+from distill.train import select_checkpoint as select
 
 
 def _is_main_process() -> bool:

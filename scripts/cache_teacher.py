@@ -11,8 +11,8 @@ import _pathfix  # noqa: F401  (must precede `import distill`; see its docstring
 import hydra
 from omegaconf import DictConfig
 
-from distill import teacher_cache
 from distill.cli import main_guard
+from distill.train import teacher_cache
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="pipeline")

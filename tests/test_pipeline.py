@@ -85,7 +85,7 @@ def check_published_parity(run_dir: Path, report: dict) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from distill import parity
+    from distill.quantize import parity
 
     publish = run_dir / "publish"
     ids = load_file(str(run_dir / "quantized" / "parity_blocks.safetensors"))["ids"]

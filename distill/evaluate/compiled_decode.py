@@ -1,0 +1,188 @@
+"""Greedy decode through ``torch.compile``: the speed the same weights reach once compiled.
+
+Why a second decode measurement. Eager ``generate`` at batch 1 runs every linear as a
+matrix-vector product. On this project's 2-core CPU, PyTorch hands those to MKL, which
+used one core: the 49152 x 576 LM head streamed 11.6 GB/s with 1 or 2 torch threads alike,
+against 32 GB/s copy bandwidth (and OpenBLAS through numpy reached 29 GB/s on the same
+matrix). So the eager decode of any fp32 model sits near 30% of the bandwidth bound,
+a kernel limit and not a model property. inductor with weight freezing and its C++ GEMM
+template (``max_autotune``) packs every weight once and streams it on every core; on the
+default run's student it decoded 80 tokens/s against eager's 30 (the bound is ~100).
+
+How it is measured, so the number can be trusted:
+
+* a static KV cache (``transformers.StaticCache``), so every decode step has one shape and
+  compiles once; the prompt's prefill runs eagerly, as ``generate`` does;
+* the compiled model first replays the eager greedy tokens (teacher forcing) and its logits
+  must match the eager ones (:data:`LOGIT_RTOL` of the largest logit) or the rate is not
+  reported; the error says by how much they differed;
+* one untimed free-running pass follows (anything left to compile happens there), then the
+  timed runs; all reuse that one cache (``reset()`` between runs): inductor freezing treats
+  the cache's statically marked buffers as part of the compiled graph, and a fresh cache
+  object failed with an out-of-bounds write in the measurements that shaped this module;
+* time covers the ``new_tokens - 1`` compiled decode steps, not the prompt's prefill (a
+  compute-bound pass the bandwidth bound does not model): tokens/s = ``B * (new_tokens - 1)``
+  / median seconds. The eager figure (:func:`distill.evaluate.stage.measure_decode`) times the
+  whole ``generate`` call, prefill included, so it is the more conservative of the two.
+
+Compiling needs a C++ compiler (inductor's CPU backend) and takes tens of seconds per model
+(30-40 s for the 14-layer student here); the frozen, packed weight copies are released
+(``torch._dynamo.reset()``) before the call returns.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# inductor settings for CPU decode: freeze weights as constants (lets the GEMM template
+# pre-pack them) and autotune GEMMs between the C++ template and ATen's kernels. Applied with
+# torch._inductor.config.patch: given as torch.compile(options=...) instead, freezing did
+# not take effect here (the generated code kept ATen's extern mm for every linear).
+INDUCTOR_OPTIONS: dict[str, Any] = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+}
+METHOD = (
+    "torch.compile(fullgraph, static shapes), inductor freezing + max_autotune (CPP,ATEN "
+    "GEMMs), transformers StaticCache, eager prefill not timed, greedy"
+)
+# Compiled and eager logits on the same tokens must agree to this fraction of the largest
+# |logit|: fp32 GEMMs with another summation order differ by ~1e-5 of it (8.8e-5 absolute
+# on logits of ~20, measured); half-precision models get a wider margin.
+LOGIT_RTOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
+
+
+class CompiledDecodeError(RuntimeError):
+    """The compiled model could not be built, or its logits do not match the eager model's."""
+
+
+@dataclass(frozen=True)
+class CompiledDecode:
+    tokens_per_s: float
+    compile_s: float
+    max_abs_logit_diff: float
+
+
+Forward = Callable[..., Any]
+
+
+def greedy_static(
+    model: PreTrainedModel,
+    step: Forward,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    cache: Any,
+    forced: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Greedy decode of ``new_tokens`` after ``prompt`` on a static cache.
+
+    The prompt is prefilled by ``model`` (eager); each later token by ``step`` (the model
+    itself or its compiled form), with explicit positions so no step depends on the cache's
+    own bookkeeping for them.
+
+    Args:
+        prompt: ``(B, P)`` token ids.
+        cache: an empty (or ``reset()``) cache with room for ``P + new_tokens - 1``.
+        forced: ``(B, new_tokens)`` tokens to feed instead of the argmax (teacher forcing),
+            so two models' logits are compared at the same inputs.
+
+    Returns:
+        ``(tokens (B, new_tokens), last-position logits (B, new_tokens, V), seconds)``:
+        ``seconds`` is the wall time of the ``new_tokens - 1`` decode steps (prefill excluded).
+    """
+    batch, length = prompt.shape
+    positions = torch.arange(length, device=prompt.device)
+    logits = model(
+        input_ids=prompt,
+        past_key_values=cache,
+        cache_position=positions,
+        position_ids=positions.expand(batch, length),
+        use_cache=True,
+    ).logits[:, -1]
+    all_logits = [logits]
+    tokens = [logits.argmax(-1) if forced is None else forced[:, 0]]
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize(prompt.device)
+    t0 = time.perf_counter()
+    for i in range(1, new_tokens):
+        pos = torch.tensor([length + i - 1], device=prompt.device)
+        logits = step(
+            # Contiguous either way: a forced column and an argmax differ in strides, and a
+            # stride change would make dynamo recompile inside a timed run.
+            input_ids=tokens[-1].reshape(batch, 1).clone(memory_format=torch.contiguous_format),
+            past_key_values=cache,
+            cache_position=pos,
+            position_ids=pos.expand(batch, 1),
+            use_cache=True,
+        ).logits[:, -1]
+        all_logits.append(logits)
+        tokens.append(logits.argmax(-1) if forced is None else forced[:, i])
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize(prompt.device)
+    return torch.stack(tokens, 1), torch.stack(all_logits, 1), time.perf_counter() - t0
+
+
+def measure_compiled_decode(
+    model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, repeats: int
+) -> CompiledDecode:
+    """Tokens/s of greedy decode with the model compiled, checked against the eager model.
+
+    Raises:
+        CompiledDecodeError: compiling or running the compiled model failed, or its logits
+            differ from the eager model's by more than :data:`LOGIT_RTOL`.
+    """
+    import torch._inductor.config as inductor_config
+    from transformers import StaticCache
+
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens}: need >= 2 so at least one step is compiled")
+    max_len = prompt.shape[1] + new_tokens
+    with torch.no_grad():
+        eager_cache = StaticCache(config=model.config, max_cache_len=max_len)
+        tokens, eager_logits, _ = greedy_static(model, model, prompt, new_tokens, eager_cache)
+        del eager_cache
+        torch._dynamo.reset()  # one model's graphs at a time; frees the last model's
+        try:
+            with inductor_config.patch(INDUCTOR_OPTIONS):
+                compiled = torch.compile(model, fullgraph=True, dynamic=False)
+                cache = StaticCache(config=model.config, max_cache_len=max_len)
+                t0 = time.perf_counter()
+                _, compiled_logits, _ = greedy_static(
+                    model, compiled, prompt, new_tokens, cache, forced=tokens
+                )
+                compile_s = time.perf_counter() - t0
+                diff = (compiled_logits - eager_logits).abs().max().item()
+                scale = max(1.0, eager_logits.abs().max().item())
+                rtol = LOGIT_RTOL.get(eager_logits.dtype, 3e-2)
+                if not diff <= rtol * scale:  # also catches NaN
+                    raise CompiledDecodeError(
+                        f"compiled logits differ from eager by {diff:.3g} (limit "
+                        f"{rtol * scale:.3g}): decode rate not reported"
+                    )
+                # One untimed free-running pass: anything still to compile for it (a guard
+                # the forced pass did not exercise) compiles here, not in a timed run.
+                times = []
+                for _ in range(repeats + 1):
+                    cache.reset()
+                    times.append(greedy_static(model, compiled, prompt, new_tokens, cache)[2])
+                times = times[1:]
+        except CompiledDecodeError:
+            raise
+        except Exception as err:  # inductor/dynamo failures come in many types
+            raise CompiledDecodeError(f"{type(err).__name__}: {str(err)[:300]}") from err
+        finally:
+            torch._dynamo.reset()
+            gc.collect()
+    rate = prompt.shape[0] * (new_tokens - 1) / max(statistics.median(times), 1e-12)
+    return CompiledDecode(tokens_per_s=rate, compile_s=compile_s, max_abs_logit_diff=diff)

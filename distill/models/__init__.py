@@ -1,0 +1,1 @@
+"""Loading teachers, students and tokenizers; building students cut from a teacher."""

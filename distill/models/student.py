@@ -1,0 +1,159 @@
+"""Student construction: which teacher layers a student keeps, and building it.
+
+Works for any ``AutoModelForCausalLM`` architecture: decoder blocks are found as the
+``nn.ModuleList`` whose length is the config's layer count, wherever the architecture keeps
+it (``model.layers`` for llama, ``transformer.h`` for GPT-2).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from distill.config import StudentConfig
+from distill.models.load import ModelError, load_causal_lm, load_tokenizer
+
+
+def num_layers_of(config: Any) -> int:
+    # GPT-2 maps num_hidden_layers onto n_layer through attribute_map, so this covers it.
+    return int(config.num_hidden_layers)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The qualified name and the ``nn.ModuleList`` of decoder blocks.
+
+    Raises:
+        ModelError: no unique ModuleList of the config's layer count exists.
+    """
+    n = num_layers_of(model.config)
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == n and name
+    ]
+    if len(found) != 1:
+        names = [name for name, _ in found]
+        raise ModelError(
+            f"cannot find the decoder blocks of {type(model).__name__}: expected one ModuleList "
+            f"of {n} layers, found {names or 'none'}; use pair.student.init=from_config"
+        )
+    return found[0]
+
+
+def select_layers(num_teacher_layers: int, num_layers: int) -> list[int]:
+    """Default layers kept for ``num_layers``: the first half and the last half.
+
+    Early layers build features and late ones map them to tokens; the middle of a deep
+    decoder is the most redundant, so pruning it costs the least starting perplexity.
+    """
+    if not 1 <= num_layers <= num_teacher_layers:
+        raise ModelError(
+            f"pair.student.num_layers={num_layers}: the teacher has {num_teacher_layers} layers"
+        )
+    front = (num_layers + 1) // 2
+    back = num_layers - front
+    return list(range(front)) + list(range(num_teacher_layers - back, num_teacher_layers))
+
+
+def subset_config(config: Any, layers: list[int]) -> Any:
+    """A copy of ``config`` describing a model that keeps only ``layers``."""
+    new = copy.deepcopy(config)
+    new.num_hidden_layers = len(layers)
+    # Per-layer attributes (sliding/full attention patterns) follow the kept layers.
+    for attr in ("layer_types",):
+        values = getattr(config, attr, None)
+        if isinstance(values, (list, tuple)) and len(values) == num_layers_of(config):
+            setattr(new, attr, [values[i] for i in layers])
+    return new
+
+
+def build_student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A student of the teacher's class holding copies of the teacher's ``layers``.
+
+    The model is constructed fresh from a reduced config (so per-layer indices such as
+    attention ``layer_idx`` for the KV cache are right) and the teacher's tensors are copied
+    in with layer ``layers[i]`` renamed to ``i``.
+
+    Raises:
+        ModelError: an index is outside the teacher's layers.
+    """
+    n_teacher = num_layers_of(teacher.config)
+    bad = [i for i in layers if not 0 <= i < n_teacher]
+    if bad:
+        raise ModelError(
+            f"pair.student.layers has {bad} outside the teacher's layers 0..{n_teacher - 1}"
+        )
+    prefix, _ = decoder_layers(teacher)
+    config = subset_config(teacher.config, layers)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+    source = teacher.state_dict()
+    new_index = {old: new for new, old in enumerate(layers)}
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in source.items():
+        m = pattern.match(key)
+        if m is None:
+            mapped[key] = value
+        elif int(m.group(1)) in new_index:
+            mapped[f"{prefix}.{new_index[int(m.group(1))]}.{m.group(2)}"] = value
+    missing, unexpected = student.load_state_dict(mapped, strict=False)
+    # Tied heads appear under both names or only one depending on the architecture.
+    tied = set(getattr(student, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    if missing or unexpected:
+        raise ModelError(f"layer copy mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        student.tie_weights()
+    student.to(torch.float32)
+    return student.eval()  # like from_pretrained; the loop switches to train()
+
+
+def build_student_from_config(teacher_config: Any, overrides: dict[str, Any]) -> PreTrainedModel:
+    """A randomly initialised model from the teacher's config with ``overrides`` applied.
+
+    Raises:
+        ModelError: an override names a key the config does not have.
+    """
+    config = copy.deepcopy(teacher_config)
+    unknown = [k for k in overrides if not hasattr(config, k)]
+    if unknown:
+        raise ModelError(
+            f"pair.student.config_overrides has keys {unknown} that {type(config).__name__} "
+            "does not have"
+        )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if "num_hidden_layers" in overrides and getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types)[: config.num_hidden_layers]
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def student_layers(cfg: StudentConfig, num_teacher_layers: int) -> list[int]:
+    if cfg.layers is not None:
+        return list(cfg.layers)
+    assert cfg.num_layers is not None  # the schema requires one of the two
+    return select_layers(num_teacher_layers, cfg.num_layers)
+
+
+def build_student(
+    cfg: StudentConfig, teacher: PreTrainedModel, seed: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """The student before distillation, and its own tokenizer when it brings one."""
+    torch.manual_seed(seed)
+    if cfg.init == "from_teacher":
+        layers = student_layers(cfg, num_layers_of(teacher.config))
+        return build_student_from_teacher(teacher, layers), None
+    if cfg.init == "from_config":
+        return build_student_from_config(teacher.config, dict(cfg.config_overrides)), None
+    assert cfg.name_or_path is not None
+    tokenizer = load_tokenizer(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(
+        cfg.name_or_path, what="student", trust_remote_code=cfg.trust_remote_code
+    )
+    return model, tokenizer

@@ -1,0 +1,162 @@
+"""Every path inside a run dir, the quantize record reader, and the one atomic folder swap.
+
+A run dir is what the stages hand each other: distill writes ``final/``, quantize reads it and
+writes ``quantized/``, evaluate and publish read both. Spelling these paths in one place is
+what lets a stage run alone on an earlier run (``scripts/evaluate.py run_dir=...``).
+
+Variants are the models a run produced, each with its report name and the key of its
+``quantize.json`` record, so no reader has to recover one from the other by string surgery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+QUANTIZE_RECORD = "quantize.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The layout of one run dir; every stage reads and writes through these paths."""
+
+    root: Path
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def student_init(self) -> Path:
+        return self.root / "student_init"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def quantized(self) -> Path:
+        return self.root / "quantized"
+
+    @property
+    def quantize_record(self) -> Path:
+        return self.quantized / QUANTIZE_RECORD
+
+    @property
+    def parity_blocks(self) -> Path:
+        return self.quantized / "parity_blocks.safetensors"
+
+    @property
+    def publish(self) -> Path:
+        return self.root / "publish"
+
+    def method_folder(self, method: str) -> Path:
+        """The torchao (or cast) folder of ``method``: ``quantized/<method>/``."""
+        return self.quantized / method
+
+    def gguf_file(self, gguf_type: str) -> Path:
+        """The GGUF file of ``gguf_type``: ``quantized/gguf/student-<type>.gguf``."""
+        return self.quantized / "gguf" / f"student-{gguf_type}.gguf"
+
+
+def method_key(method: str) -> str:
+    """The quantize.json ``method`` of a torchao/cast folder (its method name)."""
+    return method
+
+
+def gguf_key(gguf_type: str) -> str:
+    """The quantize.json ``method`` of a GGUF file: ``gguf-<type>``."""
+    return f"gguf-{gguf_type}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model a run produced.
+
+    Attributes:
+        name: the report row (``student``, ``student-<method>``, ``student-gguf-<type>``).
+        path: its folder, or for GGUF the file.
+        record_key: the ``method`` of its quantize.json record; None for float folders.
+        precision: the legend group (``fp32``, ``int8_weight_only``, ``gguf-q4_0``, ...).
+    """
+
+    name: str
+    path: Path
+    record_key: str | None
+    precision: str
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == ".gguf"
+
+
+def variants(
+    run_dir: Path, methods: list[str], gguf_types: list[str]
+) -> tuple[list[Variant], list[Path]]:
+    """The variants of ``run_dir`` that exist on disk in report order, and the missing paths.
+
+    ``student_init`` and ``student`` (``final/``) come first, then each quantized folder of
+    ``methods``, then each GGUF file of ``gguf_types``.
+    """
+    rd = RunDir(run_dir)
+    wanted = [
+        Variant("student_init", rd.student_init, None, "fp32"),
+        Variant("student", rd.final, None, "fp32"),
+        *(Variant(f"student-{m}", rd.method_folder(m), method_key(m), m) for m in methods),
+        *(
+            Variant(f"student-gguf-{t}", rd.gguf_file(t), gguf_key(t), gguf_key(t))
+            for t in gguf_types
+        ),
+    ]
+    present, missing = [], []
+    for v in wanted:
+        exists = v.path.is_file() if v.is_gguf else (v.path / "config.json").is_file()
+        (present if exists else missing).append(v if exists else v.path)
+    return present, missing
+
+
+def read_quantize_records(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """``quantized/quantize.json`` records by their ``method`` (empty when the file is absent)."""
+    path = RunDir(run_dir).quantize_record
+    if not path.is_file():
+        return {}
+    records = json.loads(path.read_text())
+    return {r["method"]: r for r in records if isinstance(r, dict) and "method" in r}
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON so a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def staging_folder(dst: Path) -> Path:
+    """An empty sibling of ``dst`` to build into before :func:`replace_folder`."""
+    staging = dst.parent / f".staging-{dst.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def replace_folder(staging: Path, dst: Path) -> None:
+    """Move the finished ``staging`` folder to ``dst``, replacing an older ``dst`` whole.
+
+    A directory cannot be renamed over a non-empty one, so the old copy is moved aside first
+    and deleted after; a reader sees the old folder or the new one, never a half-written mix,
+    and a crash in between leaves a hidden ``.old-`` folder, not a broken ``dst``.
+    """
+    old = dst.parent / f".old-{dst.name}-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(staging, dst)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""Compiled decode: the greedy loop is right, compiled logits are checked, failures are rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from distill.config import EvalConfig
+from distill.evaluate import compiled_decode
+from distill.evaluate import stage as evaluate
+from distill.evaluate.compiled_decode import (
+    CompiledDecodeError,
+    greedy_static,
+    measure_compiled_decode,
+)
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(VOCAB, layers=2)
+
+
+def prompt(batch: int = 1, length: int = 6) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(5))
+
+
+def test_static_greedy_loop_equals_generate(model) -> None:
+    """Positions and cache handling of our loop give exactly transformers' greedy tokens."""
+    from transformers import GenerationConfig, StaticCache
+
+    ids = prompt(batch=2)
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 5)
+        tokens, logits, seconds = greedy_static(model, model, ids, 5, cache)
+        ref = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=GenerationConfig(
+                max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0
+            ),
+        )
+    assert torch.equal(tokens, ref[:, ids.shape[1] :])
+    assert logits.shape == (2, 5, VOCAB) and seconds > 0
+
+
+def test_compiled_decode_matches_eager_and_times(model) -> None:
+    # One graph serves the forced replay and the timed runs: a recompile (once caused by the
+    # forced tokens' strides) would land inside a timed run and wreck its rate.
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        result = measure_compiled_decode(model, prompt(), new_tokens=4, repeats=1)
+    assert result.tokens_per_s > 0 and result.compile_s > 0
+    assert result.max_abs_logit_diff <= 1e-3
+
+
+def _fake_compile(shift: float):
+    def fake(model, **kwargs):
+        def step(**inputs):
+            out = model(**inputs)
+            out.logits = out.logits + shift
+            return out
+
+        return step
+
+    return fake
+
+
+def test_compiled_logits_that_differ_are_refused(model, monkeypatch) -> None:
+    monkeypatch.setattr(torch, "compile", _fake_compile(0.5))
+    with torch.no_grad(), pytest.raises(CompiledDecodeError, match="differ from eager by 0.5"):
+        measure_compiled_decode(model, prompt(), new_tokens=3, repeats=1)
+
+
+def test_report_fields_carry_rate_ratio_or_error(model, monkeypatch) -> None:
+    cfg = EvalConfig(decode_tokens=3, repeats=1, compiled_decode=["student-*"])
+    assert evaluate.compiled_decode_fields("teacher", model, prompt(), cfg) == {}
+
+    def broken(model, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    failed = evaluate.compiled_decode_fields("student-int8", model, prompt(), cfg)
+    assert failed["decode_compiled_tokens_per_s"] is None
+    assert "no C++ compiler" in failed["decode_compiled_error"]
+
+    monkeypatch.setattr(torch, "compile", _fake_compile(0.0))  # eager stand-in: fast
+    ok = evaluate.compiled_decode_fields("student-int8", model, prompt(), cfg)
+    assert ok["decode_compiled_error"] is None and ok["decode_compiled_tokens_per_s"] > 0
+    assert ok["decode_compiled_method"] == compiled_decode.METHOD
+
+    row = {
+        "weight_bytes": 1000,
+        "loaded_weight_bytes": 1000,
+        "kv_cache_bytes_per_token": 10,
+        "prompt_tokens": 6,
+        "decode_tokens": 3,
+        "decode_tokens_per_s": 5.0,
+        **ok,
+    }
+    evaluate.add_memory_fields(row, cfg, bandwidth_bytes_per_s=1e6)
+    assert row["decode_compiled_bound_ratio"] == pytest.approx(
+        ok["decode_compiled_tokens_per_s"] / row["decode_bound_tokens_per_s"]
+    )
+    failed_row = {**row, **failed, "name": "student-int4"}
+    table = evaluate.format_memory_table(
+        {"variants": [{**row, "name": "student-int8"}, failed_row]}
+    )
+    assert "compiled b=1 tok/s" in table
+    assert f"{row['decode_compiled_bound_ratio'] * 100:.0f}% |" in table
+    assert "failed (see report.json)" in table
+
+
+def test_config_rejects_single_token_compiled_decode() -> None:
+    problems = EvalConfig(decode_tokens=1, compiled_decode=["student"]).problems()
+    assert any("eval.compiled_decode needs >= 2" in p for p in problems)

@@ -1,0 +1,301 @@
+"""Metrics against hand-computed values, and the evaluate stage on a microscopic run dir."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.config import (
+    EvalConfig,
+    PairConfig,
+    PipelineConfig,
+    QuantConfig,
+    StudentConfig,
+    TeacherConfig,
+)
+from distill.evaluate import stage as evaluate
+from distill.evaluate.stage import EvalError, ScoreSums, score_logits
+from distill.quantize.stage import quantize_folder
+
+VOCAB = 130  # 128 words + <unk> + <eos>
+REQUIRED_FIELDS = {
+    "name",
+    "params",
+    "weight_bytes",
+    "disk_bytes",
+    "peak_memory_bytes",
+    "perplexity",
+    "kl_to_teacher",
+    "top1_agreement",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Metric functions
+# --------------------------------------------------------------------------------------------
+
+
+def test_identical_logits_have_zero_kl_and_full_agreement() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    tokens = torch.randint(0, 7, (2, 5))
+    sums = score_logits(logits, logits.clone(), tokens)
+    assert sums.num_tokens == 2 * 4  # T - 1 positions per row
+    assert sums.kl == pytest.approx(0.0, abs=1e-6)
+    assert sums.top1 == 1.0
+
+
+def test_uniform_logits_have_perplexity_equal_to_vocab_size() -> None:
+    tokens = torch.randint(0, 11, (3, 6))
+    sums = score_logits(torch.zeros(3, 6, 11), torch.randn(3, 6, 11), tokens)
+    assert sums.perplexity == pytest.approx(11.0, rel=1e-6)
+
+
+def test_hand_computed_ce_kl_and_top1() -> None:
+    # Two scored positions (T = 3), vocabulary of 2.
+    model = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [9.0, 9.0]]])
+    teacher = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0], [5.0, 1.0]]])
+    tokens = torch.tensor([[0, 1, 0]])
+    sums = score_logits(model, teacher, tokens)
+
+    # CE: position 0 (uniform) predicts token 1 -> ln 2; position 1 predicts token 0 under
+    # softmax(2, 0) -> -ln(e^2 / (e^2 + 1)). The last position has no next token.
+    ce1 = -math.log(math.exp(2.0) / (math.exp(2.0) + 1.0))
+    assert sums.ce_sum == pytest.approx(math.log(2.0) + ce1, rel=1e-6)
+    assert sums.perplexity == pytest.approx(math.exp((math.log(2.0) + ce1) / 2), rel=1e-6)
+    # KL(teacher || model): position 0 p = (1/4, 3/4) vs (1/2, 1/2); position 1 p uniform.
+    kl0 = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    q1 = torch.softmax(torch.tensor([2.0, 0.0]), -1).tolist()
+    kl1 = 0.5 * math.log(0.5 / q1[0]) + 0.5 * math.log(0.5 / q1[1])
+    assert sums.kl == pytest.approx((kl0 + kl1) / 2, rel=1e-5)
+    # Top-1: position 0 model argmax 0 (tie -> first) vs teacher 1; position 1 both 0.
+    assert sums.top1_matches == 1
+    assert sums.num_tokens == 2
+
+
+def test_teacher_zero_probability_gives_finite_kl() -> None:
+    teacher = torch.tensor([[[0.0, float("-inf")], [0.0, 0.0]]])
+    sums = score_logits(torch.zeros(1, 2, 2), teacher, torch.tensor([[0, 1]]))
+    assert math.isfinite(sums.kl)
+    assert sums.kl == pytest.approx(math.log(2.0), rel=1e-6)
+
+
+def test_sums_over_batches_equal_one_big_batch() -> None:
+    torch.manual_seed(1)
+    logits, teacher = torch.randn(4, 6, 9), torch.randn(4, 6, 9)
+    tokens = torch.randint(0, 9, (4, 6))
+    whole = score_logits(logits, teacher, tokens)
+    parts = score_logits(logits[:1], teacher[:1], tokens[:1]) + score_logits(
+        logits[1:], teacher[1:], tokens[1:]
+    )
+    assert parts.num_tokens == whole.num_tokens
+    assert parts.ce_sum == pytest.approx(whole.ce_sum, rel=1e-6)
+    assert parts.kl_sum == pytest.approx(whole.kl_sum, rel=1e-6)
+    assert parts.top1_matches == whole.top1_matches
+
+
+def test_score_logits_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="differ in shape"):
+        score_logits(torch.zeros(1, 3, 5), torch.zeros(1, 3, 6), torch.zeros(1, 3).long())
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        score_logits(torch.zeros(1, 1, 5), torch.zeros(1, 1, 5), torch.zeros(1, 1).long())
+
+
+def test_empty_sums_are_nan_not_a_crash() -> None:
+    assert math.isnan(ScoreSums().perplexity)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage on a tiny run dir
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(128)} | {"<unk>": 128, "<eos>": 129}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+    )
+
+
+def tiny_model(seed: int, num_layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=129,
+        eos_token_id=129,
+        pad_token_id=129,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_config() -> PipelineConfig:
+    return PipelineConfig(
+        pair=PairConfig(
+            name="tiny",
+            teacher=TeacherConfig(name_or_path="unused-when-injected"),
+            student=StudentConfig(num_layers=1),
+        ),
+        quant=QuantConfig(methods=["int8_weight_only"]),
+        eval=EvalConfig(
+            max_blocks=5,
+            batch_size=2,
+            prompt_tokens=8,
+            decode_tokens=4,
+            prefill_tokens=16,
+            repeats=1,
+            decode_batch_size=2,
+            memory_context_tokens=100,
+            # Between the 1-layer students' and the 2-layer teacher's weights + KV cache.
+            memory_budget_bytes=80_000,
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    tokenizer = tiny_tokenizer()
+    for name, seed, layers in (("student_init", 1, 1), ("final", 2, 1)):
+        tiny_model(seed, layers).save_pretrained(str(run_dir / name))
+        tokenizer.save_pretrained(str(run_dir / name))
+    result = quantize_folder(
+        run_dir / "final",
+        run_dir / "quantized" / "int8_weight_only",
+        "int8_weight_only",
+        include_embeddings=False,
+    )
+    (run_dir / "quantized" / "quantize.json").write_text(json.dumps([result]))
+    return run_dir
+
+
+def test_run_writes_report_with_exact_schema(tiny_run: Path) -> None:
+    cfg = tiny_config()
+    torch.manual_seed(3)
+    val = torch.randint(0, 128, (6, 16))
+    report = evaluate.run(
+        cfg, tiny_run, teacher=tiny_model(0), tokenizer=tiny_tokenizer(), val_blocks=val
+    )
+
+    on_disk = json.loads((tiny_run / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert set(on_disk) == {"variants", "training", "machine", "config"}
+    bandwidth = on_disk["machine"]["bandwidth_bytes_per_s"]
+    assert bandwidth > 1e8
+    assert on_disk["training"]["teacher_mode"] == cfg.train.teacher_mode
+    assert on_disk["training"]["loss"] == on_disk["config"]["loss"]
+    assert on_disk["config"] == json.loads(json.dumps(asdict(cfg)))
+    names = [v["name"] for v in on_disk["variants"]]
+    assert names == ["teacher", "student_init", "student", "student-int8_weight_only"]
+    for v in on_disk["variants"]:
+        assert REQUIRED_FIELDS <= set(v), REQUIRED_FIELDS - set(v)
+        assert v["scored_tokens"] == 5 * 15  # max_blocks blocks, T - 1 positions each
+        assert v["perplexity"] > 1.0 and math.isfinite(v["perplexity"])
+        assert v["prefill_tokens_per_s"] > 0 and v["decode_tokens_per_s"] > 0
+        assert v["peak_memory_bytes"] >= 0
+        # Memory model: K and V, fp32, 2 kv heads x head dim 8 per layer.
+        layers = 2 if v["name"] == "teacher" else 1
+        assert v["kv_cache_bytes_per_token"] == layers * 2 * 8 * 2 * 4
+        mm = v["memory_model"]
+        assert mm["total_bytes"] == v["weight_bytes"] + 100 * v["kv_cache_bytes_per_token"]
+        assert mm["fits_budget"] is (mm["total_bytes"] <= 80_000)
+        # Bound: bandwidth / bytes read per token (weights + K/V of the mean cached context).
+        context = v["prompt_tokens"] + (v["decode_tokens"] - 1) / 2
+        read = v["loaded_weight_bytes"] + v["kv_cache_bytes_per_token"] * context
+        assert v["decode_bound_tokens_per_s"] == pytest.approx(bandwidth / read)
+        assert v["decode_bound_ratio"] == pytest.approx(
+            v["decode_tokens_per_s"] / v["decode_bound_tokens_per_s"]
+        )
+        assert v["decode_batch_size"] == 2 and v["decode_tokens_per_s_batch"] > 0
+        assert v["decode_bound_tokens_per_s_batch"] == pytest.approx(
+            2 * bandwidth / (v["loaded_weight_bytes"] + 2 * v["kv_cache_bytes_per_token"] * context)
+        )
+    fits = [v["memory_model"]["fits_budget"] for v in on_disk["variants"]]
+    assert fits == [False, True, True, True], fits
+    teacher, _, student, quantized = on_disk["variants"]
+    assert teacher["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
+    assert teacher["top1_agreement"] == 1.0
+    assert teacher["disk_bytes"] is None  # injected, no folder
+    assert student["kl_to_teacher"] > 0
+    assert student["disk_bytes"] > 0
+    assert quantized["weight_bytes"] < student["weight_bytes"]
+    # Embeddings left in float: quantize.json says so and the report carries it.
+    skipped = {m["name"] for m in quantized["skipped_modules"]}
+    assert "model.embed_tokens" in skipped
+    assert "model.embed_tokens" in (tiny_run / "report.md").read_text()
+    # int8 weights barely move the logits of the model they came from.
+    assert quantized["perplexity"] == pytest.approx(student["perplexity"], rel=0.05)
+
+    md = (tiny_run / "report.md").read_text()
+    assert "| student-int8_weight_only |" in md
+    assert f"{student['perplexity']:.2f}" in md
+    assert (tiny_run / "memory_vs_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert evaluate.format_table(report) in md
+    assert evaluate.format_memory_table(report) in md and "**no**" in md
+
+
+def test_missing_final_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(EvalError, match="scripts/distill.py"):
+        evaluate.run(tiny_config(), tmp_path, teacher=tiny_model(0), val_blocks=torch.zeros(1, 4))
+
+
+def test_evaluate_variant_rejects_misaligned_teacher_batches() -> None:
+    model = tiny_model(0)
+    blocks = torch.randint(0, 128, (4, 8))
+    with pytest.raises(ValueError, match="same blocks and batch size"):
+        evaluate.evaluate_variant(
+            "x", model, blocks, [torch.zeros(4, 8, VOCAB)], EvalConfig(batch_size=2)
+        )
+
+
+def test_run_loads_teacher_and_data_when_not_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import distill.data
+    import distill.models
+    from distill.config import cache_root
+
+    cfg = tiny_config()
+    tokenizer = tiny_tokenizer()
+    calls: dict[str, object] = {}
+
+    def fake_load_teacher(teacher_cfg, cache_dir):
+        calls["teacher"] = (teacher_cfg, cache_dir)
+        return tiny_model(0), tokenizer
+
+    def fake_prepare_data(data_cfg, tok, cache_dir):
+        calls["data"] = (data_cfg, tok, cache_dir)
+        return distill.data.PackedSplits(
+            train=torch.zeros(1, 16).long(), val=torch.ones(3, 16).long()
+        )
+
+    monkeypatch.setattr(distill.models, "load_teacher", fake_load_teacher)
+    monkeypatch.setattr(distill.data, "prepare_data", fake_prepare_data)
+    tiny_model(2, 1).save_pretrained(str(tmp_path / "final"))
+    report = evaluate.run(cfg, tmp_path)
+
+    assert calls["teacher"] == (cfg.pair.teacher, cache_root(cfg))
+    assert calls["data"] == (cfg.data, tokenizer, cache_root(cfg))
+    # No student_init/ and no quantized/: only what exists is evaluated.
+    assert [v["name"] for v in report["variants"]] == ["teacher", "student"]
+    assert report["variants"][1]["scored_tokens"] == 3 * 15
