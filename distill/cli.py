@@ -8,6 +8,7 @@ what was trained there rather than today's defaults.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill.config import DistillError, PipelineConfig, register_configs, to_pipeline_config
 from distill.evaluate.frontier import FAILED_FILE
@@ -42,6 +43,38 @@ def _cli_overrides() -> list[str]:
         return []
 
 
+# The two ways to give a from_teacher student's depth; a pair file sets one of them.
+DEPTH_KEYS = ("pair.student.num_layers", "pair.student.layers")
+
+
+def _override_key(override: str) -> str:
+    """``pair.student.num_layers`` of ``pair.student.num_layers=8`` (or ``+``/``++``/``~``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def depth_from_command_line(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``cfg`` with a student depth given on the command line winning over the other key.
+
+    The default pair file lists ``pair.student.layers``; without this, ``pair.student.
+    num_layers=8`` on the command line (or a ``-m pair.student.num_layers=8,14`` sweep) would
+    be overruled by that list and every run would train the same student. So when exactly
+    one of :data:`DEPTH_KEYS` is on the command line, the other one (from a config file) is
+    cleared. Both on the command line, or both in files, are left for the schema to check
+    (:meth:`distill.config.StudentConfig.problems` fails when they disagree).
+    """
+    given = {_override_key(o) for o in overrides}
+    on_command_line = [key for key in DEPTH_KEYS if key in given]
+    if len(on_command_line) != 1:
+        return cfg
+    (other,) = set(DEPTH_KEYS) - set(on_command_line)
+    if OmegaConf.select(cfg, other) is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        OmegaConf.update(cfg, other, None, merge=False)
+    return cfg
+
+
 def resolve(cfg: DictConfig) -> tuple[PipelineConfig, Path]:
     """The validated config and the run dir this stage works in.
 
@@ -66,8 +99,10 @@ def resolve(cfg: DictConfig) -> tuple[PipelineConfig, Path]:
             if "=" in o and "." in o.split("=", 1)[0] and not o.startswith("hydra")
         ]
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(keyed)) if keyed else base
+        merged = depth_from_command_line(merged, keyed)
         merged.run_dir = str(run_dir)
         return to_pipeline_config(merged), run_dir
+    cfg = depth_from_command_line(cfg, _cli_overrides())
     return to_pipeline_config(cfg), shared_run_dir(_hydra_run_dir())
 
 

@@ -27,8 +27,11 @@ class ConfigError(DistillError):
 
 STUDENT_INITS = ("from_teacher", "from_config", "pretrained")
 DATA_SOURCES = ("pydoc", "text_files", "hf")
+# The values loss.name accepts: the one list of divergence names. distill/train/losses.py
+# implements each (its DIVERGENCES must list exactly these, checked when it is imported);
+# the list lives here so validating a config never imports torch.
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
-# torchao methods (see distill/quantize.py for what each stores on which device) and the
+# torchao methods (see distill/quantize/torchao.py for what each stores on which device) and the
 # GGUF tensor types the ``gguf`` package quantizes in numpy (no k-quants there).
 QUANT_METHODS = ("bf16", "fp16", "int8_weight_only", "int8_dynamic", "int4_weight_only")
 GGUF_TYPES = ("f16", "q8_0", "q4_1", "q4_0")
@@ -58,7 +61,10 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     init: str = "from_teacher"
-    # from_teacher: keep the first ``num_layers`` teacher layers, or exactly ``layers``.
+    # from_teacher: exactly the teacher layers ``layers``, or ``num_layers`` of them chosen by
+    # the measured greedy removal of distill/models/layer_search.py (cached per teacher and
+    # data under cache_dir/layer_search: a depth sweep pays for the search once). Either one
+    # given on the command line replaces the other from the pair file (distill/cli.py).
     num_layers: int | None = None
     layers: list[int] | None = None
     # from_config: keys applied to a copy of the teacher's config; weights are random.
@@ -86,6 +92,30 @@ class StudentConfig:
                     out.append(f"pair.student.layers={list(self.layers)}: indices must be >= 0")
                 if len(set(self.layers)) != len(self.layers):
                     out.append(f"pair.student.layers={list(self.layers)}: indices repeat")
+            if (
+                self.layers is not None
+                and self.num_layers is not None
+                and len(self.layers) != self.num_layers
+            ):
+                out.append(
+                    f"pair.student.num_layers={self.num_layers} disagrees with "
+                    f"pair.student.layers={list(self.layers)} ({len(self.layers)} layers): "
+                    "give one of them, e.g. pair.student.num_layers alone on the command line "
+                    "(it replaces the pair file's list; layers chosen by greedy search) or "
+                    "pair.student.layers=null"
+                )
+        elif self.init in STUDENT_INITS:
+            for key in ("num_layers", "layers"):
+                if getattr(self, key) is not None:
+                    out.append(
+                        f"pair.student.{key} applies to pair.student.init=from_teacher only, "
+                        f"not {self.init}: set pair.student.{key}=null"
+                        + (
+                            " and set pair.student.config_overrides.num_hidden_layers instead"
+                            if self.init == "from_config"
+                            else ""
+                        )
+                    )
         if self.init == "pretrained" and not self.name_or_path:
             out.append("pair.student.init=pretrained needs pair.student.name_or_path")
         return out
@@ -146,7 +176,7 @@ class LossConfig:
     temperature: float = 1.0
     # Multiply the KD term by T^2 so its gradient scale does not shrink as T grows (Hinton).
     scale_by_t2: bool = True
-    # jsd: 0 = forward KL, 1 = reverse KL, between: generalized JSD (see distill/losses.py).
+    # jsd: 0 = forward KL, 1 = reverse KL, between: generalized JSD (distill/train/losses.py).
     beta: float = 0.5
     # skew_kl: KL(p_t || alpha p_t + (1 - alpha) p_s); 0 = forward KL.
     alpha: float = 0.1
@@ -189,7 +219,7 @@ class TrainConfig:
     save_every_n_steps: int = 50
     keep_last_n_checkpoints: int = 2
     # online: the teacher runs every step. cached: its top-k log-probabilities are read from
-    # a cache built once (distill/teacher_cache.py); the eval during training still uses it.
+    # a cache built once (distill/train/teacher_cache.py); the eval during training still uses it.
     teacher_mode: str = "online"
     # Teacher tokens kept per position in the cache (plus one bucket for the rest).
     teacher_top_k: int = 64
@@ -326,7 +356,7 @@ class EvalConfig:
     measure_bandwidth: bool = True
     # Variants (names or fnmatch patterns: "student", "student-*", "*") whose batch-1 decode
     # is also timed compiled (torch.compile, inductor freezing + C++ GEMMs, static cache;
-    # distill/compiled_decode.py). 30-40 s of compiling per 14-layer student on 2 cores.
+    # distill/evaluate/compiled_decode.py). 30-40 s of compiling per 14-layer student on 2 cores.
     compiled_decode: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
@@ -391,6 +421,12 @@ class PipelineConfig:
         for section in (self.pair, self.data, self.loss, self.train, self.quant, self.eval):
             problems.extend(section.problems())
         problems.extend(self.publish.problems())
+        if self.train.select_checkpoint == "best_quantized" and not self.quant.methods:
+            problems.append(
+                "train.select_checkpoint=best_quantized scores checkpoints with "
+                "quant.methods[0], but quant.methods is empty: list a method or use "
+                "train.select_checkpoint=last"
+            )
         if problems:
             raise ConfigError(f"{len(problems)} invalid config field(s): " + "; ".join(problems))
 

@@ -264,6 +264,14 @@ def corpus_fingerprint(docs: list[Document]) -> str:
     return h.hexdigest()[:16]
 
 
+def blocks_hash(blocks: torch.Tensor) -> str:
+    """sha256 (16 hex digits) of the packed training blocks ``(num_blocks, block_size)``."""
+    t = blocks.to("cpu", torch.int64).contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}".encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def prepare_data(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None
 ) -> PackedSplits:

@@ -8,10 +8,10 @@ import torch
 
 from distill.config import PipelineConfig
 from distill.evaluate import stage as evaluate
+from distill.evaluate.report import format_table
 from distill.publish import stage as publish
 from distill.quantize import stage as quantize
 from distill.train import loop as train
-from distill.train import select_checkpoint as select
 
 
 def _is_main_process() -> bool:
@@ -25,13 +25,11 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     train.run(cfg, run_dir)
     if not _is_main_process():
         return {}  # under accelerate launch, one process quantizes, evaluates and publishes
-    if cfg.train.select_checkpoint == "best_quantized":
-        select.run(cfg, run_dir)
     quantize.run(cfg, run_dir)
     report = evaluate.run(cfg, run_dir)
     published = publish.run(cfg, run_dir)
     print()
-    print(evaluate.format_table(report))
+    print(format_table(report))
     print()
     print(f"run dir:        {run_dir.resolve()}")
     print(f"publish folder: {published.resolve()}")

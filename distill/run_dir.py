@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 QUANTIZE_RECORD = "quantize.json"
+# The evaluate stage's report files, at the top of the run dir.
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_PLOT = "memory_vs_quality.png"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,10 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
     def quantized(self) -> Path:
         return self.root / "quantized"
 
@@ -57,6 +65,18 @@ class RunDir:
     @property
     def publish(self) -> Path:
         return self.root / "publish"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / REPORT_JSON
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / REPORT_MD
+
+    @property
+    def report_plot(self) -> Path:
+        return self.root / REPORT_PLOT
 
     def method_folder(self, method: str) -> Path:
         """The torchao (or cast) folder of ``method``: ``quantized/<method>/``."""

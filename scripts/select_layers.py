@@ -1,11 +1,14 @@
 """Choose the teacher layers a layer-dropped student keeps, by greedy perplexity search.
 
-    python scripts/select_layers.py --target 14 --calib-blocks 8
+    python scripts/select_layers.py --target 14
 
 Scores candidates on the first ``--calib-blocks`` train blocks, then reports the val
 perplexity of real students (``build_student_from_teacher``) built from the chosen layers
 and from first-k + last-k baselines. Uses the embedded default teacher; converted weights
-and tokenized data are cached in ``$DISTILL_CACHE`` (default ``~/.cache/distill``).
+and tokenized data are cached in ``$DISTILL_CACHE`` (default ``~/.cache/distill``). With the
+default ``--calib-blocks`` and ``--batch-size`` the search is the one
+``pair.student.num_layers`` runs, and shares its cache (distill/models/layer_cache.py): run
+this with the smallest depth of a sweep first and the sweep's runs search nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import _pathfix  # noqa: F401  (must precede `import distill`; see its docstring)
 import torch
 
 from distill.config import DataConfig, DistillError, TeacherConfig
 from distill.data import prepare_data
-from distill.models.layer_search import format_ranges, greedy_layer_drop, student_perplexities
+from distill.models.layer_cache import SEARCH_BATCH_SIZE, SEARCH_CALIB_BLOCKS, greedy_trajectory
+from distill.models.layer_search import format_ranges, student_perplexities
 from distill.models.layer_search import perplexity as ppl_of
 from distill.models.load import load_teacher
 from distill.models.student import build_student_from_teacher, num_layers_of
@@ -35,10 +40,15 @@ def fp32_bytes(model: torch.nn.Module) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", type=int, default=14, help="layers the student keeps")
-    p.add_argument("--calib-blocks", type=int, default=8, help="train blocks scored per candidate")
+    p.add_argument(
+        "--calib-blocks",
+        type=int,
+        default=SEARCH_CALIB_BLOCKS,
+        help="train blocks scored per candidate",
+    )
     p.add_argument("--val-blocks", type=int, default=16, help="val blocks for the final report")
     # One block per forward lets the search abandon a losing candidate after one block.
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=SEARCH_BATCH_SIZE)
     args = p.parse_args()
     cache = Path(os.environ.get("DISTILL_CACHE", "~/.cache/distill")).expanduser()
     teacher, tok = load_teacher(TEACHER, cache)
@@ -47,9 +57,13 @@ def main() -> int:
     n = num_layers_of(teacher.config)
 
     start = time.perf_counter()
-    trajectory = greedy_layer_drop(teacher, calib, args.target, batch_size=args.batch_size)
+    trajectory = greedy_trajectory(teacher, calib, args.target, cache, batch_size=args.batch_size)
+    trajectory = [s for s in trajectory if s["num_layers"] >= args.target]
     seconds = time.perf_counter() - start
-    print(f"\ngreedy search: {seconds:.0f} s on {len(calib)} train blocks of {calib.shape[1]}")
+    print(
+        f"\ngreedy search (or its cache): {seconds:.0f} s on {len(calib)} train blocks of "
+        f"{calib.shape[1]}"
+    )
     print("| layers | dropped | calib ppl | kept |\n|---:|---:|---:|---|")
     for s in trajectory:
         print(

@@ -127,3 +127,30 @@ def tiny_overrides(teacher_dir: Path, corpus_dir: Path, cache_dir: Path) -> list
 def _no_env_cache(monkeypatch):
     # Tests pass cache_dir explicitly; an outer DISTILL_CACHE must not redirect them.
     monkeypatch.delenv("DISTILL_CACHE", raising=False)
+
+
+# Where Hydra puts a script's run dir when a test forgets hydra.run.dir / hydra.sweep.dir.
+HYDRA_DEFAULT_DIRS = ("outputs", "multirun")
+
+
+def _hydra_dirs_in_checkout() -> set[Path]:
+    found = set()
+    for name in HYDRA_DEFAULT_DIRS:
+        root = REPO / name
+        if root.exists():
+            found.add(root)
+            found.update(root.glob("*/*"))  # <date>/<time>, as configs/pipeline.yaml names them
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_run_dirs_in_checkout():
+    """Fail the test that leaves outputs/ or multirun/ in the checkout: every script a test
+    runs must be given hydra.run.dir (or hydra.sweep.dir) under tmp_path."""
+    before = _hydra_dirs_in_checkout()
+    yield
+    new = sorted(str(p.relative_to(REPO)) for p in _hydra_dirs_in_checkout() - before)
+    assert not new, (
+        f"this test wrote {new} into the checkout: pass hydra.run.dir=<tmp_path>/... (and "
+        "hydra.sweep.dir for -m) to every script it runs"
+    )

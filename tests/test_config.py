@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from distill.cli import depth_from_command_line
 from distill.config import ConfigError, PipelineConfig, to_pipeline_config
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, compose, tiny_overrides
 
 GROUPS = ["pair", "data", "loss", "train", "quant", "eval", "publish", "experiment"]
 
@@ -95,6 +97,90 @@ def test_out_of_range_values_are_named(override: str, needle: str) -> None:
 def test_missing_required_value_is_named() -> None:
     with pytest.raises(ConfigError, match="data.paths"):
         to_pipeline_config(compose(["data=text_files"]))
+
+
+def from_command_line(overrides: list[str]) -> PipelineConfig:
+    """What a script makes of ``overrides`` (distill.cli.resolve without Hydra's runtime)."""
+    return to_pipeline_config(depth_from_command_line(compose(overrides), overrides))
+
+
+def test_a_depth_on_the_command_line_replaces_the_pair_files() -> None:
+    default = from_command_line([]).pair.student
+    assert default.layers == [0, 1, 2, 8, 9, 10, 11, 21, 22, 23, 24, 27, 28, 29]
+    assert default.num_layers is None
+    for override in ("pair.student.num_layers=8", "+pair.student.num_layers=8"):
+        student = from_command_line([override]).pair.student
+        assert (student.num_layers, student.layers) == (8, None), override
+    # num_layers from a file (here an experiment) and layers on the command line: the list.
+    cfg = compose(["pair.student.layers=[0,5]"])
+    cfg.pair.student.num_layers = 14
+    student = to_pipeline_config(depth_from_command_line(cfg, ["pair.student.layers=[0,5]"]))
+    assert (student.pair.student.num_layers, student.pair.student.layers) == (None, [0, 5])
+
+
+@pytest.mark.parametrize(
+    "overrides,in_files",
+    [
+        (["pair.student.num_layers=8", "pair.student.layers=[0,1]"], False),
+        ([], True),  # the pair file's 14 layers and a num_layers=8 from another file
+    ],
+)
+def test_disagreeing_depths_name_both_keys(overrides: list[str], in_files: bool) -> None:
+    cfg = compose(overrides)
+    if in_files:
+        cfg.pair.student.num_layers = 8
+    with pytest.raises(ConfigError) as err:
+        to_pipeline_config(depth_from_command_line(cfg, overrides))
+    msg = str(err.value)
+    assert "pair.student.num_layers=8" in msg and "pair.student.layers=" in msg
+    assert "pair.student.layers=null" in msg  # the fix
+
+
+def test_a_depth_for_another_init_fails() -> None:
+    with pytest.raises(ConfigError, match=r"num_layers applies to .*from_teacher only"):
+        from_command_line(["pair=smollm2-135m_to_random-4l", "pair.student.num_layers=8"])
+
+
+def test_best_quantized_without_methods_fails_before_training() -> None:
+    with pytest.raises(ConfigError, match="quant.methods is empty"):
+        from_command_line(["train.select_checkpoint=best_quantized", "quant.methods=[]"])
+
+
+def test_depth_sweep_trains_each_depth(
+    tmp_path: Path, tiny_teacher_dir: Path, tiny_corpus_dir: Path
+) -> None:
+    """configs/pipeline.yaml's sweep, `-m pair.student.num_layers=...`, on a 4-layer teacher:
+    each job trains its own depth (the pair file's 30-layer list must not win, and must not
+    fail as out of range), and the greedy search runs once for the sweep."""
+    overrides = [
+        o
+        for o in tiny_overrides(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache")
+        if not o.startswith("pair.student.layers")
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "distill.py"),
+            "-m",
+            "pair.student.num_layers=1,3",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            *overrides,
+            "train.max_steps=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, depth in (("0", 1), ("1", 3)):
+        run = tmp_path / "sweep" / job
+        assert not (run / "FAILED").exists(), (run / "FAILED").read_text()
+        config = json.loads((run / "final" / "config.json").read_text())
+        assert config["num_hidden_layers"] == depth
+    (searched,) = (tmp_path / "cache" / "layer_search").glob("*.json")
+    trajectory = json.loads(searched.read_text())["trajectory"]
+    assert [s["num_layers"] for s in trajectory] == [4, 3, 2, 1]
 
 
 def run_script(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ How it is measured, so the number can be trusted:
   object failed with an out-of-bounds write in the measurements that shaped this module;
 * time covers the ``new_tokens - 1`` compiled decode steps, not the prompt's prefill (a
   compute-bound pass the bandwidth bound does not model): tokens/s = ``B * (new_tokens - 1)``
-  / median seconds. The eager figure (:func:`distill.evaluate.stage.measure_decode`) times the
+  / median seconds. The eager figure (:func:`distill.evaluate.speed.measure_decode`) times the
   whole ``generate`` call, prefill included, so it is the more conservative of the two.
 
 Compiling needs a C++ compiler (inductor's CPU backend) and takes tens of seconds per model
@@ -33,13 +33,14 @@ Compiling needs a C++ compiler (inductor's CPU backend) and takes tens of second
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from distill.evaluate.speed import median_rate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -52,6 +53,10 @@ INDUCTOR_OPTIONS: dict[str, Any] = {
     "freezing": True,
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
+    # max_autotune writes a table of kernel timings per GEMM shape to stderr (dozens of
+    # lines per model); the choice it makes is what matters, not the table.
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
 }
 METHOD = (
     "torch.compile(fullgraph, static shapes), inductor freezing + max_autotune (CPP,ATEN "
@@ -184,5 +189,5 @@ def measure_compiled_decode(
         finally:
             torch._dynamo.reset()
             gc.collect()
-    rate = prompt.shape[0] * (new_tokens - 1) / max(statistics.median(times), 1e-12)
+    rate = median_rate(prompt.shape[0] * (new_tokens - 1), times)
     return CompiledDecode(tokens_per_s=rate, compile_s=compile_s, max_abs_logit_diff=diff)

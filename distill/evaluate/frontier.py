@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import DistillError
+from distill.run_dir import REPORT_JSON, RunDir
 
 FAILED_FILE = "FAILED"
 
@@ -79,7 +80,7 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
                 continue  # Hydra's .hydra/ holds a config.yaml too; it is not a run
             if any(d.is_relative_to(run) for run in found):
                 continue  # checkpoints/, publish/ ... inside a run already found
-            if any((d / name).exists() for name in ("report.json", FAILED_FILE, "config.yaml")):
+            if any((d / name).exists() for name in (REPORT_JSON, FAILED_FILE, "config.yaml")):
                 found.append(d)
     return found
 
@@ -104,7 +105,7 @@ def load_points(run_dirs: list[Path], base: Path | None = None) -> Frontier:
     teachers_seen: set[str] = set()
     for d in run_dirs:
         name = str(d.relative_to(base)) if base and d.is_relative_to(base) else str(d)
-        report_file = d / "report.json"
+        report_file = RunDir(d).report_json
         if not report_file.exists():
             error = (d / FAILED_FILE).read_text().strip() if (d / FAILED_FILE).exists() else ""
             failed.append(FailedRun(name, error or "no report.json (interrupted or still running)"))

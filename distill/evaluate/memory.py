@@ -1,4 +1,4 @@
-"""What decoding must read per token, and how fast this machine can read it.
+"""What decoding must read per token, how fast this machine can read it, and peak memory.
 
 Decoding one token reads every weight once and the KV cache of every earlier position, so
 ``tokens/s ≤ bandwidth ÷ bytes read per token``. At batch ``b`` one pass over the weights
@@ -7,16 +7,24 @@ serves ``b`` tokens while each sequence still reads its own cache:
     bound(b) = b · bandwidth ÷ (weight_bytes + b · kv_bytes_per_token · context)
 
 ``context`` is the mean number of cached positions during the measured decode.
+
+:class:`PeakMemory` measures how much memory a variant's load and evaluation really took.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import torch
+
+from distill.config import EvalConfig
 
 
 def kv_cache_bytes_per_token(config: Any, dtype_bytes: int = 4) -> int:
@@ -93,3 +101,137 @@ def measure_bandwidth(
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def kv_dtype_bytes(model: Any) -> int:
+    """Bytes per cached K/V value: the model's compute dtype (fp32 for weight-only int8/int4)."""
+    return getattr(model, "dtype", torch.float32).itemsize
+
+
+def add_memory_fields(
+    row: dict[str, Any], cfg: EvalConfig, bandwidth_bytes_per_s: float | None
+) -> None:
+    """Memory model and bandwidth bound of one report row, in place.
+
+    ``memory_model``: stored weight bytes + the KV cache of ``eval.memory_batch_size``
+    sequences of ``eval.memory_context_tokens``, and whether that fits
+    ``eval.memory_budget_bytes``. The bound uses the bytes decode actually reads, the
+    weights as loaded (a GGUF row is loaded dequantized to fp32), plus the mean cached
+    context of the timed decode.
+    """
+    mm = MemoryModel(
+        weight_bytes=int(row["weight_bytes"]),
+        kv_bytes_per_token=int(row["kv_cache_bytes_per_token"]),
+        context_tokens=cfg.memory_context_tokens,
+        batch_size=cfg.memory_batch_size,
+    )
+    row["memory_model"] = {
+        "context_tokens": mm.context_tokens,
+        "batch_size": mm.batch_size,
+        "weight_bytes": mm.weight_bytes,
+        "kv_cache_bytes": mm.kv_cache_bytes,
+        "total_bytes": mm.total_bytes,
+        "budget_bytes": cfg.memory_budget_bytes,
+        "fits_budget": None
+        if cfg.memory_budget_bytes is None
+        else mm.total_bytes <= cfg.memory_budget_bytes,
+    }
+    if bandwidth_bytes_per_s is None:
+        return
+    mean_context = row["prompt_tokens"] + (row["decode_tokens"] - 1) / 2
+    loaded = int(row.get("loaded_weight_bytes") or row["weight_bytes"])
+    kv = int(row["kv_cache_bytes_per_token"])
+    bound = decode_bound_tokens_per_s(bandwidth_bytes_per_s, loaded, kv, mean_context)
+    row["decode_bytes_per_token"] = loaded + kv * mean_context
+    row["decode_bound_tokens_per_s"] = bound
+    row["decode_bound_ratio"] = row["decode_tokens_per_s"] / bound
+    if row.get("decode_tokens_per_s_batch") is not None:
+        b = int(row["decode_batch_size"])
+        bound_b = decode_bound_tokens_per_s(bandwidth_bytes_per_s, loaded, kv, mean_context, b)
+        row["decode_bound_tokens_per_s_batch"] = bound_b
+        row["decode_bound_ratio_batch"] = row["decode_tokens_per_s_batch"] / bound_b
+    if row.get("decode_compiled_tokens_per_s") is not None:
+        row["decode_compiled_bound_ratio"] = row["decode_compiled_tokens_per_s"] / bound
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS so the next RSS baseline is not inflated.
+
+    glibc keeps freed arenas mapped; without ``malloc_trim`` a variant evaluated after a
+    large one would start from a high RSS and show too little growth.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): best effort only
+        pass
+
+
+class PeakMemory:
+    """Peak memory growth between :meth:`start` and :meth:`stop`.
+
+    * CPU: a daemon thread samples the process RSS (``psutil``) every ``interval_s``; the
+      result is the largest sample minus the RSS just before :meth:`start` returned.
+      Memory the caller deliberately keeps (the teacher's cached log-probs) is reported via
+      :meth:`exclude` and subtracted from each sample taken after it.
+    * CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``,
+      minus the bytes allocated at :meth:`start` (tensors only, not the caching
+      allocator's reserve or the CUDA context).
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self.method = (
+            "cuda_max_memory_allocated_growth" if device.type == "cuda" else "cpu_peak_rss_growth"
+        )
+        self._baseline = 0
+        self._peak = 0
+        self._excluded = 0
+        self._running = False
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._process = psutil.Process()
+
+    def start(self) -> PeakMemory:
+        _release_freed_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline = torch.cuda.memory_allocated(self.device)
+        else:
+            self._baseline = self._process.memory_info().rss
+            self._peak = self._baseline
+            self._stop_event.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        self._running = True
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop_event.is_set():
+            self._record()
+            self._stop_event.wait(self.interval_s)
+
+    def _record(self) -> None:
+        rss = self._process.memory_info().rss - self._excluded
+        if rss > self._peak:
+            self._peak = rss
+
+    def exclude(self, num_bytes: int) -> None:
+        """Do not count ``num_bytes`` allocated from now on (on CPU; ignored on CUDA)."""
+        self._excluded += num_bytes
+
+    def stop(self) -> int:
+        """Stop measuring (idempotent) and return the peak growth in bytes."""
+        if self._running:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                self._peak = torch.cuda.max_memory_allocated(self.device)
+            else:
+                self._record()
+                self._stop_event.set()
+                assert self._thread is not None
+                self._thread.join()
+            self._running = False
+        return max(0, self._peak - self._baseline)

@@ -8,6 +8,7 @@ weights are counted once.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -54,3 +55,15 @@ def disk_bytes(folder: str | Path, patterns: tuple[str, ...] = ("*.safetensors",
     """Total size of the weight files in ``folder`` (not recursive)."""
     folder = Path(folder)
     return sum(f.stat().st_size for pattern in patterns for f in folder.glob(pattern))
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) of every tensor of ``model.state_dict()``: names, dtypes, bytes."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard of an FSDP-placed teacher
+            tensor = tensor.full_tensor()
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill.config import DistillError
+from distill.evaluate import metrics
 from distill.models.student import build_student_from_teacher, decoder_layers
 
 
@@ -46,73 +47,36 @@ class LayerSearchError(DistillError):
 
 
 def _check_blocks(blocks: torch.Tensor, batch_size: int) -> None:
-    if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] < 2:
-        raise LayerSearchError(
-            f"blocks must be (N, T) token ids with N >= 1 and T >= 2, got shape "
-            f"{tuple(blocks.shape)}"
-        )
-    if blocks.is_floating_point():
-        raise LayerSearchError(f"blocks must hold integer token ids, got {blocks.dtype}")
-    if batch_size < 1:
-        raise LayerSearchError(f"batch_size={batch_size}: must be >= 1")
+    problem = metrics.blocks_problem(blocks, batch_size)
+    if problem:
+        raise LayerSearchError(problem)
 
 
-def _batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return list(torch.split(blocks, batch_size))
-
-
-def _batch_loss_sum(model: nn.Module, batch: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token CE of one ``(B, T)`` batch and the number of tokens it covers."""
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    out = model(input_ids=batch, labels=batch, use_cache=False)
-    # ``loss`` is the mean over B * (T - 1) predicted tokens; weighting by that count keeps
-    # a short last batch from counting as much as a full one.
-    count = batch.shape[0] * (batch.shape[1] - 1)
-    loss = float(out.loss.float())
+def _ranked_loss_sum(model: nn.Module, batch: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token CE of one ``(B, T)`` batch and its positions, NaN read as ``inf``."""
+    loss_sum, count = metrics.batch_ce_sum(model, batch)
     # NaN would compare false both ways and defeat ranking and pruning; it is as bad as inf.
-    return (math.inf if math.isnan(loss) else loss * count), count
-
-
-def _ppl(loss_sum: float, count: int) -> float:
-    mean = loss_sum / count
-    # A non-finite loss stays visible as inf rather than breaking the ranking with NaN.
-    return math.exp(mean) if math.isfinite(mean) and mean < 700 else math.inf
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Dropout (GPT-2) would make scores random; restore whatever mode the caller had.
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+    return (math.inf if math.isnan(loss_sum) else loss_sum), count
 
 
 def perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int) -> float:
-    """``exp`` of the mean next-token cross-entropy of ``model`` over ``blocks``.
+    """:func:`distill.evaluate.metrics.perplexity` of ``model`` over ``blocks``, NaN as ``inf``.
 
     Args:
-        model: a causal LM whose forward accepts ``labels`` and returns ``.loss`` (the HF
-            convention: logits at t predict the token at t + 1).
+        model: a causal LM (logits at t predict the token at t + 1).
         blocks: ``(N, T)`` token ids, no padding; every block contributes ``T - 1`` tokens.
         batch_size: blocks per forward.
 
     Returns:
-        The perplexity, weighted per token across batches; ``inf`` if the loss overflows.
+        The perplexity, weighted per token across batches; ``inf`` if the loss overflows or
+        is NaN, so that a broken selection ranks last instead of breaking the ranking.
 
     Raises:
         LayerSearchError: ``blocks`` is not ``(N, T >= 2)`` integer ids, or ``batch_size < 1``.
     """
     _check_blocks(blocks, batch_size)
-    total, count = 0.0, 0
-    with _eval_mode(model), torch.inference_mode():
-        for batch in _batches(blocks, batch_size):
-            s, c = _batch_loss_sum(model, batch)
-            total, count = total + s, count + c
-    return _ppl(total, count)
+    ppl = metrics.perplexity(model, blocks, batch_size)
+    return math.inf if math.isnan(ppl) else ppl
 
 
 @contextmanager
@@ -201,7 +165,7 @@ def _loss_sum_without(
     """
     if drop == 0 or drop == len(layers) - 1:
         with _swapped_layers(model, prefix, layers[:drop] + layers[drop + 1 :]):
-            return _batch_loss_sum(model, batch)
+            return _ranked_loss_sum(model, batch)
     assert hidden is not None
     cached = hidden[drop - 1]
     handle = layers[drop + 1].register_forward_pre_hook(
@@ -209,9 +173,48 @@ def _loss_sum_without(
     )
     try:
         with _swapped_layers(model, prefix, layers[drop + 1 :]):
-            return _batch_loss_sum(model, batch)
+            return _ranked_loss_sum(model, batch)
     finally:
         handle.remove()
+
+
+def _drop_one(
+    model: nn.Module,
+    prefix: str,
+    stack: list[nn.Module],
+    kept: list[int],
+    batches: list[torch.Tensor],
+    last_score: dict[int, float],
+    bar: Any,
+) -> tuple[float, int]:
+    """One greedy step: the (loss sum over all batches, teacher index) of the best removal.
+
+    ``stack`` holds the blocks of ``kept`` (teacher indices, in order). ``last_score`` (mean
+    loss sum per batch of each layer's removal at the previous step) orders the candidates
+    best first, so that a strong incumbent prunes the rest early; it is updated here.
+    """
+    hidden: dict[int, list[torch.Tensor]] = {}
+    best: tuple[float, int] | None = None
+    order = sorted(range(len(kept)), key=lambda p: (last_score.get(kept[p], 0.0), p))
+    for pos in order:
+        total, done = 0.0, 0
+        for b, batch in enumerate(batches):
+            done += 1
+            if 0 < pos < len(kept) - 1 and b not in hidden:
+                hidden[b] = _hidden_after_each_block(model, prefix, stack, batch)
+            total += _loss_sum_without(model, prefix, stack, pos, batch, hidden.get(b))[0]
+            # Exact pruning: every batch adds a non-negative CE, so once the partial sum is
+            # above the best complete one this removal cannot win.
+            if best is not None and total > best[0]:
+                break
+        else:
+            # Ties go to the lower index, whatever order candidates ran in.
+            if best is None or (total, kept[pos]) < best:
+                best = (total, kept[pos])
+        last_score[kept[pos]] = total / done  # per batch: pruned ones ran fewer
+        bar.update(1)
+    assert best is not None
+    return best
 
 
 def greedy_layer_drop(
@@ -221,6 +224,7 @@ def greedy_layer_drop(
     *,
     batch_size: int,
     progress: bool = True,
+    start: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Drop decoder layers one at a time, each time the one whose removal hurts least.
 
@@ -241,70 +245,48 @@ def greedy_layer_drop(
         target_layers: how many layers to keep, ``1 <= target_layers <= L``.
         batch_size: calibration blocks per forward.
         progress: show a tqdm bar over candidate evaluations.
+        start: an entry of an earlier trajectory on the same model and blocks to continue
+            from (greedy's next step depends only on the layers kept, so continuing gives
+            exactly the steps a fresh search would); None starts from every layer.
 
     Returns:
-        The trajectory, one dict per step starting with the full model: ``num_layers``,
-        ``layers`` (kept teacher indices, sorted), ``dropped`` (teacher index removed at
-        this step, ``None`` at step 0) and ``perplexity`` on ``calib_blocks``. The last
-        entry is the selection.
+        The trajectory, one dict per step starting with the full model (or ``start``):
+        ``num_layers``, ``layers`` (kept teacher indices, sorted), ``dropped`` (teacher
+        index removed at this step, ``None`` at step 0) and ``perplexity`` on
+        ``calib_blocks``. The last entry is the selection.
 
     Raises:
-        LayerSearchError: bad ``target_layers``, ``batch_size`` or ``calib_blocks``.
+        LayerSearchError: bad ``target_layers``, ``batch_size``, ``calib_blocks`` or ``start``.
         ModelError: the decoder blocks cannot be found.
     """
     _check_blocks(calib_blocks, batch_size)
     prefix, module_list = decoder_layers(model)
     blocks = list(module_list)
     n = len(blocks)
-    if not 1 <= target_layers <= n:
-        raise LayerSearchError(f"target_layers={target_layers}: must be in 1..{n}")
-    batches = _batches(calib_blocks, batch_size)
+    if start is None:
+        ppl = perplexity(model, calib_blocks, batch_size=batch_size)
+        start = {"num_layers": n, "layers": list(range(n)), "dropped": None, "perplexity": ppl}
+    kept = list(start["layers"])
+    if not kept or any(not 0 <= i < n for i in kept):
+        raise LayerSearchError(f"start layers {kept} are not layers of a {n}-layer model")
+    if not 1 <= target_layers <= len(kept):
+        raise LayerSearchError(f"target_layers={target_layers}: must be in 1..{len(kept)}")
+    batches = metrics.batches_of(calib_blocks, batch_size)
     count = calib_blocks.shape[0] * (calib_blocks.shape[1] - 1)
-    kept = list(range(n))
-    trajectory = [
-        {
-            "num_layers": n,
-            "layers": list(kept),
-            "dropped": None,
-            "perplexity": perplexity(model, calib_blocks, batch_size=batch_size),
-        }
-    ]
+    trajectory = [dict(start)]
     bar = tqdm(
-        total=sum(range(target_layers + 1, n + 1)),
+        total=sum(range(target_layers + 1, len(kept) + 1)),
         desc="greedy layer drop",
         unit="eval",
         disable=not progress,
     )
-    # Mean loss sum per batch of each layer's removal at the previous step: candidates are
-    # tried best first so that a strong incumbent prunes the rest early.
     last_score: dict[int, float] = {}
-    with _eval_mode(model), torch.inference_mode(), bar:
+    with metrics.eval_mode(model), torch.inference_mode(), bar:
         while len(kept) > target_layers:
             stack = [blocks[i] for i in kept]
-            hidden: dict[int, list[torch.Tensor]] = {}
-            best: tuple[float, int] | None = None  # (loss sum over all batches, layer)
-            order = sorted(range(len(kept)), key=lambda p: (last_score.get(kept[p], 0.0), p))
-            for pos in order:
-                total, done = 0.0, 0
-                for b, batch in enumerate(batches):
-                    done += 1
-                    if 0 < pos < len(kept) - 1 and b not in hidden:
-                        hidden[b] = _hidden_after_each_block(model, prefix, stack, batch)
-                    total += _loss_sum_without(model, prefix, stack, pos, batch, hidden.get(b))[0]
-                    # Exact pruning: every batch adds a non-negative CE, so once the partial
-                    # sum is above the best complete one this removal cannot win.
-                    if best is not None and total > best[0]:
-                        break
-                else:
-                    # Ties go to the lower index, whatever order candidates ran in.
-                    if best is None or (total, kept[pos]) < best:
-                        best = (total, kept[pos])
-                last_score[kept[pos]] = total / done  # per batch: pruned ones ran fewer
-                bar.update(1)
-            assert best is not None
-            total, dropped = best
+            total, dropped = _drop_one(model, prefix, stack, kept, batches, last_score, bar)
             kept.remove(dropped)
-            ppl = _ppl(total, count)
+            ppl = metrics.perplexity_from(total, count)
             trajectory.append(
                 {
                     "num_layers": len(kept),

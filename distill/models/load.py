@@ -1,8 +1,9 @@
-"""Teacher loading (Hub, local folder, packaged GGUF), student construction, pre-flight checks.
+"""Loading teachers, tokenizers and configs (Hub, local folder, packaged GGUF), safely.
 
-Works for any ``AutoModelForCausalLM`` architecture: decoder blocks are found as the
-``nn.ModuleList`` whose length is the config's layer count, wherever the architecture keeps
-it (``model.layers`` for llama, ``transformer.h`` for GPT-2).
+Weights load from safetensors only (pickle can run code), custom modeling code only with
+``trust_remote_code``; configs and tokenizers load without weights for the pre-flight checks
+(:mod:`distill.preflight`), and :func:`check_vocab` refuses a student whose vocabulary differs
+from the teacher's. Students are built in :mod:`distill.models.student`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,24 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from distill.config import DistillError, StudentConfig, TeacherConfig
+from distill.run_dir import staging_folder
 
 log = logging.getLogger(__name__)
 
+# ``pkg:<distribution>``: model files shipped inside an installed Python distribution.
 PKG_PREFIX = "pkg:"
-# A Hub id: "name" or "owner/name", letters, digits, '-', '_', '.'.
+# A Hub id: "name" or "owner/name", letters, digits, '-', '_', '.'. The one spelling rule
+# for Hub ids in distill (loading here, the model card's base_model in distill.publish).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -42,33 +52,51 @@ class VocabMismatchError(ModelError):
 # --------------------------------------------------------------------------------------------
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` is spelled like a Hub id (``name`` or ``owner/name``)."""
+    return bool(_HUB_ID.match(name))
+
+
+def packaged_distribution(name_or_path: str) -> str | None:
+    """The distribution a ``pkg:<distribution>`` source names; None for any other source."""
+    if name_or_path.startswith(PKG_PREFIX):
+        return name_or_path.removeprefix(PKG_PREFIX)
+    return None
+
+
+def _distribution(distribution: str) -> importlib.metadata.Distribution:
+    try:
+        return importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"package {distribution!r} is not installed: pip install --no-deps {distribution}"
+        ) from None
+
+
 def package_folder(distribution: str) -> Path:
     """Folder holding the files of an installed distribution, found without importing it.
 
     Raises:
         ModelError: the distribution is not installed.
     """
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelError(
-            f"package {distribution!r} is not installed: pip install --no-deps {distribution}"
-        ) from None
-    return Path(str(dist.locate_file("")))
+    return Path(str(_distribution(distribution).locate_file("")))
 
 
 def find_packaged_file(distribution: str, filename: str) -> Path:
-    """Absolute path of ``filename`` (basename) among the files of ``distribution``.
+    """Absolute path of ``filename`` (a path relative to the distribution, or a basename)
+    among the files of ``distribution``; the distribution's file record is read, the package
+    is not imported.
 
     Raises:
         ModelError: not installed, or no such file in it.
     """
-    root = package_folder(distribution)
-    dist = importlib.metadata.distribution(distribution)
+    dist = _distribution(distribution)
     for f in dist.files or []:
-        if Path(str(f)).name == filename:
+        if str(f) == filename or Path(str(f)).name == filename:
             return Path(str(dist.locate_file(f)))
-    raise ModelError(f"package {distribution!r} (at {root}) has no file {filename!r}")
+    raise ModelError(
+        f"package {distribution!r} (at {dist.locate_file('')}) has no file {filename!r}"
+    )
 
 
 def is_local(name_or_path: str) -> bool:
@@ -84,8 +112,8 @@ def check_source(name_or_path: str, what: str, gguf_file: str | None = None) -> 
     Raises:
         ModelError: naming the value and the fix.
     """
-    if name_or_path.startswith(PKG_PREFIX):
-        dist = name_or_path[len(PKG_PREFIX) :]
+    dist = packaged_distribution(name_or_path)
+    if dist is not None:
         if gguf_file is not None:
             find_packaged_file(dist, gguf_file)
         else:
@@ -99,7 +127,7 @@ def check_source(name_or_path: str, what: str, gguf_file: str | None = None) -> 
     if os.path.exists(expanded):
         raise ModelError(f"{what} {name_or_path!r} is a file, not a model folder: pass its folder")
     looks_like_path = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
-    if looks_like_path or not _HUB_ID.match(name_or_path):
+    if looks_like_path or not is_hub_id(name_or_path):
         raise ModelError(
             f"{what} {name_or_path!r} does not exist: pass an existing model folder or a Hub id"
         )
@@ -133,15 +161,18 @@ def convert_gguf(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_folder(target)
     model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
     (staging / "SOURCE").write_text(f"{gguf_path}\nsha256-16 {digest}\n")
     (staging / "COMPLETE").write_text("ok\n")
+    # First writer wins, on purpose (not run_dir.replace_folder): the cache is keyed by the
+    # file's hash, so a copy another run finished first is equivalent, and that run may be
+    # reading it now; replacing it would pull the folder from under its reader. A directory
+    # rename onto an existing non-empty one fails, which is how we learn we came second.
     try:
         os.replace(staging, target)
-    except OSError:  # a concurrent run finished first; its copy is equivalent
+    except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
@@ -149,8 +180,8 @@ def convert_gguf(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
 def teacher_source(cfg: TeacherConfig, cache_dir: Path) -> str:
     """A local folder or Hub id from which ``from_pretrained`` loads the teacher."""
     check_source(cfg.name_or_path, "pair.teacher.name_or_path", cfg.gguf_file)
-    if cfg.name_or_path.startswith(PKG_PREFIX):
-        dist = cfg.name_or_path[len(PKG_PREFIX) :]
+    dist = packaged_distribution(cfg.name_or_path)
+    if dist is not None:
         if cfg.gguf_file is None:
             return str(package_folder(dist))
         gguf_path = find_packaged_file(dist, cfg.gguf_file)
@@ -223,6 +254,26 @@ def load_causal_lm(
         raise _load_error(what, name_or_path, err) from None
 
 
+def load_config(
+    name_or_path: str,
+    *,
+    what: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained``: a model's config.json alone, no weights.
+
+    Raises:
+        ModelError: the config cannot be read (missing folder, offline Hub), in one line.
+    """
+    try:
+        return AutoConfig.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:
+        raise _load_error(f"{what} config", name_or_path, err) from None
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Put ``model`` in eval mode with no parameter requiring a gradient."""
     model.eval()
@@ -241,6 +292,26 @@ def load_teacher(
         source, what="teacher", revision=revision, trust_remote_code=cfg.trust_remote_code
     )
     return freeze(model), tokenizer
+
+
+def load_teacher_config(
+    cfg: TeacherConfig, cache_dir: Path
+) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """The teacher's config and tokenizer without its weights, for pre-flight checks.
+
+    A GGUF teacher is converted here (once; :func:`teacher_source` caches it), since its
+    config is only known after conversion; :func:`load_teacher` then reuses that copy.
+
+    Raises:
+        ModelError: the teacher cannot be found or its config/tokenizer read.
+    """
+    source = teacher_source(cfg, cache_dir)
+    revision = None if is_local(source) else cfg.revision
+    config = load_config(
+        source, what="teacher", revision=revision, trust_remote_code=cfg.trust_remote_code
+    )
+    tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=cfg.trust_remote_code)
+    return config, tokenizer
 
 
 def check_vocab(
@@ -290,10 +361,5 @@ def preflight_pretrained_student(
     assert cfg.name_or_path is not None
     check_source(cfg.name_or_path, "pair.student.name_or_path")
     student_tok = load_tokenizer(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
-        )
-    except Exception as err:
-        raise _load_error("student config", cfg.name_or_path, err) from None
+    config = load_config(cfg.name_or_path, what="student", trust_remote_code=cfg.trust_remote_code)
     check_vocab(teacher_tok, student_tok, teacher_vocab_size, int(config.vocab_size))

@@ -8,7 +8,9 @@ it (``model.layers`` for llama, ``transformer.h`` for GPT-2).
 from __future__ import annotations
 
 import copy
+import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +19,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from distill.config import StudentConfig
-from distill.models.load import ModelError, load_causal_lm, load_tokenizer
+from distill.models.load import ModelError, load_causal_lm, load_config, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def num_layers_of(config: Any) -> int:
@@ -46,19 +50,33 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return found[0]
 
 
-def select_layers(num_teacher_layers: int, num_layers: int) -> list[int]:
-    """Default layers kept for ``num_layers``: the first half and the last half.
+def check_layers(layers: list[int], num_teacher_layers: int) -> None:
+    """Fail on a layer list the teacher cannot supply, naming both depth keys and the fix.
 
-    Early layers build features and late ones map them to tokens; the middle of a deep
-    decoder is the most redundant, so pruning it costs the least starting perplexity.
+    Raises:
+        ModelError: an index is outside ``0 .. num_teacher_layers - 1``.
+    """
+    bad = [i for i in layers if not 0 <= i < num_teacher_layers]
+    if bad:
+        raise ModelError(
+            f"pair.student.layers has {bad} outside the teacher's {num_teacher_layers} layers "
+            f"(0..{num_teacher_layers - 1}): list layers of this teacher, or give "
+            "pair.student.num_layers=N alone on the command line to choose N of them by "
+            "greedy search"
+        )
+
+
+def check_num_layers(num_layers: int, num_teacher_layers: int) -> None:
+    """Fail on a depth the teacher cannot supply, naming both depth keys.
+
+    Raises:
+        ModelError: ``num_layers`` is not in ``1 .. num_teacher_layers``.
     """
     if not 1 <= num_layers <= num_teacher_layers:
         raise ModelError(
-            f"pair.student.num_layers={num_layers}: the teacher has {num_teacher_layers} layers"
+            f"pair.student.num_layers={num_layers}: the teacher has {num_teacher_layers} layers; "
+            f"give at most {num_teacher_layers}, or pair.student.layers=[...] of its layers"
         )
-    front = (num_layers + 1) // 2
-    back = num_layers - front
-    return list(range(front)) + list(range(num_teacher_layers - back, num_teacher_layers))
 
 
 def subset_config(config: Any, layers: list[int]) -> Any:
@@ -83,12 +101,7 @@ def build_student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> P
     Raises:
         ModelError: an index is outside the teacher's layers.
     """
-    n_teacher = num_layers_of(teacher.config)
-    bad = [i for i in layers if not 0 <= i < n_teacher]
-    if bad:
-        raise ModelError(
-            f"pair.student.layers has {bad} outside the teacher's layers 0..{n_teacher - 1}"
-        )
+    check_layers(layers, num_layers_of(teacher.config))
     prefix, _ = decoder_layers(teacher)
     config = subset_config(teacher.config, layers)
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -114,8 +127,8 @@ def build_student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> P
     return student.eval()  # like from_pretrained; the loop switches to train()
 
 
-def build_student_from_config(teacher_config: Any, overrides: dict[str, Any]) -> PreTrainedModel:
-    """A randomly initialised model from the teacher's config with ``overrides`` applied.
+def config_with_overrides(teacher_config: Any, overrides: dict[str, Any]) -> Any:
+    """A copy of the teacher's config with ``overrides`` applied (the from_config student).
 
     Raises:
         ModelError: an override names a key the config does not have.
@@ -131,24 +144,77 @@ def build_student_from_config(teacher_config: Any, overrides: dict[str, Any]) ->
         setattr(config, key, value)
     if "num_hidden_layers" in overrides and getattr(config, "layer_types", None) is not None:
         config.layer_types = list(config.layer_types)[: config.num_hidden_layers]
+    return config
+
+
+def build_student_from_config(teacher_config: Any, overrides: dict[str, Any]) -> PreTrainedModel:
+    """A randomly initialised model from the teacher's config with ``overrides`` applied.
+
+    Raises:
+        ModelError: an override names a key the config does not have.
+    """
+    config = config_with_overrides(teacher_config, overrides)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def student_layers(cfg: StudentConfig, num_teacher_layers: int) -> list[int]:
+def student_layers(
+    cfg: StudentConfig,
+    teacher: PreTrainedModel,
+    train_blocks: torch.Tensor | None,
+    cache_dir: Path | None,
+) -> list[int]:
+    """The teacher layers a from_teacher student keeps: ``layers``, or for ``num_layers``
+    alone the greedy search's choice (:func:`distill.models.layer_cache.greedy_layers`).
+
+    Raises:
+        ModelError: layers outside the teacher, too many layers, or ``num_layers`` alone
+            without the training blocks and cache folder the search needs.
+    """
+    n_teacher = num_layers_of(teacher.config)
     if cfg.layers is not None:
+        check_layers(list(cfg.layers), n_teacher)
         return list(cfg.layers)
     assert cfg.num_layers is not None  # the schema requires one of the two
-    return select_layers(num_teacher_layers, cfg.num_layers)
+    check_num_layers(cfg.num_layers, n_teacher)
+    if cfg.num_layers == n_teacher:
+        return list(range(n_teacher))
+    if train_blocks is None or cache_dir is None:
+        raise ModelError(
+            "pair.student.num_layers alone needs the training blocks to choose layers by; "
+            "give pair.student.layers=[...] instead"
+        )
+    # Here, not at the top: the search (layer_search) builds students with this module.
+    from distill.models.layer_cache import greedy_layers
+
+    layers = greedy_layers(teacher, train_blocks, cfg.num_layers, cache_dir)
+    log.info("student: %d layers chosen by greedy search: %s", len(layers), layers)
+    return layers
 
 
 def build_student(
-    cfg: StudentConfig, teacher: PreTrainedModel, seed: int
+    cfg: StudentConfig,
+    teacher: PreTrainedModel,
+    seed: int,
+    *,
+    train_blocks: torch.Tensor | None = None,
+    cache_dir: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """The student before distillation, and its own tokenizer when it brings one."""
-    torch.manual_seed(seed)
+    """The student before distillation, and its own tokenizer when it brings one.
+
+    Args:
+        train_blocks: ``(N, T)`` training token ids; needed only when ``pair.student.
+            num_layers`` is given without ``layers`` (the greedy search scores on them).
+        cache_dir: where that search's trajectory is cached (``distill.config.cache_root``).
+
+    Raises:
+        ModelError: see :func:`student_layers`, :func:`build_student_from_teacher`,
+            :func:`build_student_from_config` and :func:`distill.models.load.load_causal_lm`.
+    """
     if cfg.init == "from_teacher":
-        layers = student_layers(cfg, num_layers_of(teacher.config))
+        layers = student_layers(cfg, teacher, train_blocks, cache_dir)
+        torch.manual_seed(seed)
         return build_student_from_teacher(teacher, layers), None
+    torch.manual_seed(seed)
     if cfg.init == "from_config":
         return build_student_from_config(teacher.config, dict(cfg.config_overrides)), None
     assert cfg.name_or_path is not None
@@ -157,3 +223,26 @@ def build_student(
         cfg.name_or_path, what="student", trust_remote_code=cfg.trust_remote_code
     )
     return model, tokenizer
+
+
+def planned_config(cfg: StudentConfig, teacher_config: Any) -> Any:
+    """The config the student will have, from the teacher's config alone (no weights), for
+    the pre-flight checks. A ``num_layers`` student's per-layer attributes follow the first
+    layers (which ones the search keeps is not known yet; only the count matters there).
+
+    Raises:
+        ModelError: as :func:`check_layers`, :func:`check_num_layers`,
+            :func:`config_with_overrides`; a pretrained student's config cannot be read.
+    """
+    if cfg.init == "from_teacher":
+        n_teacher = num_layers_of(teacher_config)
+        if cfg.layers is not None:
+            check_layers(list(cfg.layers), n_teacher)
+            return subset_config(teacher_config, list(cfg.layers))
+        assert cfg.num_layers is not None
+        check_num_layers(cfg.num_layers, n_teacher)
+        return subset_config(teacher_config, list(range(cfg.num_layers)))
+    if cfg.init == "from_config":
+        return config_with_overrides(teacher_config, dict(cfg.config_overrides))
+    assert cfg.name_or_path is not None
+    return load_config(cfg.name_or_path, what="student", trust_remote_code=cfg.trust_remote_code)

@@ -317,19 +317,42 @@ def export_gguf(
 
     if gguf_type not in GGUF_TYPES:
         raise GGUFExportError(f"unknown GGUF type {gguf_type!r}: choose from {GGUF_TYPES}")
-    config = model.config
-    check_exportable(config)
-    tok = tokenizer_metadata(tokenizer, int(config.vocab_size))
-    n_heads = int(config.num_attention_heads)
-    n_kv = int(config.num_key_value_heads or n_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-
+    check_exportable(model.config)
+    tok = tokenizer_metadata(tokenizer, int(model.config.vocab_size))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_name(name or path.stem)
+    _add_model_metadata(writer, model.config, gguf_type)
+    _add_tokenizer_metadata(writer, tok)
+    result = GGUFExport(path=path, gguf_type=gguf_type, tensor_types={}, tensor_bytes=0, params=0)
+    _add_tensors(writer, model, result, include_embeddings, int4_groups or {}, embedding_bits)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return result
+
+
+def _heads(config: Any) -> tuple[int, int, int]:
+    """Attention heads, key/value heads and the head dimension of a llama config."""
+    n_heads = int(config.num_attention_heads)
+    n_kv = int(config.num_key_value_heads or n_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+    return n_heads, n_kv, head_dim
+
+
+def _add_model_metadata(writer: Any, config: Any, gguf_type: str) -> None:
+    """The ``llama.*`` hyper-parameters and the file type."""
+    import gguf
+
+    n_heads, n_kv, head_dim = _heads(config)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(config.num_hidden_layers))
@@ -345,6 +368,10 @@ def export_gguf(
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(_file_type(gguf_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer_metadata(writer: Any, tok: dict[str, Any]) -> None:
+    """The ``tokenizer.ggml.*`` keys and the chat template (:func:`tokenizer_metadata`)."""
     writer.add_tokenizer_model(tok["model"])
     writer.add_tokenizer_pre(tok["pre"])
     writer.add_token_list(tok["tokens"])
@@ -367,7 +394,46 @@ def export_gguf(
     if tok["chat_template"]:
         writer.add_chat_template(tok["chat_template"])
 
-    result = GGUFExport(path=path, gguf_type=gguf_type, tensor_types={}, tensor_bytes=0, params=0)
+
+def _encode(
+    hf_name: str, w: np.ndarray, kind: str, groups: Int4Groups | None, rope_heads: int | None
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """``w`` as stored in the file: (data, the values a reader gets back, GGML raw dtype or
+    None for plain f32/f16). ``w`` and ``groups`` rows are still in Hugging Face order."""
+    import gguf
+
+    if kind == "f32":
+        return w, w, None
+    if kind == "f16":
+        data = w.astype(np.float16)
+        return data, data.astype(np.float32), None
+    if kind == "q4_0" and groups is not None:
+        if groups.group_size != BLOCK_VALUES:
+            raise GGUFExportError(
+                f"{hf_name}: Q4_0 needs groups of {BLOCK_VALUES}, got {groups.group_size}"
+            )
+        levels, scales = groups.levels.numpy(), groups.scales.numpy()
+        if rope_heads:  # rows move together with their groups
+            levels = permute_rope_rows(levels, rope_heads)
+            scales = permute_rope_rows(scales, rope_heads)
+        data = pack_q4_0(Int4Groups(torch.from_numpy(levels), torch.from_numpy(scales)))
+    else:
+        data = gguf.quants.quantize(w, _qtype(kind))
+    return data, gguf.quants.dequantize(data, _qtype(kind)), _qtype(kind)
+
+
+def _add_tensors(
+    writer: Any,
+    model: PreTrainedModel,
+    result: GGUFExport,
+    include_embeddings: bool,
+    int4_groups: dict[str, Int4Groups],
+    embedding_bits: int,
+) -> None:
+    """Every weight of ``model`` into ``writer``; ``result`` records types, bytes and the
+    dequantized reference weights (under Hugging Face names, rows in Hugging Face order)."""
+    n_heads, n_kv, _ = _heads(model.config)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = model.state_dict()
     for hf_name, tensor in state.items():
         if hf_name == "lm_head.weight" and tied:
@@ -384,34 +450,17 @@ def export_gguf(
         )
         if rope_heads:
             w = permute_rope_rows(w, rope_heads)
-        kind = _tensor_type(out_name, w, gguf_type, include_embeddings, embedding_bits)
-        groups = (int4_groups or {}).get(hf_name.removesuffix(".weight"))
-        if kind == "f16" and gguf_type != "f16" and w.ndim == 2:
+        kind = _tensor_type(out_name, w, result.gguf_type, include_embeddings, embedding_bits)
+        groups = int4_groups.get(hf_name.removesuffix(".weight"))
+        if kind == "f16" and result.gguf_type != "f16" and w.ndim == 2:
             result.f16_fallback.append(out_name)
-        if kind == "f32":
-            data, back = w, w
+        data, back, raw_dtype = _encode(hf_name, w, kind, groups, rope_heads)
+        if raw_dtype is None:
             writer.add_tensor(out_name, data)
-        elif kind == "f16":
-            data = w.astype(np.float16)
-            back = data.astype(np.float32)
-            writer.add_tensor(out_name, data)
-        elif kind == "q4_0" and groups is not None:
-            if groups.group_size != BLOCK_VALUES:
-                raise GGUFExportError(
-                    f"{hf_name}: Q4_0 needs groups of {BLOCK_VALUES}, got {groups.group_size}"
-                )
-            levels, scales = groups.levels.numpy(), groups.scales.numpy()
-            if rope_heads:  # rows move together with their groups
-                levels = permute_rope_rows(levels, rope_heads)
-                scales = permute_rope_rows(scales, rope_heads)
-            data = pack_q4_0(Int4Groups(torch.from_numpy(levels), torch.from_numpy(scales)))
-            back = gguf.quants.dequantize(data, _qtype(kind))
-            writer.add_tensor(out_name, data, raw_dtype=_qtype(kind))
-            result.calibrated += 1
         else:
-            data = gguf.quants.quantize(w, _qtype(kind))
-            back = gguf.quants.dequantize(data, _qtype(kind))
-            writer.add_tensor(out_name, data, raw_dtype=_qtype(kind))
+            writer.add_tensor(out_name, data, raw_dtype=raw_dtype)
+        if kind == "q4_0" and groups is not None:
+            result.calibrated += 1
         if rope_heads:
             back = unpermute_rope_rows(back, rope_heads)
         result.reference_state[hf_name] = torch.from_numpy(np.ascontiguousarray(back))
@@ -422,16 +471,6 @@ def export_gguf(
         result.reference_state["lm_head.weight"] = result.reference_state[
             "model.embed_tokens.weight"
         ]
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return result
 
 
 def gguf_tensor_bytes(path: Path) -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -38,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from distill.config import DistillError
+from distill.evaluate.metrics import ce_sum, perplexity_from, score_logits
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +102,10 @@ for a in manifest["artifacts"]:
     config = {} if a["gguf_file"] else json.loads(open(a["folder"] + "/config.json").read())
     if config.get("distill_conv1d_as_linear"):
         # GPT-2 Conv1D stored as Linear: the one loader from_pretrained cannot replace
-        # (distill/conv1d.py imports nothing else from distill).
+        # (distill/models/conv1d.py imports nothing else from distill; its packages'
+        # __init__ files, distill and distill.models, load with it).
         from distill.models.conv1d import load_causal_lm
-        allowed = {"distill", "distill.models.conv1d"}
+        allowed = {"distill", "distill.models", "distill.models.conv1d"}
         model = load_causal_lm(a["folder"], **kwargs).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(a["folder"], **kwargs).eval()
@@ -182,20 +182,6 @@ def reload_logits(
     return {a.name: load_file(str(workdir / f"{a.name}.safetensors")) for a in artifacts}
 
 
-def _mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean over positions of KL(softmax(reference) || softmax(other)), fp32, in nats."""
-    ref_lp = F.log_softmax(reference.float(), dim=-1)
-    other_lp = F.log_softmax(other.float(), dim=-1)
-    kl = torch.where(ref_lp.exp() > 0, ref_lp.exp() * (ref_lp - other_lp), 0.0).sum(-1)
-    return float(kl.double().mean())
-
-
-def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    lp = F.log_softmax(logits.float(), dim=-1)
-    ce = -lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return math.exp(float(ce.double().mean()))
-
-
 def compare(
     reloaded: torch.Tensor,
     in_memory: torch.Tensor,
@@ -205,20 +191,22 @@ def compare(
     """Parity figures of one artifact; every logits tensor is ``(B, T, V)`` on ``ids`` ``(B, T)``.
 
     Position ``t`` predicts ``ids[:, t + 1]``: ``T - 1`` positions per block are scored.
+    Perplexity and KL are :mod:`distill.evaluate.metrics`' (the evaluate report's figures).
     """
-    r, m, f = (x[:, :-1].float() for x in (reloaded, in_memory, float_logits))
-    targets = ids[:, 1:]
-    ppl_reloaded = _perplexity(r, targets)
-    ppl_float = _perplexity(f, targets)
+    # score_logits(model, reference): CE of the first, KL(reference || first).
+    to_in_memory = score_logits(reloaded, in_memory, ids)
+    to_float = score_logits(reloaded, float_logits, ids)
+    ppl_float = perplexity_from(*ce_sum(float_logits, ids))
+    diff = reloaded[:, :-1].float() - in_memory[:, :-1].float()
     return {
-        "max_abs_logit_diff": float((r - m).abs().max()),
-        "kl_to_in_memory": _mean_kl(m, r),
-        "ppl_in_memory": _perplexity(m, targets),
-        "ppl_reloaded": ppl_reloaded,
-        "kl_to_float": _mean_kl(f, r),
+        "max_abs_logit_diff": float(diff.abs().max()),
+        "kl_to_in_memory": to_in_memory.kl,
+        "ppl_in_memory": perplexity_from(*ce_sum(in_memory, ids)),
+        "ppl_reloaded": to_in_memory.perplexity,
+        "kl_to_float": to_float.kl,
         "ppl_float": ppl_float,
-        "ppl_ratio_to_float": ppl_reloaded / ppl_float,
-        "scored_positions": int(targets.numel()),
+        "ppl_ratio_to_float": to_in_memory.perplexity / ppl_float,
+        "scored_positions": to_in_memory.num_tokens,
     }
 
 

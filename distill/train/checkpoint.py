@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.config import DistillError
+from distill.run_dir import replace_folder, staging_folder
 
 MARKER = "COMPLETE"
 STEP_PREFIX = "step-"
@@ -36,9 +37,14 @@ class CheckpointError(DistillError):
 
 @dataclass
 class TrainerState:
+    """Where a run stands: ``trainer_state.json`` of each checkpoint."""
+
     step: int
     tokens_seen: int
+    # distill.train.loop.config_fingerprint of the run's config on num_processes processes.
     config_fingerprint: str
+    # Processes that trained it (checkpoints from before this field was added: one).
+    num_processes: int = 1
 
 
 def step_dir_name(step: int) -> str:
@@ -88,8 +94,7 @@ def save_checkpoint(
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(state.step)
     target = checkpoints_dir / name
-    staging = checkpoints_dir / f".staging-{name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_folder(target)
     staging.mkdir()
     model.save_pretrained(str(staging), safe_serialization=True)
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
@@ -99,13 +104,8 @@ def save_checkpoint(
     (staging / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2))
     _fsync_dir(staging)
     (staging / MARKER).write_text("ok\n")  # written last: its presence means "complete"
-    if target.exists():  # re-saving the same step (e.g. after resume): replace atomically
-        old = checkpoints_dir / f".old-{name}-{os.getpid()}"
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    # Re-saving the same step (e.g. after resume) replaces the older copy whole.
+    replace_folder(staging, target)
     prune_checkpoints(checkpoints_dir, keep_last_n)
     return target
 
@@ -189,5 +189,16 @@ def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer)
     restore_rng(
         load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text())
     )
-    raw = json.loads((path / "trainer_state.json").read_text())
-    return TrainerState(**raw)
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    """The trainer state of checkpoint ``path``, without loading anything else.
+
+    Raises:
+        CheckpointError: it has no readable ``trainer_state.json``.
+    """
+    try:
+        return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable trainer_state.json ({err})") from None

@@ -4,104 +4,140 @@ quantization, not the last one.
 A later checkpoint can have the lower float perplexity and still quantize worse (weights
 grow outliers as training goes on), and the quantized model is what gets deployed. Each
 complete checkpoint kept in ``checkpoints/`` is quantized with the first of
-``quant.methods`` and scored on held-out blocks; the winner's weights become ``final/``.
-Only kept checkpoints compete: raise ``train.keep_last_n_checkpoints`` to consider more.
+``quant.methods`` exactly as the quantize stage will ship it (GPTQ calibration, embedding
+bits, group size and compute dtype: :func:`distill.quantize.stage.quantize_variant`) and
+scored on held-out blocks; the winner's weights become ``final/``. Only kept checkpoints
+compete: raise ``train.keep_last_n_checkpoints`` to consider more.
+
+The train stage runs this at its end (:func:`distill.train.loop.run`), so ``scripts/distill.py``
+and ``scripts/pipeline.py`` both honour ``train.select_checkpoint``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from torch import nn
 
 from distill.config import DistillError, PipelineConfig, cache_root
+from distill.evaluate.metrics import perplexity
+from distill.run_dir import RunDir, replace_folder, staging_folder, write_json_atomic
 from distill.train.checkpoint import complete_checkpoints
 
 log = logging.getLogger(__name__)
 
 SELECTION_FILE = "checkpoint_selection.json"
+# What a checkpoint contributes to a model folder; tokenizer files come from final/.
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
-@torch.inference_mode()
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token cross-entropy) over ``blocks`` ``(N, T)``, weighted by tokens."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i : i + batch_size]
-        loss = model(input_ids=ids, labels=ids).loss
-        n = ids[:, 1:].numel()
-        total += float(loss) * n
-        count += n
-    return math.exp(total / max(count, 1))
-
-
-def run(cfg: PipelineConfig, run_dir: Path, val_blocks: torch.Tensor | None = None) -> dict:
+def run(
+    cfg: PipelineConfig,
+    run_dir: Path,
+    val_blocks: torch.Tensor | None = None,
+    calib_blocks: torch.Tensor | None = None,
+) -> dict:
     """Score every kept checkpoint's quantized form; copy the best one's weights to final/.
+
+    Args:
+        val_blocks: held-out blocks ``(N, T)``; by default the run's validation split
+            (the first ``eval.max_blocks`` are scored).
+        calib_blocks: GPTQ calibration blocks ``(N, T)``; by default the run's training split.
+
+    Returns:
+        ``{"selected": checkpoint name, "by": ..., "scores": [{"checkpoint", "method",
+        "perplexity"}]}``, also written to ``<run_dir>/checkpoint_selection.json``.
 
     Raises:
         DistillError: no complete checkpoint, or no quantization method configured.
     """
-    from distill.quantize.stage import quantize_folder
-
-    ckpts = complete_checkpoints(run_dir / "checkpoints")
+    rd = RunDir(Path(run_dir))
+    ckpts = complete_checkpoints(rd.checkpoints)
     if not ckpts:
         raise DistillError(
             f"train.select_checkpoint=best_quantized: no complete checkpoint in "
-            f"{run_dir / 'checkpoints'}; lower train.save_every_n_steps"
+            f"{rd.checkpoints}; lower train.save_every_n_steps"
         )
     if not cfg.quant.methods:
         raise DistillError("train.select_checkpoint=best_quantized needs quant.methods")
     method = cfg.quant.methods[0]
-    final = run_dir / "final"
-    if val_blocks is None:
-        from distill.data import prepare_data
-        from distill.models.load import load_tokenizer
-
-        tokenizer = load_tokenizer(str(final))
-        val_blocks = prepare_data(cfg.data, tokenizer, cache_root(cfg)).val
+    val_blocks, calib_blocks = _blocks(cfg, rd, val_blocks, calib_blocks)
     if cfg.eval.max_blocks is not None:
         val_blocks = val_blocks[: cfg.eval.max_blocks]
 
     scores = []
-    with tempfile.TemporaryDirectory(prefix="select-", dir=run_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="select-", dir=rd.root) as tmp:
         for ckpt in ckpts:
-            src = Path(tmp) / f"src-{ckpt.name}"
-            src.mkdir()
-            for f in ("config.json", "generation_config.json", "model.safetensors"):
-                if (ckpt / f).exists():
-                    shutil.copy(ckpt / f, src / f)
-            dst = Path(tmp) / f"q-{ckpt.name}"
-            quantize_folder(
-                src,
-                dst,
-                method,
-                include_embeddings=cfg.quant.include_embeddings,
-                group_size=cfg.quant.group_size,
-                compute_dtype=cfg.quant.compute_dtype,
-            )
-            model = AutoModelForCausalLM.from_pretrained(str(dst))
-            ppl = perplexity(model, val_blocks)
+            model = quantize_checkpoint(cfg, ckpt, Path(tmp) / f"q-{ckpt.name}", calib_blocks)
+            ppl = perplexity(model, val_blocks, batch_size=4)
             del model
             scores.append({"checkpoint": ckpt.name, "method": method, "perplexity": ppl})
             log.info("select: %s quantized (%s) perplexity %.3f", ckpt.name, method, ppl)
     best = min(scores, key=lambda s: s["perplexity"])
-    chosen = run_dir / "checkpoints" / best["checkpoint"]
-    staging = run_dir / f".staging-final-select-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(final, staging)  # tokenizer and generation files stay as trained
-    for f in ("config.json", "model.safetensors"):
-        shutil.copy(chosen / f, staging / f)
-    shutil.rmtree(final)
-    os.replace(staging, final)
+    _install(rd, rd.checkpoints / best["checkpoint"])
     result = {"selected": best["checkpoint"], "by": f"perplexity after {method}", "scores": scores}
-    (run_dir / SELECTION_FILE).write_text(json.dumps(result, indent=2))
+    write_json_atomic(rd.root / SELECTION_FILE, result)
     log.info("select: final/ now holds %s", best["checkpoint"])
     return result
+
+
+def quantize_checkpoint(
+    cfg: PipelineConfig, ckpt: Path, dst: Path, calib_blocks: torch.Tensor | None
+) -> nn.Module:
+    """The first of ``quant.methods`` applied to checkpoint ``ckpt`` as the stage ships it.
+
+    The checkpoint's model files are copied into ``dst/src`` (optimizer and RNG state stay
+    out), calibrated and quantized by the quantize stage's own functions into ``dst/q``.
+
+    Returns:
+        The in-memory quantized model (what ``dst/q`` reloads to).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from distill.quantize.stage import calibrate, quantize_variant
+
+    method = cfg.quant.methods[0]
+    src = dst / "src"
+    src.mkdir(parents=True)
+    for f in _MODEL_FILES:
+        if (ckpt / f).exists():
+            shutil.copy(ckpt / f, src / f)
+    # Loaded as the stage loads final/ for its calibration: stored dtype, eval mode.
+    float_model = AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
+    calibrated = calibrate(cfg, float_model, calib_blocks, methods=[method], gguf_types=[])
+    del float_model
+    _, model = quantize_variant(cfg, src, dst / "q", method, calibrated)
+    return model
+
+
+def _blocks(
+    cfg: PipelineConfig,
+    rd: RunDir,
+    val_blocks: torch.Tensor | None,
+    calib_blocks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Held-out and calibration blocks: as given, else the run's validation / training split."""
+    from distill.quantize.stage import calibration_group_sizes
+
+    needs_calibration = bool(calibration_group_sizes(cfg, cfg.quant.methods[:1], []))
+    if val_blocks is None or (calib_blocks is None and needs_calibration):
+        from distill.data import prepare_data
+        from distill.models.load import load_tokenizer
+
+        splits = prepare_data(cfg.data, load_tokenizer(str(rd.final)), cache_root(cfg))
+        val_blocks = splits.val if val_blocks is None else val_blocks
+        calib_blocks = splits.train if calib_blocks is None else calib_blocks
+    return val_blocks, calib_blocks
+
+
+def _install(rd: RunDir, chosen: Path) -> None:
+    """Make ``final/`` hold ``chosen``'s weights, swapped in whole."""
+    staging = staging_folder(rd.final)
+    shutil.copytree(rd.final, staging)  # tokenizer and generation files stay as trained
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(chosen / f, staging / f)
+    replace_folder(staging, rd.final)

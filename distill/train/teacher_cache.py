@@ -39,8 +39,10 @@ import torch
 from torch import Tensor
 
 from distill.config import DistillError, PipelineConfig, TrainConfig, cache_root
-from distill.data import batch_indices, tokenizer_fingerprint
-from distill.train.losses import Head, TopKTeacher, fused_head
+from distill.data import batch_indices, blocks_hash, tokenizer_fingerprint
+from distill.models.footprint import weights_hash
+from distill.train.chunked_loss import Head, fused_head
+from distill.train.losses import TopKTeacher
 
 log = logging.getLogger(__name__)
 
@@ -89,26 +91,6 @@ class CacheManifest:
         """Stored bytes per scored position: k log-probs, k ids, one tail."""
         id_bytes = 2 if self.id_dtype() == torch.uint16 else 4
         return self.top_k * (2 + id_bytes) + 4
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 (16 hex digits) of every tensor of ``model.state_dict()``: names, dtypes, bytes."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if hasattr(tensor, "full_tensor"):  # a DTensor shard of an FSDP-placed teacher
-            tensor = tensor.full_tensor()
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def blocks_hash(blocks: Tensor) -> str:
-    """sha256 (16 hex digits) of the packed training blocks ``(num_blocks, block_size)``."""
-    t = blocks.to("cpu", torch.int64).contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}".encode())
-    h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def manifest_for(

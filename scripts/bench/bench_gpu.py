@@ -5,7 +5,7 @@
     python scripts/bench/bench_gpu.py --tiny          # microscopic models: a CPU smoke run
 
 Both models are built from config with random weights (throughput does not depend on the
-values). Each mode runs `distill.train.loop.train_step`, the function the real loop calls:
+values). Each mode runs `distill.train.step.train_step`, the function the real loop calls:
   ce      plain training, no teacher                       (the baseline)
   online  KD with the teacher run every step               (teacher in bf16, frozen)
   cached  KD against stored top-k teacher log-probs        (no teacher forward)
@@ -25,9 +25,9 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.train import loop as train
-from distill.train.loop import Batch, StepContext
-from distill.train.losses import TopKTeacher, fused_head
+from distill.train.chunked_loss import fused_head
+from distill.train.losses import TopKTeacher
+from distill.train.step import Batch, StepContext, train_step
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -169,7 +169,7 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats(device)
         for i in range(args.warmup + args.steps):
             t0 = time.perf_counter()
-            train.train_step(ctx, [batch], lr=1e-4, step=i)
+            train_step(ctx, [batch], lr=1e-4, step=i)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= args.warmup:
@@ -181,7 +181,7 @@ def main() -> int:
                 [ProfilerActivity.CUDA] if device.type == "cuda" else []
             )
             with profile(activities=acts) as prof:
-                train.train_step(ctx, [batch], lr=1e-4, step=0)
+                train_step(ctx, [batch], lr=1e-4, step=0)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

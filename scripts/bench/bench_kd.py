@@ -10,7 +10,7 @@ configs/pair/smollm2-135m_to_smollm2-14l.yaml), in one process, prints one line 
   P4  teacher-cache bytes per token / full-vocabulary fp16 bytes    (target <= 0.5%)
       held-out perplexity after N steps, cached top-k / online full (target <= 1.02)
 
-Steps are real ``distill.train.loop.train_step`` calls (forward, backward, clip, AdamW) on the
+Steps are real ``distill.train.step.train_step`` calls (forward, backward, clip, AdamW) on the
 same student, batch and block size. Times are medians over ``--repeats``, the variants run
 interleaved (order reversed every other repeat) after one warm-up each. Not a test: numbers
 depend on the machine and on what else runs on it, so the thread count and load average are
@@ -23,7 +23,6 @@ minutes on 2 CPU cores; raise --batch-size, --block-size, --repeats, --steps and
 import argparse
 import copy
 import gc
-import math
 import os
 import statistics
 import sys
@@ -41,19 +40,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill.config import DataConfig, LossConfig, StudentConfig, TeacherConfig, TrainConfig
 from distill.data import prepare_data
+from distill.evaluate.metrics import perplexity
 from distill.models.load import load_teacher
 from distill.models.student import build_student
-from distill.train.loop import StepContext, lr_at, micro_batches_for_step, train_step
+from distill.train.chunked_loss import chunked_distill_loss, fused_head
 from distill.train.losses import (
+    KDLoss,
     ProjectedTeacher,
     TopKTeacher,
-    chunked_distill_loss,
     cross_entropy_per_token,
-    forward_kl_per_token,
-    fused_head,
     make_kd_loss,
-    shift_for_next_token,
 )
+from distill.train.step import StepContext, lr_at, micro_batches_for_step, train_step
 from distill.train.teacher_cache import TeacherCache, blocks_for_steps, build_cache, manifest_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,19 +139,6 @@ def interleaved_medians(
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-@torch.inference_mode()
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
-    model.eval()
-    total = count = 0.0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i : i + batch_size]
-        s, targets, valid = shift_for_next_token(model(input_ids=ids).logits, ids)
-        total += float(cross_entropy_per_token(s, targets)[valid].sum())
-        count += float(valid.sum())
-    model.train()
-    return math.exp(total / count)
-
-
 def loss_memory(
     student_weight: torch.Tensor,
     teacher_head: tuple[torch.Tensor, torch.Tensor | None],
@@ -199,7 +184,7 @@ def loss_memory(
         with torch.no_grad():
             t_logits = projected.logits()
         ce = cross_entropy_per_token(logits, targets).mean()
-        backward((1 - r) * ce + r * forward_kl_per_token(logits, t_logits).mean())
+        backward((1 - r) * ce + r * KDLoss("forward_kl")(logits, t_logits).mean())
 
     def chunked(teacher_rows: object, ratio: float) -> Callable[[], None]:
         def fn() -> None:

@@ -148,49 +148,48 @@ def fast_cpu_kernels() -> Iterator[None]:
 
 
 def load_variants(run_dir: Path, methods: list[str], gguf_types: list[str]) -> list[Variant]:
-    """The fp32 student of ``run_dir/final`` first, then every quantized variant found."""
+    """The fp32 student of ``run_dir/final`` first, then every quantized variant found.
+
+    The variants are :func:`distill.run_dir.variants`' (``student_init`` left out); a
+    missing quantized variant is skipped.
+    """
     from transformers import AutoModelForCausalLM
 
     from distill.models.conv1d import load_causal_lm
     from distill.quantize.gguf import gguf_tensor_bytes
+    from distill.run_dir import RunDir, variants
 
-    final = run_dir / "final"
+    final = RunDir(run_dir).final
     student = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     out = [Variant("student (fp32)", student, weight_bytes(student))]
-    for method in methods:
-        folder = run_dir / "quantized" / method
-        if (folder / "config.json").is_file():
-            model = load_causal_lm(folder).eval()
-            out.append(Variant(f"student-{method}", model, weight_bytes(model)))
-            if method == "int8_weight_only":
-                # int4 gains nothing from it: its time goes into dequantizing every linear's
-                # whole weight on every call, which no CPU kernel in torch replaces.
-                out.append(
-                    Variant(
-                        f"student-{method}+fast",
-                        model,
-                        weight_bytes(model),
-                        "fast_cpu_kernels(): row-gather embedding, _weight_int8pack_mm",
-                        fast_kernels=True,
-                    )
-                )
-    for gguf_type in gguf_types:
-        path = run_dir / "quantized" / "gguf" / f"student-{gguf_type}.gguf"
-        if path.is_file():
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    present, _missing = variants(run_dir, methods, gguf_types)
+    for v in present:
+        if v.record_key is None:  # student_init and the fp32 student loaded above
+            continue
+        if v.is_gguf:
+            model = AutoModelForCausalLM.from_pretrained(v.path.parent, gguf_file=v.path.name)
+            note = "dequantized to fp32 by transformers: speed is fp32's"
+            out.append(Variant(v.name, model.eval(), gguf_tensor_bytes(v.path), note))
+            continue
+        model = load_causal_lm(v.path).eval()
+        out.append(Variant(v.name, model, weight_bytes(model)))
+        if v.precision == "int8_weight_only":
+            # int4 gains nothing from it: its time goes into dequantizing every linear's
+            # whole weight on every call, which no CPU kernel in torch replaces.
             out.append(
                 Variant(
-                    f"student-gguf-{gguf_type}",
+                    f"{v.name}+fast",
                     model,
-                    gguf_tensor_bytes(path),
-                    "dequantized to fp32 by transformers: speed is fp32's",
+                    weight_bytes(model),
+                    "fast_cpu_kernels(): row-gather embedding, _weight_int8pack_mm",
+                    fast_kernels=True,
                 )
             )
     return out
 
 
 def _generate_fn(model: Any, prompt: torch.Tensor, new_tokens: int) -> Any:
-    from distill.evaluate.stage import greedy_generation_config
+    from distill.evaluate.speed import greedy_generation_config
 
     gen_cfg = greedy_generation_config(model, new_tokens)
     mask = torch.ones_like(prompt)
@@ -351,14 +350,16 @@ def profile_decode(
 
 def prompt_ids(run_dir: Path, prompt_tokens: int) -> torch.Tensor:
     """``(1, P)`` held-out ids: the parity blocks the quantize stage saved, else fixed text."""
-    path = run_dir / "quantized" / "parity_blocks.safetensors"
-    if path.is_file():
+    from distill.run_dir import RunDir
+
+    rd = RunDir(run_dir)
+    if rd.parity_blocks.is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(path))["ids"].reshape(1, -1)[:, :prompt_tokens]
+        return load_file(str(rd.parity_blocks))["ids"].reshape(1, -1)[:, :prompt_tokens]
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+    tok = AutoTokenizer.from_pretrained(rd.final)
     text = "Decoding is bound by memory traffic: every generated token reads every weight. " * 20
     return tok(text, return_tensors="pt")["input_ids"][:, :prompt_tokens]
 

@@ -70,8 +70,8 @@ def main() -> None:
     if args.compiled:
         rows = bench.compiled_rates(variants, prompt, args.new_tokens, args.repeats)
         print(
-            "\ncompiled (distill.evaluate.compiled_decode: inductor freezing + C++ GEMMs, static cache, "
-            "logits checked against eager; sequential runs, not paired):"
+            "\ncompiled (distill.evaluate.compiled_decode: inductor freezing + C++ GEMMs, "
+            "static cache, logits checked against eager; sequential runs, not paired):"
         )
         print("\n".join(bench.compiled_table(variants, rows, times, args.new_tokens)))
     if args.profile:

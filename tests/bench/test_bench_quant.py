@@ -1,4 +1,4 @@
-"""scripts/bench/bench_quant.py's pieces on a microscopic model: fast kernels compute the same logits."""
+"""scripts/bench/bench_quant.py's pieces on a tiny model: fast kernels compute the same logits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.quantize.stage import quantize_folder
+from distill.quantize.folder import quantize_folder
 from tests.conftest import REPO, tiny_llama
 
 sys.path.insert(0, str(REPO / "scripts" / "bench"))

@@ -8,12 +8,14 @@ from conftest import tiny_llama
 
 from distill.config import EvalConfig
 from distill.evaluate import compiled_decode
-from distill.evaluate import stage as evaluate
 from distill.evaluate.compiled_decode import (
     CompiledDecodeError,
     greedy_static,
     measure_compiled_decode,
 )
+from distill.evaluate.memory import add_memory_fields
+from distill.evaluate.report import format_memory_table
+from distill.evaluate.speed import compiled_decode_fields
 
 VOCAB = 96
 
@@ -75,18 +77,18 @@ def test_compiled_logits_that_differ_are_refused(model, monkeypatch) -> None:
 
 def test_report_fields_carry_rate_ratio_or_error(model, monkeypatch) -> None:
     cfg = EvalConfig(decode_tokens=3, repeats=1, compiled_decode=["student-*"])
-    assert evaluate.compiled_decode_fields("teacher", model, prompt(), cfg) == {}
+    assert compiled_decode_fields("teacher", model, prompt(), cfg) == {}
 
     def broken(model, **kwargs):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", broken)
-    failed = evaluate.compiled_decode_fields("student-int8", model, prompt(), cfg)
+    failed = compiled_decode_fields("student-int8", model, prompt(), cfg)
     assert failed["decode_compiled_tokens_per_s"] is None
     assert "no C++ compiler" in failed["decode_compiled_error"]
 
     monkeypatch.setattr(torch, "compile", _fake_compile(0.0))  # eager stand-in: fast
-    ok = evaluate.compiled_decode_fields("student-int8", model, prompt(), cfg)
+    ok = compiled_decode_fields("student-int8", model, prompt(), cfg)
     assert ok["decode_compiled_error"] is None and ok["decode_compiled_tokens_per_s"] > 0
     assert ok["decode_compiled_method"] == compiled_decode.METHOD
 
@@ -99,14 +101,12 @@ def test_report_fields_carry_rate_ratio_or_error(model, monkeypatch) -> None:
         "decode_tokens_per_s": 5.0,
         **ok,
     }
-    evaluate.add_memory_fields(row, cfg, bandwidth_bytes_per_s=1e6)
+    add_memory_fields(row, cfg, bandwidth_bytes_per_s=1e6)
     assert row["decode_compiled_bound_ratio"] == pytest.approx(
         ok["decode_compiled_tokens_per_s"] / row["decode_bound_tokens_per_s"]
     )
     failed_row = {**row, **failed, "name": "student-int4"}
-    table = evaluate.format_memory_table(
-        {"variants": [{**row, "name": "student-int8"}, failed_row]}
-    )
+    table = format_memory_table({"variants": [{**row, "name": "student-int8"}, failed_row]})
     assert "compiled b=1 tok/s" in table
     assert f"{row['decode_compiled_bound_ratio'] * 100:.0f}% |" in table
     assert "failed (see report.json)" in table

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values, and the evaluate stage on a microscopic run dir."""
+"""The evaluate stage on a microscopic run dir: report schema, variants, errors."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from distill.config import (
     StudentConfig,
     TeacherConfig,
 )
+from distill.evaluate import report as report_files
 from distill.evaluate import stage as evaluate
-from distill.evaluate.stage import EvalError, ScoreSums, score_logits
-from distill.quantize.stage import quantize_folder
+from distill.evaluate.stage import EvalError
+from distill.quantize.folder import quantize_folder
 
 VOCAB = 130  # 128 words + <unk> + <eos>
 REQUIRED_FIELDS = {
@@ -35,81 +36,6 @@ REQUIRED_FIELDS = {
     "prefill_tokens_per_s",
     "decode_tokens_per_s",
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Metric functions
-# --------------------------------------------------------------------------------------------
-
-
-def test_identical_logits_have_zero_kl_and_full_agreement() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7)
-    tokens = torch.randint(0, 7, (2, 5))
-    sums = score_logits(logits, logits.clone(), tokens)
-    assert sums.num_tokens == 2 * 4  # T - 1 positions per row
-    assert sums.kl == pytest.approx(0.0, abs=1e-6)
-    assert sums.top1 == 1.0
-
-
-def test_uniform_logits_have_perplexity_equal_to_vocab_size() -> None:
-    tokens = torch.randint(0, 11, (3, 6))
-    sums = score_logits(torch.zeros(3, 6, 11), torch.randn(3, 6, 11), tokens)
-    assert sums.perplexity == pytest.approx(11.0, rel=1e-6)
-
-
-def test_hand_computed_ce_kl_and_top1() -> None:
-    # Two scored positions (T = 3), vocabulary of 2.
-    model = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [9.0, 9.0]]])
-    teacher = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0], [5.0, 1.0]]])
-    tokens = torch.tensor([[0, 1, 0]])
-    sums = score_logits(model, teacher, tokens)
-
-    # CE: position 0 (uniform) predicts token 1 -> ln 2; position 1 predicts token 0 under
-    # softmax(2, 0) -> -ln(e^2 / (e^2 + 1)). The last position has no next token.
-    ce1 = -math.log(math.exp(2.0) / (math.exp(2.0) + 1.0))
-    assert sums.ce_sum == pytest.approx(math.log(2.0) + ce1, rel=1e-6)
-    assert sums.perplexity == pytest.approx(math.exp((math.log(2.0) + ce1) / 2), rel=1e-6)
-    # KL(teacher || model): position 0 p = (1/4, 3/4) vs (1/2, 1/2); position 1 p uniform.
-    kl0 = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
-    q1 = torch.softmax(torch.tensor([2.0, 0.0]), -1).tolist()
-    kl1 = 0.5 * math.log(0.5 / q1[0]) + 0.5 * math.log(0.5 / q1[1])
-    assert sums.kl == pytest.approx((kl0 + kl1) / 2, rel=1e-5)
-    # Top-1: position 0 model argmax 0 (tie -> first) vs teacher 1; position 1 both 0.
-    assert sums.top1_matches == 1
-    assert sums.num_tokens == 2
-
-
-def test_teacher_zero_probability_gives_finite_kl() -> None:
-    teacher = torch.tensor([[[0.0, float("-inf")], [0.0, 0.0]]])
-    sums = score_logits(torch.zeros(1, 2, 2), teacher, torch.tensor([[0, 1]]))
-    assert math.isfinite(sums.kl)
-    assert sums.kl == pytest.approx(math.log(2.0), rel=1e-6)
-
-
-def test_sums_over_batches_equal_one_big_batch() -> None:
-    torch.manual_seed(1)
-    logits, teacher = torch.randn(4, 6, 9), torch.randn(4, 6, 9)
-    tokens = torch.randint(0, 9, (4, 6))
-    whole = score_logits(logits, teacher, tokens)
-    parts = score_logits(logits[:1], teacher[:1], tokens[:1]) + score_logits(
-        logits[1:], teacher[1:], tokens[1:]
-    )
-    assert parts.num_tokens == whole.num_tokens
-    assert parts.ce_sum == pytest.approx(whole.ce_sum, rel=1e-6)
-    assert parts.kl_sum == pytest.approx(whole.kl_sum, rel=1e-6)
-    assert parts.top1_matches == whole.top1_matches
-
-
-def test_score_logits_rejects_mismatched_shapes() -> None:
-    with pytest.raises(ValueError, match="differ in shape"):
-        score_logits(torch.zeros(1, 3, 5), torch.zeros(1, 3, 6), torch.zeros(1, 3).long())
-    with pytest.raises(ValueError, match="at least 2 tokens"):
-        score_logits(torch.zeros(1, 1, 5), torch.zeros(1, 1, 5), torch.zeros(1, 1).long())
-
-
-def test_empty_sums_are_nan_not_a_crash() -> None:
-    assert math.isnan(ScoreSums().perplexity)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,8 +176,8 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path) -> None:
     assert "| student-int8_weight_only |" in md
     assert f"{student['perplexity']:.2f}" in md
     assert (tiny_run / "memory_vs_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert evaluate.format_table(report) in md
-    assert evaluate.format_memory_table(report) in md and "**no**" in md
+    assert report_files.format_table(report) in md
+    assert report_files.format_memory_table(report) in md and "**no**" in md
 
 
 def test_missing_final_names_the_fix(tmp_path: Path) -> None:
@@ -272,7 +198,7 @@ def test_run_loads_teacher_and_data_when_not_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import distill.data
-    import distill.models
+    import distill.models.load
     from distill.config import cache_root
 
     cfg = tiny_config()
@@ -289,7 +215,7 @@ def test_run_loads_teacher_and_data_when_not_given(
             train=torch.zeros(1, 16).long(), val=torch.ones(3, 16).long()
         )
 
-    monkeypatch.setattr(distill.models, "load_teacher", fake_load_teacher)
+    monkeypatch.setattr(distill.models.load, "load_teacher", fake_load_teacher)
     monkeypatch.setattr(distill.data, "prepare_data", fake_prepare_data)
     tiny_model(2, 1).save_pretrained(str(tmp_path / "final"))
     report = evaluate.run(cfg, tmp_path)

@@ -18,7 +18,6 @@ from distill.models.student import (
     build_student_from_config,
     build_student_from_teacher,
     decoder_layers,
-    select_layers,
 )
 from tests.conftest import make_tokenizer, tiny_gpt2, tiny_llama
 
@@ -57,13 +56,6 @@ def test_student_kv_cache_generation_works() -> None:
 def test_layer_indices_validated() -> None:
     with pytest.raises(ModelError, match=r"\[7\]"):
         build_student_from_teacher(tiny_llama(64, layers=4), [0, 7])
-
-
-def test_select_layers_keeps_front_and_back() -> None:
-    assert select_layers(10, 4) == [0, 1, 8, 9]
-    assert select_layers(10, 3) == [0, 1, 9]
-    with pytest.raises(ModelError):
-        select_layers(4, 5)
 
 
 def test_from_config_overrides_and_unknown_key() -> None:
@@ -114,19 +106,36 @@ def test_pickled_only_folder_is_refused_without_unpickling(tmp_path: Path) -> No
     assert not marker.exists()
 
 
+CUSTOM_MODEL = """
+from pathlib import Path
+
+from transformers import LlamaForCausalLM
+
+Path({marker!r}).touch()  # the side effect that shows this module ran
+
+
+class CustomModel(LlamaForCausalLM):
+    pass
+"""
+
+
 def test_remote_code_is_opt_in(tmp_path: Path) -> None:
-    model = tiny_llama(64)
-    model.save_pretrained(str(tmp_path))
     import json
 
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    folder = tmp_path / "model"
+    tiny_llama(64).save_pretrained(str(folder))
+    cfg = json.loads((folder / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "custom_model.CustomModel"}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    (tmp_path / "custom_model.py").write_text("raise SystemExit('remote code ran')\n")
-    # With trust_remote_code off, the custom class is never imported: either the built-in
-    # class loads the weights or loading refuses; the module body never runs.
-    try:
-        loaded = load_causal_lm(str(tmp_path), what="student")
-        assert type(loaded).__name__ == "LlamaForCausalLM"
-    except ModelError as err:
-        assert "remote" in str(err).lower() or "trust" in str(err).lower()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "custom_code_ran"
+    (folder / "custom_model.py").write_text(CUSTOM_MODEL.format(marker=str(marker)))
+
+    # Off (the default): the folder's own modeling file is never imported; the built-in
+    # class reads the weights.
+    refused = load_causal_lm(str(folder), what="student")
+    assert type(refused).__name__ == "LlamaForCausalLM"
+    assert not marker.exists()
+    # On: the custom class is what loads, offline, from the local folder.
+    trusted = load_causal_lm(str(folder), what="student", trust_remote_code=True)
+    assert type(trusted).__name__ == "CustomModel"
+    assert marker.exists()

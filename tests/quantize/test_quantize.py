@@ -28,14 +28,11 @@ from distill.config import (
     TeacherConfig,
 )
 from distill.models.footprint import tensor_bytes
+from distill.quantize.folder import quantize_folder, quantize_to_folder
 from distill.quantize.parity import ParityError
-from distill.quantize.stage import (
-    QuantizeError,
-    plan_quantization,
-    quantize_folder,
-    quantize_to_folder,
-    run,
-)
+from distill.quantize.plan import plan_quantization
+from distill.quantize.stage import run
+from distill.quantize.torchao import QuantizeError
 
 VOCAB = 257  # the conftest tokenizer: 256 byte symbols + <|endoftext|>
 METHOD = "int8_weight_only"

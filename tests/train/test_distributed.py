@@ -49,3 +49,11 @@ def test_two_processes_match_one(tmp_path: Path, tiny_teacher_dir, tiny_corpus_d
     # Only the main process writes: one metrics row per step, not two.
     rows = (tmp_path / "two/metrics.jsonl").read_text().splitlines()
     assert sum('"kind": "train"' in r for r in rows) == 4
+
+    # README "Scaling out": one process on that run dir goes on without training it again
+    # (its config.yaml says batch 1, the checkpoints say 2 processes of it).
+    out = _run([sys.executable, script, f"run_dir={tmp_path}/two", f"hydra.run.dir={tmp_path}/3"])
+    assert "not training again" in out
+    assert (tmp_path / "two/metrics.jsonl").read_text().splitlines() == rows
+    again = load_file(str(tmp_path / "two/final/model.safetensors"))
+    assert all(torch.equal(again[k], two[k]) for k in two)

@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
-from distill.config import LossConfig
+from distill.config import LOSSES, LossConfig
+from distill.train.chunked_loss import chunked_distill_loss, fused_head
 from distill.train.losses import (
+    DIVERGENCES,
     IGNORE_INDEX,
-    LOSS_FUNCTIONS,
+    KDLoss,
     ProjectedTeacher,
     TopKTeacher,
-    chunked_distill_loss,
     cross_entropy_per_token,
-    forward_kl_per_token,
-    fused_head,
-    jsd_per_token,
     make_kd_loss,
     reduce_masked,
-    reverse_kl_per_token,
     shift_for_next_token,
-    skew_kl_per_token,
 )
 from tests.conftest import tiny_gpt2, tiny_llama
+
+
+def per_token(name: str, student, teacher, **settings) -> torch.Tensor:
+    """Divergence ``name`` per position ``(B, T)``, as the loop computes it."""
+    return KDLoss(name, **settings)(student, teacher)
+
+
+def forward_kl(student, teacher, **settings) -> torch.Tensor:
+    return per_token("forward_kl", student, teacher, **settings)
 
 
 def test_forward_kl_matches_hand_computed_value() -> None:
@@ -32,7 +38,7 @@ def test_forward_kl_matches_hand_computed_value() -> None:
     teacher = torch.tensor([[[0.0, math.log(3.0)]]])
     student = torch.zeros(1, 1, 2)
     expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
-    got = forward_kl_per_token(student, teacher, temperature=1.0)
+    got = forward_kl(student, teacher, temperature=1.0)
     assert got.shape == (1, 1)
     assert abs(got.item() - expected) < 1e-6
 
@@ -41,9 +47,9 @@ def test_temperature_softens_both_and_t2_scales() -> None:
     teacher = torch.tensor([[[0.0, 2.0]]])
     student = torch.tensor([[[1.0, 0.0]]])
     t = 2.0
-    plain = forward_kl_per_token(student / t, teacher / t, temperature=1.0)
-    unscaled = forward_kl_per_token(student, teacher, temperature=t, scale_by_t2=False)
-    scaled = forward_kl_per_token(student, teacher, temperature=t, scale_by_t2=True)
+    plain = forward_kl(student / t, teacher / t, temperature=1.0)
+    unscaled = forward_kl(student, teacher, temperature=t, scale_by_t2=False)
+    scaled = forward_kl(student, teacher, temperature=t, scale_by_t2=True)
     assert torch.allclose(plain, unscaled)
     assert torch.allclose(scaled, unscaled * t * t)
 
@@ -51,9 +57,9 @@ def test_temperature_softens_both_and_t2_scales() -> None:
 def test_kl_zero_for_identical_and_non_negative() -> None:
     torch.manual_seed(0)
     a = torch.randn(3, 5, 11)
-    assert forward_kl_per_token(a, a).abs().max() < 1e-6
+    assert forward_kl(a, a).abs().max() < 1e-6
     b = torch.randn(3, 5, 11)
-    assert (forward_kl_per_token(a, b) >= -1e-7).all()
+    assert (forward_kl(a, b) >= -1e-7).all()
 
 
 def test_cross_entropy_matches_log_softmax_and_ignores() -> None:
@@ -65,9 +71,9 @@ def test_cross_entropy_matches_log_softmax_and_ignores() -> None:
 
 
 def test_reduce_masked_all_masked_is_zero_not_nan() -> None:
-    per_token = torch.full((2, 3), float("nan"))
+    values = torch.full((2, 3), float("nan"))
     mask = torch.zeros(2, 3, dtype=torch.bool)
-    out = reduce_masked(per_token, mask, mask.sum())
+    out = reduce_masked(values, mask, mask.sum())
     assert out.item() == 0.0
 
 
@@ -78,7 +84,7 @@ def test_masked_positions_get_zero_gradient() -> None:
     labels = torch.tensor([[1, 2, 3, 4]])
     attn = torch.tensor([[1, 1, 1, 0]])  # last token is padding
     s, targets, valid = shift_for_next_token(student, labels, attn)
-    loss = reduce_masked(forward_kl_per_token(s, teacher[:, :-1]), valid, valid.sum())
+    loss = reduce_masked(forward_kl(s, teacher[:, :-1]), valid, valid.sum())
     loss = loss + reduce_masked(cross_entropy_per_token(s, targets), valid, valid.sum())
     loss.backward()
     assert valid.tolist() == [[True, True, False]]
@@ -88,16 +94,25 @@ def test_masked_positions_get_zero_gradient() -> None:
 
 
 def test_reducer_divides_by_supplied_count() -> None:
-    per_token = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     mask = torch.tensor([[True, False], [True, True]])
-    assert reduce_masked(per_token, mask, 8).item() == (1 + 3 + 4) / 8
+    assert reduce_masked(values, mask, 8).item() == (1 + 3 + 4) / 8
 
 
 # --------------------------------------------------------------------------------------------
 # The loss family
 # --------------------------------------------------------------------------------------------
 
-ALL = sorted(LOSS_FUNCTIONS)
+ALL = list(LOSSES)
+
+
+def test_loss_names_are_one_list_and_unknown_names_name_the_choices() -> None:
+    # config.LOSSES is what loss.name accepts; every one of them has a divergence, no other.
+    assert tuple(DIVERGENCES) == LOSSES
+    with pytest.raises(ValueError, match="unknown loss 'mse': choose one of forward_kl, "):
+        per_token("mse", torch.zeros(1, 1, 2), torch.zeros(1, 1, 2))
+    problems = LossConfig(name="mse").problems()
+    assert problems == [f"loss.name='mse': choose one of {', '.join(LOSSES)}"]
 
 
 def _fixed_pair() -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +141,7 @@ def _kl(p: list[float], q: list[float]) -> float:
 )
 def test_each_loss_matches_hand_computed_value(name: str, kwargs: dict, expected: float) -> None:
     student, teacher = _fixed_pair()
-    got = LOSS_FUNCTIONS[name](student, teacher, scale_by_t2=False, **kwargs)
+    got = per_token(name, student, teacher, scale_by_t2=False, **kwargs)
     assert got.shape == (1, 1) and got.dtype == torch.float32
     assert abs(got.item() - expected) < 1e-6
 
@@ -135,7 +150,7 @@ def test_each_loss_matches_hand_computed_value(name: str, kwargs: dict, expected
 def test_each_loss_zero_for_identical_non_negative_and_tempered(name: str) -> None:
     torch.manual_seed(0)
     a, b = torch.randn(3, 5, 11), torch.randn(3, 5, 11) * 3
-    fn = LOSS_FUNCTIONS[name]
+    fn = functools.partial(per_token, name)
     assert fn(a, a.clone()).abs().max() < 1e-5
     assert (fn(a, b) >= -1e-6).all()
     t = 2.5
@@ -147,16 +162,16 @@ def test_each_loss_zero_for_identical_non_negative_and_tempered(name: str) -> No
 def test_jsd_endpoints_are_the_kls_and_limits_are_continuous() -> None:
     torch.manual_seed(1)
     s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9) * 2
-    fkl, rkl = forward_kl_per_token(s, t), reverse_kl_per_token(s, t)
-    assert torch.equal(jsd_per_token(s, t, beta=0.0), fkl)
-    assert torch.equal(jsd_per_token(s, t, beta=1.0), rkl)
+    fkl, rkl = forward_kl(s, t), per_token("reverse_kl", s, t)
+    assert torch.equal(per_token("jsd", s, t, beta=0.0), fkl)
+    assert torch.equal(per_token("jsd", s, t, beta=1.0), rkl)
     # Continuous at the ends: the gap to each KL shrinks as beta approaches it.
-    gaps_f = [(jsd_per_token(s, t, beta=b) - fkl).abs().max() for b in (1e-1, 1e-2, 1e-3)]
-    gaps_r = [(jsd_per_token(s, t, beta=1 - b) - rkl).abs().max() for b in (1e-1, 1e-2, 1e-3)]
+    gaps_f = [(per_token("jsd", s, t, beta=b) - fkl).abs().max() for b in (1e-1, 1e-2, 1e-3)]
+    gaps_r = [(per_token("jsd", s, t, beta=1 - b) - rkl).abs().max() for b in (1e-1, 1e-2, 1e-3)]
     assert gaps_f[0] > gaps_f[1] > gaps_f[2] and gaps_r[0] > gaps_r[1] > gaps_r[2]
-    assert torch.allclose(jsd_per_token(s, t, beta=1e-3), fkl, rtol=1e-2)
-    assert torch.allclose(jsd_per_token(s, t, beta=1 - 1e-3), rkl, rtol=0.1)
-    assert torch.equal(skew_kl_per_token(s, t, alpha=0.0), fkl)
+    assert torch.allclose(per_token("jsd", s, t, beta=1e-3), fkl, rtol=1e-2)
+    assert torch.allclose(per_token("jsd", s, t, beta=1 - 1e-3), rkl, rtol=0.1)
+    assert torch.equal(per_token("skew_kl", s, t, alpha=0.0), fkl)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -164,11 +179,11 @@ def test_each_loss_all_masked_is_zero_and_masked_positions_get_no_gradient(name:
     torch.manual_seed(0)
     student = torch.randn(1, 4, 7, requires_grad=True)
     teacher = torch.randn(1, 4, 7)
-    per_token = LOSS_FUNCTIONS[name](student, teacher)
+    losses = per_token(name, student, teacher)
     none = torch.zeros(1, 4, dtype=torch.bool)
-    assert reduce_masked(per_token, none, none.sum()).item() == 0.0
+    assert reduce_masked(losses, none, none.sum()).item() == 0.0
     mask = torch.tensor([[True, True, False, False]])
-    reduce_masked(per_token, mask, mask.sum()).backward()
+    reduce_masked(losses, mask, mask.sum()).backward()
     assert student.grad[0, 2:].abs().sum() == 0
     assert student.grad[0, :2].abs().sum() > 0
 
@@ -178,7 +193,7 @@ def test_top_k_equals_full_when_k_is_v_and_is_a_finite_lower_bound_otherwise(nam
     torch.manual_seed(2)
     v = 13
     teacher = torch.randn(2, 3, v) * 2
-    fn = LOSS_FUNCTIONS[name]
+    fn = functools.partial(per_token, name)
     values, grads = [], []
     for rep in (teacher, TopKTeacher.from_logits(teacher, v, 1.5)):
         student = torch.randn(2, 3, v, generator=torch.Generator().manual_seed(3))
@@ -202,7 +217,7 @@ def test_make_kd_loss_binds_the_configured_settings() -> None:
     torch.manual_seed(4)
     s, t = torch.randn(1, 2, 5), torch.randn(1, 2, 5)
     cfg = LossConfig(name="jsd", beta=0.3, temperature=2.0, scale_by_t2=False)
-    expected = jsd_per_token(s, t, beta=0.3, temperature=2.0, scale_by_t2=False)
+    expected = per_token("jsd", s, t, beta=0.3, temperature=2.0, scale_by_t2=False)
     assert torch.equal(make_kd_loss(cfg)(s, t), expected)
 
 

@@ -30,6 +30,7 @@ from distill.train.checkpoint import (
     load_checkpoint,
     restore_rng,
 )
+from distill.train.step import OutOfMemory
 from tests.conftest import compose, tiny_llama, tiny_overrides
 
 
@@ -95,6 +96,37 @@ def test_resume_restores_weights_and_data_order(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture(scope="module")
+def dropout_teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """The tiny teacher with attention dropout, which the student inherits: its training
+    steps then draw from the global torch RNG."""
+    folder = tmp_path_factory.mktemp("dropout_teacher")
+    model = tiny_llama(len(tokenizer), layers=4)
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def test_resume_restores_the_rng_that_dropout_draws_from(
+    tmp_path: Path, dropout_teacher_dir, tiny_corpus_dir
+) -> None:
+    cache = tmp_path / "cache"
+    cfg = cfg_for(dropout_teacher_dir, tiny_corpus_dir, cache)
+    train.run(cfg, tmp_path / "straight")
+    student_config = json.loads((tmp_path / "straight/student_init/config.json").read_text())
+    assert student_config["attention_dropout"] == 0.5
+    interrupted = tmp_path / "interrupted"
+    train.run(cfg, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "step-000004")
+    shutil.rmtree(interrupted / "final")
+    resumed = cfg_for(dropout_teacher_dir, tiny_corpus_dir, cache, ["train.resume=auto"])
+    train.run(resumed, interrupted)
+    # Steps 3-4 see the dropout masks of the straight run only if the RNG came back too.
+    a, b = final_weights(tmp_path / "straight"), final_weights(interrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_rng_state_round_trips_and_missing_rng_is_an_error(
     tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir
 ) -> None:
@@ -139,12 +171,15 @@ def test_crash_mid_save_keeps_previous_checkpoint(
     assert any(p.name.startswith(".staging-step-000004") for p in ckpts.iterdir())
     good = ckpts / "step-000002"
     before = {p.name: p.read_bytes() for p in good.iterdir()}
+    lines_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
     train.run(
         cfg_for(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache", ["train.resume=auto"]),
         run_dir,
     )
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "train"][-2:] == [3, 4]  # resumed at 2
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[lines_before:]
+    new_rows = [json.loads(x) for x in lines]
+    # Resumed at 2: this invocation logged steps 3 and 4 only (from scratch it would log 1-4).
+    assert [r["step"] for r in new_rows if r["kind"] == "train"] == [3, 4]
     assert (run_dir / "final" / "model.safetensors").exists()
     assert before.keys() <= {p.name for p in good.iterdir()} or not good.exists()
 
@@ -175,7 +210,7 @@ def test_out_of_memory_names_the_knobs_and_keeps_checkpoint(
         return real(ctx, micro, lr, step)
 
     monkeypatch.setattr(train, "train_step", oom_at_step_3)
-    with pytest.raises(train.OutOfMemory) as err:
+    with pytest.raises(OutOfMemory) as err:
         train.run(cfg, tmp_path / "run")
     msg = str(err.value)
     for knob in (

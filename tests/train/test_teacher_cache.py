@@ -11,8 +11,8 @@ import torch
 
 from distill.config import TrainConfig, to_pipeline_config
 from distill.train import loop as train
-from distill.train.loop import micro_batches_for_step
 from distill.train.losses import TopKTeacher
+from distill.train.step import micro_batches_for_step
 from distill.train.teacher_cache import (
     CacheMismatchError,
     TeacherCache,

@@ -1,8 +1,11 @@
-"""The loop on a microscopic teacher: files written, exact resume, accumulation, NaN guard."""
+"""The loop on a microscopic teacher: files written, exact resume, a finished run dir left
+alone, accumulation, NaN guard."""
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,10 +13,12 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from distill.config import TrainConfig, to_pipeline_config
+from distill.config import DistillError, TrainConfig, to_pipeline_config
+from distill.run_dir import RunDir
 from distill.train import loop as train
+from distill.train import step as train_step_module
 from distill.train.checkpoint import complete_checkpoints
-from distill.train.loop import Batch, NonFiniteError, StepContext, lr_at, train_step
+from distill.train.step import Batch, NonFiniteError, StepContext, lr_at, train_step
 from tests.conftest import compose, tiny_llama, tiny_overrides
 
 
@@ -48,8 +53,27 @@ def test_run_writes_the_expected_files(tmp_path: Path, tiny_teacher_dir, tiny_co
     assert any((run_dir / "tensorboard").iterdir())
 
 
+def spy_steps(monkeypatch) -> list[int]:
+    """The 0-based steps the loop runs from now on (``train_step`` calls)."""
+    steps: list[int] = []
+    real = train.train_step
+
+    def counting(ctx, micro, lr, step):
+        steps.append(step)
+        return real(ctx, micro, lr, step)
+
+    monkeypatch.setattr(train, "train_step", counting)
+    return steps
+
+
+def logged_train_steps(run_dir: Path, after_line: int = 0) -> list[int]:
+    """Steps of the ``train`` rows that metrics.jsonl gained after its first ``after_line``."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[after_line:]
+    return [r["step"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
 def test_resume_reaches_identical_weights(
-    tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir
+    tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir, monkeypatch
 ) -> None:
     cfg = tiny_cfg(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache")
     straight = tmp_path / "straight"
@@ -58,14 +82,17 @@ def test_resume_reaches_identical_weights(
     # Same run interrupted after step 2: drop what came later, resume in fresh objects.
     interrupted = tmp_path / "interrupted"
     train.run(cfg, interrupted)
-    import shutil
-
     shutil.rmtree(interrupted / "checkpoints" / "step-000004")
     shutil.rmtree(interrupted / "final")
     resumed_cfg = tiny_cfg(
         tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache", ["train.resume=auto"]
     )
+    lines_before = len((interrupted / "metrics.jsonl").read_text().splitlines())
+    steps = spy_steps(monkeypatch)
     train.run(resumed_cfg, interrupted)
+    # Only the remaining steps ran (a run from scratch would also match the weights).
+    assert steps == [2, 3]
+    assert logged_train_steps(interrupted, lines_before) == [3, 4]
 
     a = load_file(str(straight / "final" / "model.safetensors"))
     b = load_file(str(interrupted / "final" / "model.safetensors"))
@@ -132,13 +159,13 @@ def test_non_finite_loss_stops_before_optimizer_step(bad: float, monkeypatch) ->
     model = tiny_llama(64, layers=2).train()
     ctx = _ctx(model, tiny_llama(64, layers=2, seed=3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    real = train.micro_batch_loss
+    real = train_step_module.micro_batch_loss
 
     def poisoned(ctx, batch, num_tokens):
         loss, parts = real(ctx, batch, num_tokens)
         return loss * bad, {**parts, "loss": parts["loss"] * bad}
 
-    monkeypatch.setattr(train, "micro_batch_loss", poisoned)
+    monkeypatch.setattr(train_step_module, "micro_batch_loss", poisoned)
     ids = torch.randint(0, 64, (2, 8))
     with pytest.raises(NonFiniteError, match="step 5: loss"):
         train_step(ctx, [Batch(ids, ids)], lr=1e-3, step=5)
@@ -164,3 +191,48 @@ def test_lr_schedule_is_a_pure_function_of_step() -> None:
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(100, cfg) == pytest.approx(0.1)
     assert lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def test_a_finished_run_dir_is_not_trained_again(
+    tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir, monkeypatch, caplog
+) -> None:
+    # scripts/pipeline.py run_dir=<run> after scripts/distill.py: the same config again.
+    cfg = tiny_cfg(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache")
+    run_dir = tmp_path / "run"
+    train.run(cfg, run_dir)
+    weights = run_dir / "final" / "model.safetensors"
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    mtime = weights.stat().st_mtime_ns
+    steps = spy_steps(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="distill.train.loop"):
+        assert train.run(cfg, run_dir) == run_dir / "final"
+    assert steps == []
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    assert weights.stat().st_mtime_ns == mtime
+    assert f"train: {run_dir / 'final'} already holds this config's student" in caplog.text
+
+    # Another config would overwrite it: refused, naming the ways out; nothing trained.
+    other = tiny_cfg(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache", ["train.lr=0.01"])
+    with pytest.raises(DistillError, match="another pair/data/loss/train config") as err:
+        train.run(other, run_dir)
+    assert "new run dir" in str(err.value) and "train.resume=auto" in str(err.value)
+    assert steps == [] and weights.stat().st_mtime_ns == mtime
+
+
+def test_a_run_trained_on_two_processes_is_finished_for_one(
+    tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir
+) -> None:
+    # accelerate launch (2 processes, batch 1 each) saves batch_size=1 in config.yaml; a
+    # one-process scripts/pipeline.py run_dir=<run> must see that run as finished.
+    run_dir = tmp_path / "run"
+    train.run(tiny_cfg(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache"), run_dir)
+    newest = complete_checkpoints(run_dir / "checkpoints")[-1] / "trainer_state.json"
+    state = json.loads(newest.read_text())
+    # What two processes of batch 1 write: the same global batch of 2, on 2 processes.
+    per_process = tiny_cfg(
+        tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache", ["train.batch_size=1"]
+    )
+    assert state["config_fingerprint"] == train.config_fingerprint(per_process, 2)
+    newest.write_text(json.dumps({**state, "num_processes": 2}))
+    done = train.finished_state(per_process, RunDir(run_dir))
+    assert done is not None and done.step == 4

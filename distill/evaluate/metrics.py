@@ -1,0 +1,294 @@
+"""Next-token cross-entropy, perplexity, KL(teacher || model) and top-1 agreement: the one copy.
+
+Every figure of model quality in distill comes from here: the evaluate report, training's
+periodic eval, checkpoint selection, the layer search and quantize parity. The conventions:
+
+* position ``t`` predicts ``tokens[:, t + 1]``, so a ``(B, T)`` block scores ``B * (T - 1)``
+  positions; blocks are packed, there is no padding to mask;
+* log-probabilities are taken in fp32 whatever the model's dtype, and sums are kept in
+  float64 on the host, divided once at the end (so the mean is exact across batch sizes);
+* perplexity = exp(mean CE in nats); KL(teacher || model) is summed over the vocabulary per
+  position and averaged over positions, in nats, with no temperature and no T² factor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# --------------------------------------------------------------------------------------------
+# Blocks and models
+# --------------------------------------------------------------------------------------------
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block, then whatever mode the caller had."""
+    # Dropout (GPT-2) would make scores random.
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def batches_of(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive ``(b, T)`` slices of ``blocks`` ``(N, T)``, b <= batch_size, in order."""
+    return [blocks[i : i + batch_size] for i in range(0, blocks.shape[0], batch_size)]
+
+
+def blocks_problem(blocks: torch.Tensor, batch_size: int) -> str | None:
+    """Why ``blocks`` cannot be scored in batches of ``batch_size``, or None if they can.
+
+    Callers raise their own error with it (and the fix that fits their stage).
+    """
+    if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] < 2:
+        return (
+            f"blocks must be (N, T) token ids with N >= 1 and T >= 2, got shape "
+            f"{tuple(blocks.shape)}"
+        )
+    if blocks.is_floating_point():
+        return f"blocks must hold integer token ids, got {blocks.dtype}"
+    if batch_size < 1:
+        return f"batch_size={batch_size}: must be >= 1"
+    return None
+
+
+def forward_log_probs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probabilities ``(b, T, V)`` of ``model`` on ``ids`` ``(b, T)`` (moved to it)."""
+    logits = model(input_ids=ids.to(model_device(model)), use_cache=False).logits
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions on tensors
+# --------------------------------------------------------------------------------------------
+
+
+def perplexity_from(ce_sum: float, num_tokens: int) -> float:
+    """``exp(ce_sum / num_tokens)``: NaN when nothing was scored or the CE is NaN, ``inf``
+    when it is beyond float range (``math.exp`` would raise OverflowError past ~709 nats)."""
+    if not num_tokens:
+        return math.nan
+    mean = ce_sum / num_tokens
+    try:
+        return math.exp(mean)
+    except OverflowError:
+        return math.inf
+
+
+def token_nll(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-log p(target)`` per position: ``(..., )`` from log-probs ``(..., V)`` and ids ``(..., )``.
+
+    With ``log_probs[:, :-1]`` and ``tokens[:, 1:]`` this is the next-token cross-entropy.
+    """
+    targets = targets.to(log_probs.device)
+    return -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_per_position(teacher_lp: torch.Tensor, model_lp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) per position ``(..., )`` from log-probs ``(..., V)``, in nats."""
+    teacher_p = teacher_lp.exp()
+    # Where the teacher gives a token probability 0 its term is 0, not 0 * (-inf) = NaN.
+    return torch.where(teacher_p > 0, teacher_p * (teacher_lp - model_lp), 0.0).sum(-1)
+
+
+@dataclass(frozen=True)
+class ScoreSums:
+    """Sums over scored positions; add them across batches, divide once at the end.
+
+    Summing (not averaging per batch) keeps the means exact when batches differ in size.
+    """
+
+    ce_sum: float = 0.0
+    kl_sum: float = 0.0
+    top1_matches: int = 0
+    num_tokens: int = 0
+
+    def __add__(self, other: ScoreSums) -> ScoreSums:
+        return ScoreSums(
+            self.ce_sum + other.ce_sum,
+            self.kl_sum + other.kl_sum,
+            self.top1_matches + other.top1_matches,
+            self.num_tokens + other.num_tokens,
+        )
+
+    @property
+    def mean_ce(self) -> float:
+        """Mean next-token cross-entropy in nats (NaN when nothing was scored)."""
+        return self.ce_sum / self.num_tokens if self.num_tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        """exp(mean CE); see :func:`perplexity_from`."""
+        return perplexity_from(self.ce_sum, self.num_tokens)
+
+    @property
+    def kl(self) -> float:
+        """Mean KL(teacher || model) per position, in nats."""
+        return self.kl_sum / self.num_tokens if self.num_tokens else math.nan
+
+    @property
+    def top1(self) -> float:
+        return self.top1_matches / self.num_tokens if self.num_tokens else math.nan
+
+
+def score_logits(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor
+) -> ScoreSums:
+    """Next-token CE, KL(teacher || model) and top-1 agreement summed over a batch.
+
+    Position ``t`` predicts ``tokens[:, t + 1]``, so ``T - 1`` positions per row are scored
+    (blocks are packed, there is no padding to mask). Everything is computed in fp32 whatever
+    the input dtype, and summed in float64 on the host.
+
+    Args:
+        logits: ``(B, T, V)`` the evaluated model's logits or log-probabilities.
+        teacher_logits: ``(B, T, V)`` the teacher's logits or log-probabilities (log_softmax
+            of log-probabilities is the identity, so either works).
+        tokens: ``(B, T)`` int64 token ids the logits were computed on.
+
+    Raises:
+        ValueError: shapes disagree, or ``T < 2`` (no next token to score).
+    """
+    if logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"model logits {tuple(logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
+    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (B, T, V) and tokens (B, T), got {tuple(logits.shape)} and "
+            f"{tuple(tokens.shape)}"
+        )
+    if tokens.shape[1] < 2:
+        raise ValueError(f"need at least 2 tokens per row to score, got T={tokens.shape[1]}")
+    model_lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    teacher_lp = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1).to(model_lp.device)
+    targets = tokens[:, 1:]
+    ce = token_nll(model_lp, targets)
+    kl = kl_per_position(teacher_lp, model_lp)
+    agree = model_lp.argmax(-1) == teacher_lp.argmax(-1)
+    return ScoreSums(
+        ce_sum=float(ce.double().sum()),
+        kl_sum=float(kl.double().sum()),
+        top1_matches=int(agree.sum()),
+        num_tokens=int(targets.numel()),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a model over blocks
+# --------------------------------------------------------------------------------------------
+
+
+def ce_sum(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token CE (nats) of ``logits`` ``(B, T, V)`` on ``tokens`` ``(B, T)``, and
+    the ``B * (T - 1)`` positions it covers. CE only (no teacher): what perplexity needs."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = token_nll(log_probs, tokens[:, 1:])
+    return float(nll.double().sum()), int(nll.numel())
+
+
+def batch_ce_sum(model: Any, batch: torch.Tensor) -> tuple[float, int]:
+    """:func:`ce_sum` of ``model`` on one ``(b, T)`` batch (moved to its device)."""
+    logits = model(input_ids=batch.to(model_device(model)), use_cache=False).logits
+    return ce_sum(logits, batch)
+
+
+@torch.inference_mode()
+def perplexity(model: Any, blocks: torch.Tensor, batch_size: int) -> float:
+    """exp(mean next-token CE) of ``model`` over ``blocks`` ``(N, T)``, weighted per token.
+
+    Scored in eval mode (the caller's mode is restored), ``batch_size`` blocks per forward.
+
+    Raises:
+        ValueError: ``blocks`` is not ``(N >= 1, T >= 2)`` integer ids or ``batch_size < 1``.
+    """
+    problem = blocks_problem(blocks, batch_size)
+    if problem:
+        raise ValueError(problem)
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for batch in batches_of(blocks, batch_size):
+            s, c = batch_ce_sum(model, batch)
+            total, count = total + s, count + c
+    return perplexity_from(total, count)
+
+
+@torch.inference_mode()
+def log_probs_per_batch(model: Any, blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``model``'s fp32 log-probs ``(b, T, V)`` per batch of :func:`batches_of`, on its device.
+
+    The teacher's reference for :func:`score_blocks`, computed once and reused.
+    """
+    with eval_mode(model):
+        return [forward_log_probs(model, b) for b in batches_of(blocks, batch_size)]
+
+
+@torch.inference_mode()
+def score_blocks(
+    model: Any,
+    blocks: torch.Tensor,
+    batch_size: int,
+    reference: Sequence[torch.Tensor] | None,
+    *,
+    on_log_probs: Callable[[torch.Tensor], None] | None = None,
+    desc: str | None = None,
+) -> ScoreSums:
+    """Score ``model`` on ``blocks`` ``(N, T)`` against the teacher's batches, in eval mode.
+
+    Args:
+        reference: one ``(b, T, V)`` teacher logits or log-probs tensor per batch of
+            :func:`batches_of` (any device); ``None`` when ``model`` is the teacher itself
+            (KL is then 0 and agreement 1 by construction).
+        on_log_probs: called with each batch's fp32 log-probs ``(b, T, V)`` (how the
+            evaluate stage keeps the teacher's reference from the teacher's own pass).
+        desc: a progress bar label; no bar when None.
+
+    Raises:
+        ValueError: the reference batches do not match ``blocks`` and ``batch_size``.
+    """
+    device = model_device(model)
+    batches = batches_of(blocks, batch_size)
+    if reference is not None and len(reference) != len(batches):
+        raise ValueError(
+            f"{len(reference)} teacher batches for {len(batches)} batches of "
+            f"{batch_size} blocks: compute them with the same blocks and batch size"
+        )
+    total = ScoreSums()
+    bar = tqdm(total=blocks.shape[0], desc=desc, unit="block", leave=False, disable=desc is None)
+    with eval_mode(model), bar:
+        for i, batch in enumerate(batches):
+            ids = batch.to(device)
+            log_probs = forward_log_probs(model, ids)
+            if on_log_probs is not None:
+                on_log_probs(log_probs)
+            ref = log_probs if reference is None else reference[i]
+            if ref.shape != log_probs.shape:
+                raise ValueError(
+                    f"teacher batch {i} has shape {tuple(ref.shape)}, the model's "
+                    f"{tuple(log_probs.shape)}: vocabularies or blocks differ"
+                )
+            # One row at a time: scoring makes several fp32 temporaries the size of its
+            # input, and at (B, T, V) they, not the model, would set the peak memory.
+            for r in range(ids.shape[0]):
+                total = total + score_logits(
+                    log_probs[r : r + 1], ref[r : r + 1].to(device), ids[r : r + 1]
+                )
+            del log_probs  # the vocab-sized activations dominate memory
+            bar.update(batch.shape[0])
+    return total

@@ -1,0 +1,69 @@
+"""What a run checks before any model weights load or any training step runs.
+
+A problem found after training costs the whole run (e.g. a GPT-2 teacher with the default
+``quant.gguf``, which only the quantize stage used to reject), so everything that follows
+from the config, the teacher's ``config.json`` and its tokenizer is checked here: paths and
+data files exist, the student's layers exist in the teacher, a pretrained student shares the
+teacher's vocabulary, and every requested output can be written for the student the run will
+train. Each failure names the key to change and how.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from distill.config import PipelineConfig, QuantConfig, cache_root
+from distill.data import check_data_inputs
+from distill.models.load import check_source, load_teacher_config, preflight_pretrained_student
+from distill.models.student import planned_config
+
+
+def check_outputs(
+    quant: QuantConfig, student_config: Any, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Fail now on a requested output the quantize stage could not write for this student.
+
+    GGUF needs a plain llama student and a byte-level BPE tokenizer
+    (:func:`distill.quantize.gguf.check_exportable`, :func:`~distill.quantize.gguf.
+    tokenizer_metadata`). The torchao methods have no such limit: they quantize every
+    ``nn.Linear`` and ``nn.Embedding`` (GPT-2's ``Conv1D`` is rewritten as ``Linear`` first)
+    and keep any other module in float, reported in ``quantize.json``.
+
+    Raises:
+        GGUFExportError: naming ``quant.gguf`` and the fix (``quant.gguf=[]``).
+    """
+    if not quant.gguf:
+        return
+    from distill.quantize.gguf import GGUFExportError, check_exportable, tokenizer_metadata
+
+    try:
+        check_exportable(student_config)
+        tokenizer_metadata(tokenizer, int(student_config.vocab_size))
+    except GGUFExportError as err:
+        fix = "" if "quant.gguf=[]" in str(err) else " (set quant.gguf=[] to skip GGUF)"
+        raise GGUFExportError(f"quant.gguf={list(quant.gguf)}: {err}{fix}") from None
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Checks that need no model weights, run before the teacher loads.
+
+    Reads the teacher's config and tokenizer (a GGUF teacher is converted here, once, as
+    loading it would anyway) and the pretrained student's, never their weights.
+
+    Raises:
+        DistillError: a missing path or data file (``ModelError``, ``DataError``), layers the
+            teacher lacks, a vocabulary mismatch, or an output the student cannot be
+            written as (``GGUFExportError``); each names the key and the fix.
+    """
+    pair = cfg.pair
+    check_source(pair.teacher.name_or_path, "pair.teacher.name_or_path", pair.teacher.gguf_file)
+    if pair.student.init == "pretrained":
+        assert pair.student.name_or_path is not None
+        check_source(pair.student.name_or_path, "pair.student.name_or_path")
+    check_data_inputs(cfg.data)
+    teacher_config, tokenizer = load_teacher_config(pair.teacher, cache_root(cfg))
+    if pair.student.init == "pretrained":
+        preflight_pretrained_student(pair.student, tokenizer, int(teacher_config.vocab_size))
+    check_outputs(cfg.quant, planned_config(pair.student, teacher_config), tokenizer)
