@@ -36,6 +36,19 @@ def make_tokenizer(vocab_size: int = 200, eos: str = "<|endoftext|>"):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
 
 
+def tiny_tokenizer():
+    """A word-level tokenizer of 130 tokens: ``w0`` .. ``w127``, ``<unk>``, ``<eos>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(128)} | {"<unk>": 128, "<eos>": 129}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+    )
+
+
 def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -22,6 +22,7 @@ from distill.evaluate import report as report_files
 from distill.evaluate import stage as evaluate
 from distill.evaluate.stage import EvalError
 from distill.quantize.folder import quantize_folder
+from tests.conftest import tiny_tokenizer
 
 VOCAB = 130  # 128 words + <unk> + <eos>
 REQUIRED_FIELDS = {
@@ -41,18 +42,6 @@ REQUIRED_FIELDS = {
 # --------------------------------------------------------------------------------------------
 # The stage on a tiny run dir
 # --------------------------------------------------------------------------------------------
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(128)} | {"<unk>": 128, "<eos>": 129}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
-    )
 
 
 def tiny_model(seed: int, num_layers: int = 2):

@@ -17,22 +17,11 @@ from distill.publish import stage as publish
 from distill.publish.stage import PublishError
 from distill.publish.teacher_info import hub_id_from_gguf, teacher_info
 from distill.quantize.folder import quantize_folder
+from tests.conftest import tiny_tokenizer
 
 VOCAB = 130  # 128 words + <unk> + <eos>
 GGUF_NAME = "Tiny-1M-Instruct.Q8_0.gguf"
 OVERRIDES = ["pair=tiny_to_1l", "train.max_steps=10", "data.paths=[a b.txt]"]
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(128)} | {"<unk>": 128, "<eos>": 129}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
-    )
 
 
 def tiny_model(seed: int):
