@@ -197,7 +197,10 @@ def test_pipeline_on_tiny_teacher(
 @pytest.fixture(scope="module")
 def tiny_gpt2_teacher_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("tiny_gpt2_teacher")
-    tiny_gpt2(len(tokenizer), layers=4).save_pretrained(str(folder))
+    model = tiny_gpt2(len(tokenizer), layers=4)
+    # GGUF writes GPT-2 now, but not a ReLU one (llama.cpp's gpt2 graph is tanh GELU).
+    model.config.activation_function = "relu"
+    model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
 
