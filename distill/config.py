@@ -358,11 +358,22 @@ class EvalConfig:
     # is also timed compiled (torch.compile, inductor freezing + C++ GEMMs, static cache;
     # distill/evaluate/compiled_decode.py). 30-40 s of compiling per 14-layer student on 2 cores.
     compiled_decode: list[str] = field(default_factory=list)
+    # GGUF rows are scored and timed in llama.cpp (llama-cpp-python) with this many threads
+    # (null: the cores this process may run on, as llama-bench is run).
+    llama_cpp_threads: int | None = None
+    # Also export the teacher to a GGUF F16 (cached) and measure it in llama.cpp: the
+    # "teacher-gguf-f16" row, the like-for-like reference of the GGUF rows' speed.
+    teacher_gguf: bool = True
 
     def problems(self) -> list[str]:
         out = []
         if self.max_blocks is not None and self.max_blocks < 1:
             out.append(f"eval.max_blocks={self.max_blocks}: must be >= 1 or null")
+        if self.llama_cpp_threads is not None and self.llama_cpp_threads < 1:
+            out.append(
+                f"eval.llama_cpp_threads={self.llama_cpp_threads}: must be >= 1 or null "
+                "(null: one per core)"
+            )
         if self.memory_budget_bytes is not None and self.memory_budget_bytes < 1:
             out.append(f"eval.memory_budget_bytes={self.memory_budget_bytes}: must be >= 1 or null")
         for name in (

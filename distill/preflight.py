@@ -25,11 +25,13 @@ def check_outputs(
 ) -> None:
     """Fail now on a requested output the quantize stage could not write for this student.
 
-    GGUF needs a plain llama student and a byte-level BPE tokenizer
-    (:func:`distill.quantize.gguf.check_exportable`, :func:`~distill.quantize.gguf.
-    tokenizer_metadata`). The torchao methods have no such limit: they quantize every
-    ``nn.Linear`` and ``nn.Embedding`` (GPT-2's ``Conv1D`` is rewritten as ``Linear`` first)
-    and keep any other module in float, reported in ``quantize.json``.
+    GGUF needs a student llama.cpp computes as transformers does (llama with default or
+    ``llama3`` RoPE, qwen2 and qwen3 without a sliding window, gpt2 with the tanh GELU) and a
+    byte-level BPE tokenizer (:func:`distill.quantize.gguf.check_exportable`,
+    :func:`~distill.quantize.gguf.tokenizer_metadata`). The torchao methods have no such
+    limit: they quantize every ``nn.Linear`` and ``nn.Embedding`` (GPT-2's ``Conv1D`` is
+    rewritten as ``Linear`` first) and keep any other module in float, reported in
+    ``quantize.json``.
 
     Raises:
         GGUFExportError: naming ``quant.gguf`` and the fix (``quant.gguf=[]``).

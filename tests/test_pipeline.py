@@ -64,6 +64,8 @@ def check_run_dir(
     report = json.loads((run_dir / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
     expected = [f"student-{m}" for m in methods] + [f"student-gguf-{t}" for t in gguf]
+    # The teacher exported to GGUF F16 and run in llama.cpp, beside the GGUF rows.
+    expected += ["teacher-gguf-f16"] if gguf else []
     assert names == ["teacher", "student_init", "student", *expected]
     for v in report["variants"]:
         assert REPORT_FIELDS <= v.keys(), v.keys()
@@ -88,12 +90,17 @@ def check_run_dir(
     assert meta["quantization"]["config"]["methods"] == report["config"]["quant"]["methods"]
     for t in gguf:
         assert (publish / "gguf" / f"student-{t}.gguf").exists()
-    for v in report["variants"][3:]:
+    for v in quantized_rows(report):
         assert v["parity"]["passed"] is True, v["parity"]
         assert 0 < v["bits_per_weight"] < 32
     if parity:
         check_published_parity(run_dir, report)
     return report
+
+
+def quantized_rows(report: dict) -> list[dict]:
+    """The report rows of the quantized variants (the ones with quantize-stage parity)."""
+    return [v for v in report["variants"][3:] if v["name"].startswith("student-")]
 
 
 def in_memory_logits(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -130,23 +137,24 @@ def check_published_parity(run_dir: Path, report: dict) -> None:
 
     publish = run_dir / "publish"
     ids = load_file(str(run_dir / "quantized" / "parity_blocks.safetensors"))["ids"]
-    artifacts = []
-    for v in report["variants"][3:]:
-        name = v["name"].removeprefix("student-")
-        if name.startswith("gguf-"):
-            file = f"student-{name.removeprefix('gguf-')}.gguf"
-            artifacts.append(parity.Artifact(name, publish / "gguf", file))
-        else:
-            artifacts.append(parity.Artifact(name, publish / name))
-    reloaded = parity.reload_logits(artifacts, ids, run_dir / "recheck")
+    folders, logits = [], {}
     in_memory = in_memory_logits(run_dir)
+    for v in quantized_rows(report):
+        name = v["name"].removeprefix("student-")
+        if name.startswith("gguf-"):  # checked in llama.cpp, the runtime it is written for
+            file = publish / "gguf" / f"student-{name.removeprefix('gguf-')}.gguf"
+            logits[name] = parity.llama_cpp_logits(file, ids, in_memory[name].shape[-1])
+        else:
+            folders.append(parity.Artifact(name, publish / name))
+    reloaded = parity.reload_logits(folders, ids, run_dir / "recheck")
+    logits |= {name: out["logits"] for name, out in reloaded.items()}
     with torch.inference_mode():
         float_logits = AutoModelForCausalLM.from_pretrained(publish)(ids).logits
-    for v in report["variants"][3:]:
+    for v in quantized_rows(report):
         name = v["name"].removeprefix("student-")
         # The reference is the quantized model the stage held, not the float one.
         assert not torch.equal(in_memory[name], float_logits), name
-        got = parity.compare(reloaded[name]["logits"], in_memory[name], float_logits, ids)
+        got = parity.compare(logits[name], in_memory[name], float_logits, ids)
         want = v["parity"]
         for key in ("max_abs_logit_diff", "kl_to_in_memory", "kl_to_float"):
             assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-6), (name, key)
@@ -197,7 +205,10 @@ def test_pipeline_on_tiny_teacher(
 @pytest.fixture(scope="module")
 def tiny_gpt2_teacher_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("tiny_gpt2_teacher")
-    tiny_gpt2(len(tokenizer), layers=4).save_pretrained(str(folder))
+    model = tiny_gpt2(len(tokenizer), layers=4)
+    # GGUF writes GPT-2 now, but not a ReLU one (llama.cpp's gpt2 graph is tanh GELU).
+    model.config.activation_function = "relu"
+    model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
 

@@ -82,6 +82,14 @@ class CompiledDecode:
 Forward = Callable[..., Any]
 
 
+def _cache_keyword(model: Any) -> str:
+    """``cache`` where the forward takes it (transformers >= 5.2x, which warns on
+    ``past_key_values``), else ``past_key_values``: the project allows any transformers 5."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def greedy_static(
     model: PreTrainedModel,
     step: Forward,
@@ -108,9 +116,10 @@ def greedy_static(
     """
     batch, length = prompt.shape
     positions = torch.arange(length, device=prompt.device)
+    cache_arg = {_cache_keyword(model): cache}
     logits = model(
         input_ids=prompt,
-        past_key_values=cache,
+        **cache_arg,
         cache_position=positions,
         position_ids=positions.expand(batch, length),
         use_cache=True,
@@ -126,7 +135,7 @@ def greedy_static(
             # Contiguous either way: a forced column and an argmax differ in strides, and a
             # stride change would make dynamo recompile inside a timed run.
             input_ids=tokens[-1].reshape(batch, 1).clone(memory_format=torch.contiguous_format),
-            past_key_values=cache,
+            **cache_arg,
             cache_position=pos,
             position_ids=pos.expand(batch, 1),
             use_cache=True,

@@ -115,9 +115,10 @@ def add_memory_fields(
 
     ``memory_model``: stored weight bytes + the KV cache of ``eval.memory_batch_size``
     sequences of ``eval.memory_context_tokens``, and whether that fits
-    ``eval.memory_budget_bytes``. The bound uses the bytes decode actually reads, the
-    weights as loaded (a GGUF row is loaded dequantized to fp32), plus the mean cached
-    context of the timed decode.
+    ``eval.memory_budget_bytes``. The bound uses the bytes decode actually reads in the row's
+    runtime, the weights as loaded (a GGUF row: the file's tensor bytes, which llama.cpp
+    computes on as stored), plus the mean cached context of the timed decode. A rate that
+    was not measured (None) gets no ratio.
     """
     mm = MemoryModel(
         weight_bytes=int(row["weight_bytes"]),
@@ -144,7 +145,9 @@ def add_memory_fields(
     bound = decode_bound_tokens_per_s(bandwidth_bytes_per_s, loaded, kv, mean_context)
     row["decode_bytes_per_token"] = loaded + kv * mean_context
     row["decode_bound_tokens_per_s"] = bound
-    row["decode_bound_ratio"] = row["decode_tokens_per_s"] / bound
+    rate, deployed = row.get("decode_tokens_per_s"), row.get("deployed_decode_tokens_per_s")
+    row["decode_bound_ratio"] = rate / bound if rate is not None else None
+    row["deployed_decode_bound_ratio"] = deployed / bound if deployed is not None else None
     if row.get("decode_tokens_per_s_batch") is not None:
         b = int(row["decode_batch_size"])
         bound_b = decode_bound_tokens_per_s(bandwidth_bytes_per_s, loaded, kv, mean_context, b)

@@ -146,6 +146,17 @@ class ScoreSums:
         return self.top1_matches / self.num_tokens if self.num_tokens else math.nan
 
 
+def quality_fields(sums: ScoreSums) -> dict[str, Any]:
+    """A report row's quality figures from a model's :class:`ScoreSums` (every runtime's)."""
+    return {
+        "perplexity": sums.perplexity,
+        "cross_entropy_nats": sums.mean_ce,
+        "kl_to_teacher": sums.kl,
+        "top1_agreement": sums.top1,
+        "scored_tokens": sums.num_tokens,
+    }
+
+
 def score_logits(
     logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor
 ) -> ScoreSums:

@@ -41,73 +41,131 @@ def _num(value: float | None, digits: int, scale: float = 1.0) -> str:
     return f"{value * scale:,.{digits}f}"
 
 
+def deployed(v: dict[str, Any]) -> tuple[str, float | None, float | None]:
+    """(runtime, decode tok/s, prefill tok/s) of a row in the runtime it deploys to.
+
+    GGUF rows run in llama.cpp; torch rows in compiled PyTorch when their compiled decode was
+    measured, else eager. Reports written before ``deployed_*`` fields existed fall back the
+    same way from the fields they have.
+    """
+    if v.get("deployed_runtime"):
+        return (
+            v["deployed_runtime"],
+            v.get("deployed_decode_tokens_per_s"),
+            v.get("deployed_prefill_tokens_per_s"),
+        )
+    if v.get("decode_compiled_tokens_per_s") is not None:
+        return "torch.compile", v["decode_compiled_tokens_per_s"], v.get("prefill_tokens_per_s")
+    return "eager", v.get("decode_tokens_per_s"), v.get("prefill_tokens_per_s")
+
+
+def _runtime_family(runtime: str) -> str:
+    # "llama.cpp 0.3.36" and "llama.cpp" compare as one runtime; so do torch.compile variants.
+    return runtime.split()[0] if runtime else ""
+
+
+def teacher_speed(report: dict[str, Any], runtime: str) -> float | None:
+    """The teacher's deployed decode rate in ``runtime`` (its llama.cpp F16 row for llama.cpp),
+    or None when the teacher was not measured there: a ratio across runtimes would say more
+    about the runtimes than about the student."""
+    for v in report["variants"]:
+        if v["name"].startswith("teacher"):
+            rt, decode, _ = deployed(v)
+            if _runtime_family(rt) == _runtime_family(runtime) and decode:
+                return decode
+    return None
+
+
+def _speed_cell(v: dict[str, Any], decode: float | None) -> str:
+    if decode is not None:
+        return _num(decode, 1)
+    if v.get("llama_cpp_error"):
+        return "not run (see notes)"
+    return "—"
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The report's variants as a markdown table: sizes in kB/MB/GB (10^3 steps), perplexity
-    to 2 decimals, KL in nats per token, top-1 agreement in percent."""
+    """The headline: per variant its quality and its speed in the runtime it deploys to, with
+    decode speed as a multiple of the teacher's in that same runtime. Sizes in kB/MB/GB (10^3
+    steps), perplexity to 2 decimals, KL in nats per token, top-1 agreement in percent."""
     lines = [
-        "| variant | params | weights | on disk | peak memory | perplexity | KL to teacher "
-        "| top-1 agreement | prefill tok/s | decode tok/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | runtime | weights | perplexity | KL to teacher | top-1 agreement "
+        "| decode tok/s | × teacher | prefill tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in report["variants"]:
+        runtime, decode, prefill = deployed(v)
+        base = teacher_speed(report, runtime)
+        ratio = decode / base if decode is not None and base else None
+        lines.append(
+            f"| {v['name']} | {runtime} | {human_bytes(v['weight_bytes'])} "
+            f"| {_num(v['perplexity'], 2)} | {_num(v['kl_to_teacher'], 4)} "
+            f"| {_num(v['top1_agreement'], 1, 100.0)}% | {_speed_cell(v, decode)} "
+            f"| {_num(ratio, 2)}{'×' if ratio is not None else ''} | {_num(prefill, 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def format_diagnostics_table(report: dict[str, Any]) -> str:
+    """Eager PyTorch timings and memory, one line per variant: what the headline replaced."""
+    lines = [
+        "| variant | params | on disk | peak memory | eager prefill tok/s | eager decode tok/s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for v in report["variants"]:
         lines.append(
-            f"| {v['name']} | {human_count(v['params'])} | {human_bytes(v['weight_bytes'])} "
-            f"| {human_bytes(v['disk_bytes'])} | {human_bytes(v['peak_memory_bytes'])} "
-            f"| {_num(v['perplexity'], 2)} | {_num(v['kl_to_teacher'], 4)} "
-            f"| {_num(v['top1_agreement'], 1, 100.0)}% | {_num(v['prefill_tokens_per_s'], 0)} "
-            f"| {_num(v['decode_tokens_per_s'], 1)} |"
+            f"| {v['name']} | {human_count(v['params'])} | {human_bytes(v.get('disk_bytes'))} "
+            f"| {human_bytes(v.get('peak_memory_bytes'))} "
+            f"| {_num(v.get('prefill_tokens_per_s'), 0)} "
+            f"| {_num(v.get('decode_tokens_per_s'), 1)} |"
         )
     return "\n".join(lines)
 
 
 def format_memory_table(report: dict[str, Any]) -> str:
-    """Memory model and decode against the bandwidth bound, one line per variant."""
+    """Memory model, and deployed batch-1 decode against the bandwidth bound of the bytes that
+    runtime reads per token (a GGUF file's own tensor bytes in llama.cpp), one line a variant."""
     variants = report["variants"]
     if not variants or "memory_model" not in variants[0]:
         return ""
     mm0 = variants[0]["memory_model"]
-    batch = next((v.get("decode_batch_size") for v in variants if v.get("decode_batch_size")), None)
     total = f"weights + KV ({mm0['batch_size']} x {mm0['context_tokens']} tokens)"
-    head = (
-        f"| variant | weights | KV / token | {total} | fits budget "
-        "| decode b=1 tok/s | bound | of bound |"
-    )
-    rule = "|---|---:|---:|---:|:---:|---:|---:|---:|"
-    if batch:
-        head += f" decode b={batch} tok/s | bound | of bound |"
-        rule += "---:|---:|---:|"
-    compiled = any("decode_compiled_method" in v for v in variants)
-    if compiled:
-        head += " compiled b=1 tok/s | of bound |"
-        rule += "---:|---:|"
-    lines = [head, rule]
+    lines = [
+        f"| variant | runtime | weights | KV / token | {total} | fits budget "
+        "| bytes read / token | decode b=1 tok/s | bound | of bound |",
+        "|---|---|---:|---:|---:|:---:|---:|---:|---:|---:|",
+    ]
     for v in variants:
         mm = v["memory_model"]
         fits = {None: "-", True: "yes", False: "**no**"}[mm["fits_budget"]]
-        line = (
-            f"| {v['name']} | {human_bytes(v['weight_bytes'])} "
+        runtime, decode, _ = deployed(v)
+        bound = v.get("deployed_bound_tokens_per_s", v.get("decode_bound_tokens_per_s"))
+        read = v.get("deployed_bytes_per_token", v.get("decode_bytes_per_token"))
+        ratio = decode / bound if decode is not None and bound else None
+        lines.append(
+            f"| {v['name']} | {runtime} | {human_bytes(v['weight_bytes'])} "
             f"| {human_bytes(v['kv_cache_bytes_per_token'])} | {human_bytes(mm['total_bytes'])} "
-            f"| {fits} | {_num(v['decode_tokens_per_s'], 1)} "
-            f"| {_num(v.get('decode_bound_tokens_per_s'), 1)} "
-            f"| {_num(v.get('decode_bound_ratio'), 0, 100.0)}% |"
+            f"| {fits} | {human_bytes(read)} | {_speed_cell(v, decode)} | {_num(bound, 1)} "
+            f"| {_num(ratio, 0, 100.0)}{'%' if ratio is not None else ''} |"
         )
-        if batch:
-            line += (
-                f" {_num(v.get('decode_tokens_per_s_batch'), 1)} "
-                f"| {_num(v.get('decode_bound_tokens_per_s_batch'), 1)} "
-                f"| {_num(v.get('decode_bound_ratio_batch'), 0, 100.0)}% |"
-            )
-        if compiled:
-            if v.get("decode_compiled_error"):
-                line += " failed (see report.json) | - |"
-            elif v.get("decode_compiled_tokens_per_s") is None:
-                line += " - | - |"
-            else:
-                line += (
-                    f" {_num(v['decode_compiled_tokens_per_s'], 1)} "
-                    f"| {_num(v.get('decode_compiled_bound_ratio'), 0, 100.0)}% |"
-                )
-        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_batch_table(report: dict[str, Any]) -> str:
+    """Eager decode at ``eval.decode_batch_size`` against its bound (empty when not measured)."""
+    rows = [v for v in report["variants"] if v.get("decode_tokens_per_s_batch") is not None]
+    if not rows:
+        return ""
+    lines = [
+        f"| variant | eager decode b={rows[0]['decode_batch_size']} tok/s | bound | of bound |",
+        "|---|---:|---:|---:|",
+    ]
+    for v in rows:
+        lines.append(
+            f"| {v['name']} | {_num(v['decode_tokens_per_s_batch'], 1)} "
+            f"| {_num(v.get('decode_bound_tokens_per_s_batch'), 1)} "
+            f"| {_num(v.get('decode_bound_ratio_batch'), 0, 100.0)}% |"
+        )
     return "\n".join(lines)
 
 
@@ -118,55 +176,86 @@ def _module_label(entry: Any) -> str:
     return str(entry)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def _notes(report: dict[str, Any]) -> list[str]:
     variants = report["variants"]
     last = variants[-1] if variants else {}
-    lines = [
-        "# Evaluation report",
-        "",
-        format_table(report),
-        "",
+    notes = [
         f"- Quality on the same {last.get('scored_tokens', 0):,} held-out next-token positions "
         "for every variant. KL is KL(teacher || variant) in nats per position; top-1 agreement "
-        "is how often the variant's most likely next token is the teacher's.",
-        f"- Peak memory ({last.get('peak_memory_method', 'n/a')}): growth from just before "
-        "loading the variant to the end of its evaluation. The teacher is loaded before its "
-        "window opens, so its figure is its evaluation growth plus its resident weights.",
-        f"- Speed at batch size 1 on {last.get('device', 'n/a')}, medians of the repeats after "
-        f"a warm-up: prefill is one forward over {last.get('prefill_tokens', 'n/a')} tokens; "
-        f"decode is {last.get('decode_tokens', 'n/a')} greedy new tokens after a "
-        f"{last.get('prompt_tokens', 'n/a')}-token prompt, timed over the whole generate call.",
+        "is how often the variant's most likely next token is the teacher's. GGUF rows are "
+        "scored from llama.cpp's own logits.",
+        f"- Speed at batch size 1, in the runtime each variant deploys to: llama.cpp for GGUF "
+        "files (threads = cores), compiled PyTorch for the float and torchao rows where "
+        "eval.compiled_decode measured them (else eager, and the runtime column says so). "
+        f"Decode: {last.get('decode_tokens', 'n/a')} greedy tokens after a "
+        f"{last.get('prompt_tokens', 'n/a')}-token prompt, median of the repeats; "
+        "× teacher divides by the teacher's rate in the same runtime (its F16 GGUF in "
+        "llama.cpp), and is left empty where the teacher was not measured there.",
     ]
-    memory = format_memory_table(report)
-    if memory:
-        bw = (report.get("machine") or {}).get("bandwidth_bytes_per_s")
-        budget = variants[0]["memory_model"]["budget_bytes"]
-        lines += [
-            "",
-            "## Memory and the bandwidth bound",
-            "",
-            memory,
-            "",
-            "- Decoding a token reads every weight once plus the KV cache of every earlier "
-            "position, so decode tokens/s <= bandwidth / bytes read per token (x batch, at "
-            "batch > 1). Bytes read: the weights as loaded for the timed decode (GGUF files "
-            "are loaded dequantized to fp32 here) plus K/V for the mean cached context.",
-            f"- Memory copy bandwidth measured here: {_num(bw and bw / 1e9, 1)} GB/s "
-            f"({(report.get('machine') or {}).get('bandwidth_method', BANDWIDTH_METHOD)})."
-            + (f" Budget: {human_bytes(budget)} (eval.memory_budget_bytes)." if budget else ""),
-        ]
-        method = next(
-            (v["decode_compiled_method"] for v in variants if "decode_compiled_method" in v), None
+    for v in variants:
+        if v.get("llama_cpp_error"):
+            notes.append(f"- {v['name']}: not run in llama.cpp: {v['llama_cpp_error']}")
+        if v.get("decode_compiled_error"):
+            notes.append(f"- {v['name']}: compiled decode failed: {v['decode_compiled_error']}")
+    method = next(
+        (v["decode_compiled_method"] for v in variants if "decode_compiled_method" in v), None
+    )
+    if method:
+        notes.append(
+            f"- Compiled decode: {method}; its logits matched the eager model's on the same "
+            "tokens before it was timed, and it times the decode steps only."
         )
-        if method:
-            lines.append(
-                "- Compiled decode (variants in eval.compiled_decode): the same greedy decode "
-                f"timed with {method}; its logits matched the eager model's on the same tokens "
-                "before it was timed. It times the decode steps only; the eager columns time "
-                "the whole generate call, prefill included. Eager batch-1 decode on CPU runs "
-                "each linear as an MKL matrix-vector product on one core, hence its lower "
-                "share of the bound."
-            )
+    return notes
+
+
+def _memory_section(report: dict[str, Any]) -> list[str]:
+    memory = format_memory_table(report)
+    if not memory:
+        return []
+    variants = report["variants"]
+    machine = report.get("machine") or {}
+    bw = machine.get("bandwidth_bytes_per_s")
+    budget = variants[0]["memory_model"]["budget_bytes"]
+    return [
+        "",
+        "## Memory and the bandwidth bound",
+        "",
+        memory,
+        "",
+        "- Decoding a token reads every weight once plus the KV cache of every earlier "
+        "position, so decode tokens/s <= bandwidth / bytes read per token. Bytes read: the "
+        "weights as the deployed runtime holds them (a GGUF file's tensor bytes in llama.cpp, "
+        "the loaded tensors in PyTorch) plus K/V for the mean cached context.",
+        f"- Memory copy bandwidth measured here: {_num(bw and bw / 1e9, 1)} GB/s "
+        f"({machine.get('bandwidth_method', BANDWIDTH_METHOD)})."
+        + (f" Budget: {human_bytes(budget)} (eval.memory_budget_bytes)." if budget else ""),
+    ]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the headline table and its notes, memory against the bound, then the
+    eager-PyTorch diagnostics the headline does not use."""
+    variants = report["variants"]
+    last = variants[-1] if variants else {}
+    lines = ["# Evaluation report", "", format_table(report), "", *_notes(report)]
+    lines += _memory_section(report)
+    lines += [
+        "",
+        "## Diagnostics: eager PyTorch",
+        "",
+        format_diagnostics_table(report),
+        "",
+        f"- Eager timings on {last.get('device', 'n/a')} (GGUF rows: dequantized to fp32 by "
+        f"transformers): prefill is one forward over {last.get('prefill_tokens', 'n/a')} "
+        "tokens, decode the whole generate call, prefill included. On CPU eager batch-1 "
+        "decode runs each linear as a one-core matrix-vector product: not a deployment figure.",
+        f"- Peak memory ({last.get('peak_memory_method', 'n/a')}): growth from just before "
+        "loading the variant to the end of its evaluation; the teacher's adds its resident "
+        "weights.",
+    ]
+    batch = format_batch_table(report)
+    if batch:
+        lines += ["", batch]
     for v in variants:
         if v.get("skipped_modules"):
             kept = ", ".join(_module_label(m) for m in v["skipped_modules"])
@@ -175,33 +264,84 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_RUNTIME_MARKERS = {"llama.cpp": "s", "torch.compile": "o", "eager": "^"}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _pareto_line(ax: Any, points: list[tuple[float, float]]) -> None:
+    """The undominated (bytes, perplexity) points joined in a dashed staircase."""
+    from distill.evaluate.frontier import pareto_front
+
+    front = sorted(p for p, keep in zip(points, pareto_front(points), strict=True) if keep)
+    if len(front) > 1:
+        xs, ys = zip(*front, strict=True)
+        ax.step(xs, ys, where="post", color="0.4", ls="--", lw=1, zorder=1, label="Pareto front")
+
+
 def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
-    """Scatter of weight MB (log x) against perplexity, one labelled point per variant."""
+    """Two panels: perplexity against weight MB (both log, Pareto front dashed), and deployed
+    decode speed against perplexity. One colour per variant, named in one shared legend (no
+    labels on the points, so none overprint); the teacher is a star; the marker shape of
+    the speed panel is the runtime."""
     # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    fig = Figure(figsize=(7, 4.5), dpi=120)
+    rows = [v for v in report["variants"] if _finite(v.get("perplexity"))]
+    fig = Figure(figsize=(11, 5.2), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for v in report["variants"]:
-        x, y = v["weight_bytes"] / MB, v["perplexity"]
-        ax.scatter([x], [y], s=40)
-        ax.annotate(v["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
-    ax.set_xscale("log")
-    # Plain numbers (20, 50, 100) instead of 10^x labels: variants often span under a
-    # decade, where only minor ticks fall; label the 2x and 5x ones so they do not collide.
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
-    ax.xaxis.set_minor_formatter(
-        FuncFormatter(lambda x, _pos: f"{x:g}" if f"{x:.0e}"[0] in "25" else "")
-    )
-    ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
-    ax.set_xlabel("weight memory (MB, log scale)")
-    ax.set_ylabel("held-out perplexity (lower is better)")
-    ax.set_title("Memory vs quality of the distilled variants")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    left, right = fig.subplots(1, 2)
+    colours = [f"C{i % 10}" for i in range(len(rows))]
+    plain = FuncFormatter(lambda x, _pos: f"{x:g}")
+    for v, c in zip(rows, colours, strict=True):
+        teacher = v["name"].startswith("teacher")
+        left.scatter(
+            [v["weight_bytes"] / MB],
+            [v["perplexity"]],
+            s=160 if teacher else 50,
+            marker="*" if teacher else "o",
+            color=c,
+            edgecolor="black",
+            lw=0.5,
+            zorder=3,
+            label=v["name"],
+        )
+        runtime, decode, _ = deployed(v)
+        if _finite(decode):
+            right.scatter(
+                [v["perplexity"]],
+                [decode],
+                s=160 if teacher else 60,
+                color=c,
+                marker="*" if teacher else _RUNTIME_MARKERS.get(_runtime_family(runtime), "D"),
+                edgecolor="black",
+                lw=0.5,
+                zorder=3,
+            )
+    _pareto_line(left, [(v["weight_bytes"] / MB, v["perplexity"]) for v in rows])
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+    for scale in (left.set_xscale, left.set_yscale, right.set_xscale):
+        scale("log")
+    # Plain numbers (20, 50, 100), not 10^x: variants often span under a decade, where only
+    # minor ticks fall; the 2x and 5x minor ticks are labelled so labels do not collide.
+    minor = FuncFormatter(lambda x, _pos: f"{x:g}" if f"{x:.0e}"[0] in "25" else "")
+    for axis in (left.xaxis, left.yaxis, right.xaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(minor)
+    left.set_xlabel("weight memory (MB, log scale)")
+    left.set_ylabel("held-out perplexity (log scale, lower is better)")
+    left.set_title("Memory vs quality")
+    right.set_xlabel("held-out perplexity (log scale, lower is better)")
+    right.set_ylabel("decode tokens/s, batch 1, deployed runtime")
+    right.set_title("Decode speed where deployed\n(■ llama.cpp, ● torch.compile, ▲ eager)")
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(path)
 
 

@@ -3,7 +3,10 @@
 Every rate is the median over ``eval.repeats`` timed runs after one untimed warm-up run, so
 one slow run (a neighbour on a shared CPU) does not move it. Eager decode times the whole
 greedy ``generate`` call, prefill included; the compiled decode of
-:mod:`distill.evaluate.compiled_decode` times its decode steps only.
+:mod:`distill.evaluate.compiled_decode` times its decode steps only. Every runtime, llama.cpp
+included (:mod:`distill.evaluate.gguf_runtime`), decodes after :func:`decode_prompt` and
+prefills :func:`prefill_prompt`. :func:`deployed_fields` names the speed a torch row deploys
+at: compiled decode when it was measured, else eager.
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ def time_runs(fn: Callable[[], object], repeats: int, device: torch.device) -> l
     return times
 
 
-def max_positions(model: PreTrainedModel) -> int | None:
-    """The model's context limit (``max_position_embeddings``), None where it states none."""
-    value = getattr(model.config, "max_position_embeddings", None)
+def max_positions(config: Any) -> int | None:
+    """A model config's context limit (``max_position_embeddings``), None where it states none."""
+    value = getattr(config, "max_position_embeddings", None)
     return int(value) if value else None
 
 
@@ -128,14 +131,21 @@ def measure_decode(
     return median_rate(ids.shape[0] * new_tokens, time_runs(generate, repeats, device))
 
 
-def decode_prompt(model: PreTrainedModel, flat: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+def decode_prompt(flat: torch.Tensor, cfg: EvalConfig, limit: int | None) -> torch.Tensor:
     """The ``(1, P)`` decode prompt: the first ``eval.prompt_tokens`` of ``flat`` ``(1, L)``,
-    cut so that prompt + ``eval.decode_tokens`` fits the model's context."""
+    cut so that prompt + ``eval.decode_tokens`` fits the context ``limit`` (None: no limit).
+
+    Every runtime (eager, compiled, llama.cpp) decodes after this same prompt."""
     prompt_len = min(cfg.prompt_tokens, flat.shape[1])
-    limit = max_positions(model)
     if limit is not None:
         prompt_len = max(1, min(prompt_len, limit - cfg.decode_tokens))
     return flat[:, :prompt_len]
+
+
+def prefill_prompt(flat: torch.Tensor, cfg: EvalConfig, limit: int | None) -> torch.Tensor:
+    """The ``(1, P)`` prefill prompt: the first ``eval.prefill_tokens`` of ``flat`` ``(1, L)``
+    that fit the context ``limit`` (None: no limit)."""
+    return flat[:, : min(cfg.prefill_tokens, flat.shape[1], limit or flat.shape[1])]
 
 
 def measure_speed(model: PreTrainedModel, blocks: torch.Tensor, cfg: EvalConfig) -> dict[str, Any]:
@@ -147,10 +157,11 @@ def measure_speed(model: PreTrainedModel, blocks: torch.Tensor, cfg: EvalConfig)
     prompts from consecutive stretches (repeated when the text is too short).
     """
     flat = blocks.reshape(1, -1)
-    limit = max_positions(model)
-    prefill_len = min(cfg.prefill_tokens, flat.shape[1], limit or flat.shape[1])
-    prefill_rate, prefill_len = measure_prefill(model, flat[:, :prefill_len], cfg.repeats)
-    prompt = decode_prompt(model, flat, cfg)
+    limit = max_positions(model.config)
+    prefill_rate, prefill_len = measure_prefill(
+        model, prefill_prompt(flat, cfg, limit), cfg.repeats
+    )
+    prompt = decode_prompt(flat, cfg, limit)
     prompt_len = prompt.shape[1]
     decode_rate = measure_decode(model, prompt, cfg.decode_tokens, cfg.repeats)
     batch_rate = None
@@ -216,3 +227,35 @@ def compiled_decode_fields(
     fields["decode_compiled_compile_s"] = result.compile_s
     fields["decode_compiled_max_abs_logit_diff"] = result.max_abs_logit_diff
     return fields
+
+
+# What a torch row's deployed figures are, by how its decode was measured.
+COMPILED_RUNTIME = "torch.compile"
+EAGER_RUNTIME = "eager"
+
+
+def deployed_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """The speed a torch row deploys at, from its eager and compiled figures.
+
+    Decode is the compiled rate when it was measured (``eval.compiled_decode``), else the
+    eager one; prefill is always eager (only decode is compiled). ``deployed_runtime`` says
+    which, and why when compiled decode is missing.
+    """
+    compiled = row.get("decode_compiled_tokens_per_s")
+    if compiled is not None:
+        runtime, decode = COMPILED_RUNTIME, compiled
+        how = "torch.compile decode (decode steps only, static KV cache); eager prefill"
+    else:
+        runtime, decode = EAGER_RUNTIME, row.get("decode_tokens_per_s")
+        why = (
+            "torch.compile failed, see decode_compiled_error"
+            if row.get("decode_compiled_error")
+            else "not in eval.compiled_decode"
+        )
+        how = f"eager decode (whole generate call) and prefill ({why})"
+    return {
+        "runtime": runtime,
+        "deployed_decode_tokens_per_s": decode,
+        "deployed_prefill_tokens_per_s": row.get("prefill_tokens_per_s"),
+        "deployed_runtime": how,
+    }

@@ -1,12 +1,14 @@
 """Score every model of a run on the same held-out blocks and write the comparison.
 
 Variants: ``teacher``, ``student_init`` (before distillation), ``student`` (``final/``),
-``student-<method>`` for each quantized folder and ``student-gguf-<type>`` for each GGUF file
-(evaluated as transformers reloads it, dequantized; its ``weight_bytes`` are the file's tensor
-bytes), as :func:`distill.run_dir.variants` lists them. Every row has ``bits_per_weight``
-(weight bytes x 8 / parameters) and quantized rows the ``parity`` figures of the quantize
-stage. Quality is measured against the teacher on the first ``eval.max_blocks`` validation
-blocks (:mod:`distill.evaluate.metrics`):
+``student-<method>`` for each quantized folder and ``student-gguf-<type>`` for each GGUF file,
+as :func:`distill.run_dir.variants` lists them, then ``teacher-gguf-f16`` (the teacher exported
+to GGUF F16, when there are GGUF rows and ``eval.teacher_gguf``). GGUF rows are scored and
+timed in llama.cpp, the runtime they deploy to (:mod:`distill.evaluate.gguf_runtime`); the
+others in PyTorch. Every row has ``bits_per_weight`` (weight bytes x 8 / parameters), its
+``runtime`` and ``deployed_*`` speed (:func:`distill.evaluate.speed.deployed_fields`), and
+quantized rows the ``parity`` figures of the quantize stage. Quality is measured against the
+teacher on the first ``eval.max_blocks`` validation blocks (:mod:`distill.evaluate.metrics`):
 
 * perplexity = exp(mean next-token cross-entropy), in nats per token before exp;
 * ``kl_to_teacher`` = mean over the same positions of KL(teacher || variant), in nats;
@@ -23,7 +25,8 @@ of its evaluation (see :class:`distill.evaluate.memory.PeakMemory` for how, on C
 CUDA). Prefill and decode speeds (:mod:`distill.evaluate.speed`) are medians over
 ``eval.repeats`` timed runs after one warm-up, at batch size 1. Variants named in
 ``eval.compiled_decode`` are also timed compiled (:mod:`distill.evaluate.compiled_decode`),
-after their peak-memory window closes. The files are written by :mod:`distill.evaluate.report`.
+after their peak-memory window closes; that compiled decode is their deployed speed. The files
+are written by :mod:`distill.evaluate.report`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distill.config import DistillError, EvalConfig, PipelineConfig, cache_root
+from distill.evaluate.gguf_runtime import TEACHER_ROW, gguf_row, teacher_gguf
 from distill.evaluate.memory import (
     BANDWIDTH_METHOD,
     PeakMemory,
@@ -45,9 +49,15 @@ from distill.evaluate.memory import (
     kv_dtype_bytes,
     measure_bandwidth,
 )
-from distill.evaluate.metrics import ScoreSums, blocks_problem, model_device, score_blocks
+from distill.evaluate.metrics import blocks_problem, model_device, quality_fields, score_blocks
 from distill.evaluate.report import write_report
-from distill.evaluate.speed import compiled_decode_fields, decode_prompt, measure_speed
+from distill.evaluate.speed import (
+    compiled_decode_fields,
+    decode_prompt,
+    deployed_fields,
+    max_positions,
+    measure_speed,
+)
 from distill.models.footprint import disk_bytes, param_count, weight_bytes
 from distill.run_dir import RunDir, Variant, read_quantize_records, variants
 
@@ -64,17 +74,6 @@ class EvalError(DistillError):
 # --------------------------------------------------------------------------------------------
 # One variant
 # --------------------------------------------------------------------------------------------
-
-
-def quality_fields(sums: ScoreSums) -> dict[str, Any]:
-    """The report row's quality figures from a model's :class:`ScoreSums`."""
-    return {
-        "perplexity": sums.perplexity,
-        "cross_entropy_nats": sums.mean_ce,
-        "kl_to_teacher": sums.kl,
-        "top1_agreement": sums.top1,
-        "scored_tokens": sums.num_tokens,
-    }
 
 
 def check_held_out(blocks: torch.Tensor, batch_size: int) -> None:
@@ -149,9 +148,9 @@ def evaluate_variant(
     method = tracker.method + (" (evaluation only, loading excluded)" if own_memory else "")
     loaded_bytes = weight_bytes(model)
     # After the peak-memory window: compiling holds packed copies of the weights.
-    prompt = decode_prompt(model, blocks.reshape(1, -1), cfg)
+    prompt = decode_prompt(blocks.reshape(1, -1), cfg, max_positions(model.config))
     compiled = compiled_decode_fields(name, model, prompt, cfg)
-    return {
+    row = {
         "name": name,
         "params": param_count(model),
         "weight_bytes": loaded_bytes,
@@ -167,6 +166,7 @@ def evaluate_variant(
         "folder": str(folder) if folder is not None else None,
         **compiled,
     }
+    return {**row, **deployed_fields(row)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,18 +196,13 @@ def saved_variants(cfg: PipelineConfig, run_dir: Path) -> list[Variant]:
 
 
 def load_variant(folder: Path, device: torch.device) -> PreTrainedModel:
-    """A saved variant as a user would load it, on ``device``, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
+    """A saved model folder as a user would load it, on ``device``, in eval mode."""
     from distill.models.conv1d import load_causal_lm
 
     # Plain from_pretrained, as a user would: the quantized folders carry their own
-    # quantization_config, and safetensors only (no pickle). A .gguf file is dequantized.
-    # Folders storing GPT-2's Conv1D as Linear take the one loader that can read them.
-    if folder.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(folder.parent), gguf_file=folder.name)
-    else:
-        model = load_causal_lm(folder, use_safetensors=True)
+    # quantization_config, and safetensors only (no pickle). Folders storing GPT-2's Conv1D
+    # as Linear take the one loader that can read them. GGUF files run in llama.cpp instead.
+    model = load_causal_lm(folder, use_safetensors=True)
     if model_device(model) != device:
         # Only when it must move: torchao 0.18's unpacked int4 tensor casts its fp16 scales and
         # zero points to fp32 on any .to(), even to the device it is on (+7% bytes measured).
@@ -222,34 +217,61 @@ def evaluate_saved(
     cfg: EvalConfig,
     device: torch.device,
     records: dict[str, dict[str, Any]],
+    student_config: Any = None,
 ) -> dict[str, Any]:
-    """Load one saved variant inside its peak-memory window and evaluate it: its report row.
+    """Evaluate one saved variant: its report row.
 
-    ``records`` are the quantize records by method; a quantized row carries its record's
-    skipped modules, quant type, embedding choice and parity figures.
+    A model folder is loaded inside its peak-memory window and evaluated in PyTorch on
+    ``device``; a GGUF file runs in llama.cpp (:func:`distill.evaluate.gguf_runtime.gguf_row`,
+    ``student_config`` giving its context limit and KV size). ``records`` are the quantize
+    records by method; a quantized row carries its record's skipped modules, quant type,
+    embedding choice and parity figures.
     """
-    memory = PeakMemory(device).start()
-    try:
-        model = load_variant(variant.path, device)
-    except Exception:
-        memory.stop()
-        raise
-    row = evaluate_variant(variant.name, model, blocks, reference, cfg, variant.path, memory=memory)
+    if variant.is_gguf:
+        row = gguf_row(variant.name, variant.path, blocks, reference, cfg, student_config)
+    else:
+        memory = PeakMemory(device).start()
+        try:
+            model = load_variant(variant.path, device)
+        except Exception:
+            memory.stop()
+            raise
+        row = evaluate_variant(
+            variant.name, model, blocks, reference, cfg, variant.path, memory=memory
+        )
     if variant.record_key is not None:
         record = records.get(variant.record_key, {})
         row["skipped_modules"] = record.get("skipped_modules")
         row["quant_type"] = record.get("quant_type")
         row["include_embeddings"] = record.get("include_embeddings")
         row["parity"] = record.get("parity")
-    if variant.is_gguf:
-        from distill.quantize.gguf import gguf_tensor_bytes
+    return row  # a loaded model is freed here; the next window's start() collects it
 
-        # transformers dequantizes GGUF on load: count the bytes the file stores instead
-        # (loaded_weight_bytes keeps what decoding here reads).
-        row["weight_bytes"] = gguf_tensor_bytes(variant.path)
-        row["weight_bytes_source"] = "GGUF file tensor data (transformers loads it dequantized)"
-        row["disk_bytes"] = variant.path.stat().st_size
-    return row  # the model is freed here; the next window's start() collects it
+
+def teacher_gguf_path(
+    cfg: PipelineConfig,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    run_dir: Path,
+) -> tuple[Path | None, str | None]:
+    """The teacher's cached GGUF F16 (:func:`distill.evaluate.gguf_runtime.teacher_gguf`), or
+    None and why not: llama.cpp is missing (no export for nothing), or the teacher cannot be
+    written as GGUF. Never raises for those: the other rows still stand."""
+    from distill.models.llama_cpp import llama_cpp_problem
+    from distill.quantize.gguf import GGUFExportError
+
+    problem = llama_cpp_problem()
+    if problem:
+        return None, problem
+    if tokenizer is None:  # the student's tokenizer is the teacher's (same vocabulary)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(RunDir(run_dir).final)
+    try:
+        return teacher_gguf(teacher, tokenizer, cache_root(cfg)), None
+    except GGUFExportError as err:
+        log.warning("%s not measured: %s", TEACHER_ROW, err)
+        return None, f"the teacher cannot be written as GGUF: {err}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +316,25 @@ def evaluate_teacher(
     return row
 
 
+def _student_config(run_dir: Path) -> Any:
+    """The Hugging Face config of ``final/``: the model the student GGUF files hold."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(RunDir(run_dir).final)
+
+
+def _llama_cpp_machine(cfg: EvalConfig) -> dict[str, Any]:
+    """The llama.cpp runtime GGUF rows ran in, for ``report.json``'s machine section."""
+    from distill.models.llama_cpp import default_threads, llama_cpp_problem, runtime_name
+
+    problem = llama_cpp_problem()
+    return {
+        "runtime": None if problem else runtime_name(),
+        "threads": cfg.llama_cpp_threads or default_threads(),
+        "problem": problem,
+    }
+
+
 def run(
     cfg: PipelineConfig,
     run_dir: Path,
@@ -307,9 +348,10 @@ def run(
     ``teacher``, ``tokenizer`` and ``val_blocks`` (``(N, T)`` int64) may be passed by a
     caller that already holds them; otherwise the teacher is loaded from ``cfg.pair.teacher``
     and the blocks from ``cfg.data``. Saved variants are loaded one at a time and freed after
-    their row is written. Every variant runs on the teacher's device (CUDA when available
-    for a teacher loaded here). The teacher's ``peak_memory_bytes`` is its evaluation growth
-    plus its resident weight bytes, since it is loaded before its window opens.
+    their row is written. Every model folder runs on the teacher's device (CUDA when available
+    for a teacher loaded here); GGUF files run in llama.cpp on the CPU. The teacher's
+    ``peak_memory_bytes`` is its evaluation growth plus its resident weight bytes, since it
+    is loaded before its window opens.
 
     Returns:
         ``{"variants": [row, ...], "training": ..., "machine": ..., "config": <resolved
@@ -327,9 +369,23 @@ def run(
     device = model_device(teacher)
     reference: list[torch.Tensor] = []
     rows = [evaluate_teacher(teacher, blocks, cfg.eval, reference)]
+    # The teacher's GGUF is exported while the teacher is loaded, and run after it is freed.
+    gguf_rows = any(v.is_gguf for v in saved)
+    llama_cpp: dict[str, Any] = {"teacher_gguf": None, "teacher_gguf_error": None}
+    if gguf_rows and cfg.eval.teacher_gguf:
+        path, llama_cpp["teacher_gguf_error"] = teacher_gguf_path(cfg, teacher, tokenizer, run_dir)
+        llama_cpp["teacher_gguf"] = str(path) if path is not None else None
+    teacher_config = teacher.config
     del teacher  # frees a teacher loaded here; a caller's own reference keeps theirs alive
     records = read_quantize_records(run_dir)
-    rows += [evaluate_saved(v, blocks, reference, cfg.eval, device, records) for v in saved]
+    student_config = _student_config(run_dir) if gguf_rows else None
+    rows += [
+        evaluate_saved(v, blocks, reference, cfg.eval, device, records, student_config)
+        for v in saved
+    ]
+    if llama_cpp["teacher_gguf"] is not None:
+        path = Path(llama_cpp["teacher_gguf"])
+        rows.append(gguf_row(TEACHER_ROW, path, blocks, reference, cfg.eval, teacher_config))
     del reference
     for row in rows:
         row["weight_bytes_ratio_to_teacher"] = row["weight_bytes"] / rows[0]["weight_bytes"]
@@ -349,6 +405,7 @@ def run(
         "torch_threads": torch.get_num_threads(),
         "bandwidth_bytes_per_s": bandwidth,
         "bandwidth_method": BANDWIDTH_METHOD,
+        "llama_cpp": {**_llama_cpp_machine(cfg.eval), **llama_cpp},
     }
     report = {"variants": rows, "training": training, "machine": machine, "config": asdict(cfg)}
     write_report(report, run_dir)

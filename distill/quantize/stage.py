@@ -1,12 +1,13 @@
-"""The quantize stage: every variant of ``final/``, each checked in a fresh process.
+"""The quantize stage: every variant of ``final/``, each checked in the runtime it deploys to.
 
 ``quant.methods`` become torchao (or cast) folders ``quantized/<method>/``
 (:mod:`distill.quantize.folder`; what each stores: :mod:`distill.quantize.torchao`), and
 ``quant.gguf`` types become GGUF files ``quantized/gguf/student-<type>.gguf`` for llama.cpp
 (:mod:`distill.quantize.gguf`). 4-bit weights come from GPTQ on training blocks when
-``quant.calibration=gptq`` (:mod:`distill.quantize.gptq`). Every artifact is then reloaded in a
-fresh process and checked against the model it was written from
-(:mod:`distill.quantize.parity`); a failed check stops the stage naming the artifact. One
+``quant.calibration=gptq`` (:mod:`distill.quantize.gptq`). Every artifact is then checked
+against the model it was written from (:mod:`distill.quantize.parity`): a folder reloaded by
+plain transformers in a fresh process, a GGUF file run by llama.cpp (recorded as not checked
+when llama-cpp-python is missing). A failed check stops the stage naming the artifact. One
 record per artifact goes to ``quantized/quantize.json`` (:mod:`distill.quantize.records`).
 
 :func:`quantize_variant` is the one mapping of ``cfg.quant`` onto a written folder: the stage
@@ -235,7 +236,7 @@ def run(
     val_blocks: torch.Tensor | None = None,
     calib_blocks: torch.Tensor | None = None,
 ) -> list[dict]:
-    """Write every variant of ``run_dir/final``, check each in a fresh process, summarise.
+    """Write every variant of ``run_dir/final``, check each where it deploys, summarise.
 
     Writes ``quantized/<method>/`` per ``cfg.quant.methods`` entry,
     ``quantized/gguf/student-<type>.gguf`` per ``cfg.quant.gguf`` entry,
@@ -250,8 +251,8 @@ def run(
         QuantizeError: ``run_dir/final`` does not exist, or a method fails as described in
             :func:`distill.quantize.folder.quantize_to_folder`.
         GGUFExportError: GGUF asked for a student llama.cpp cannot run as llama.
-        ParityError: an artifact does not reproduce its model (quantize.json is written
-            first, with the figures).
+        ParityError: an artifact does not reproduce its model, or llama.cpp cannot load a
+            GGUF file (quantize.json is written first, with the figures).
     """
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -295,7 +296,8 @@ def _check_parity(
     written: _Written,
     float_logits: torch.Tensor,
 ) -> None:
-    """Reload every artifact in a fresh process; write quantize.json whatever the verdict.
+    """Check every artifact (:func:`parity.check_artifacts`); write quantize.json whatever
+    the verdict.
 
     Raises:
         ParityError: naming every artifact that does not reproduce its model.

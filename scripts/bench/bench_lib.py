@@ -382,3 +382,87 @@ def prepare_from_teacher(run_dir: Path, cfg: Any) -> None:
         student.save_pretrained(str(run_dir / "final"))
         tokenizer.save_pretrained(str(run_dir / "final"))
     quantize.run(cfg, run_dir)
+
+
+@dataclass
+class DeployedRow:
+    """One variant's batch-1 decode in the runtime it deploys to, against its bound."""
+
+    name: str
+    runtime: str
+    tokens_per_s: float | None
+    bytes_per_token: float
+    error: str | None = None
+
+
+def llama_cpp_rows(
+    run_dir: Path,
+    gguf_types: list[str],
+    prompt: torch.Tensor,
+    new_tokens: int,
+    repeats: int,
+    threads: int | None,
+) -> list[DeployedRow]:
+    """llama.cpp decode of each GGUF file of ``run_dir`` (same prompt and lengths as the torch
+    rows). Bytes read per token: the file's tensor bytes plus its F16 KV cache at the mean
+    context, as llama.cpp holds them."""
+    from transformers import AutoConfig
+
+    from distill.evaluate.memory import kv_cache_bytes_per_token
+    from distill.models.llama_cpp import gguf_speed, llama_cpp_problem, runtime_name
+    from distill.quantize.gguf import gguf_tensor_bytes
+    from distill.run_dir import RunDir
+
+    config = AutoConfig.from_pretrained(str(RunDir(run_dir).final))
+    mean_context = prompt.shape[1] + (new_tokens - 1) / 2
+    kv = kv_cache_bytes_per_token(config, dtype_bytes=2) * mean_context
+    problem = llama_cpp_problem()
+    rows = []
+    for t in gguf_types:
+        path = RunDir(run_dir).gguf_file(t)
+        read = gguf_tensor_bytes(path) + kv
+        name = f"student-gguf-{t}"
+        if problem:
+            rows.append(DeployedRow(name, "llama.cpp", None, read, problem))
+            continue
+        r = gguf_speed(path, prompt[0], new_tokens, repeats, threads)
+        rows.append(DeployedRow(name, runtime_name(), r["decode_tokens_per_s"], read))
+    return rows
+
+
+def compiled_deployed_rows(
+    variants: list[Variant], rows: list[CompiledRow], prompt: torch.Tensor, new_tokens: int
+) -> list[DeployedRow]:
+    """The compiled torch rows as :class:`DeployedRow`: loaded weight bytes plus fp32 KV."""
+    from distill.evaluate.memory import kv_cache_bytes_per_token
+
+    mean_context = prompt.shape[1] + (new_tokens - 1) / 2
+    by_name = {v.name: v for v in variants}
+    out = []
+    for r in rows:
+        v = by_name[r.name]
+        kv = kv_cache_bytes_per_token(v.model.config) * mean_context
+        read = weight_bytes(v.model) + kv  # as loaded for the timed decode
+        out.append(DeployedRow(r.name, "torch.compile", r.tokens_per_s, read, r.error))
+    return out
+
+
+def deployed_table(rows: list[DeployedRow], bandwidth: float) -> list[str]:
+    """Decode tok/s of every row beside its bandwidth bound and, as the issue's target, the
+    ratio to llama.cpp's Q8_0 rate (the speed an int8 deployment is measured against)."""
+    q8 = next((r.tokens_per_s for r in rows if r.name.endswith("gguf-q8_0")), None)
+    lines = [
+        f"{'variant':<28} {'runtime':<17} {'MB read/token':>13} {'decode tok/s':>12} "
+        f"{'bound':>7} {'of bound':>8} {'x llama.cpp Q8_0':>16}"
+    ]
+    for r in rows:
+        if r.tokens_per_s is None:
+            lines.append(f"{r.name:<28} {r.runtime:<17} failed: {r.error}")
+            continue
+        bound = bandwidth / r.bytes_per_token
+        vs_q8 = f"{r.tokens_per_s / q8:>16.2f}" if q8 else f"{'-':>16}"
+        lines.append(
+            f"{r.name:<28} {r.runtime:<17} {r.bytes_per_token / 1e6:>13.1f} "
+            f"{r.tokens_per_s:>12.1f} {bound:>7.1f} {r.tokens_per_s / bound:>8.0%} {vs_q8}"
+        )
+    return lines

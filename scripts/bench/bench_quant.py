@@ -3,10 +3,13 @@
 
 RUN_DIR holds final/ and quantized/ (a finished run, or one made by --from-teacher). Prints,
 for each variant, decode tokens/s and its speed-up over the fp32 student (median of
-back-to-back paired runs) next to its byte ratio, and the thread count and load.
+back-to-back paired runs) next to its byte ratio, and the thread count and load. With
+--compiled, also each one where it deploys, side by side: compiled PyTorch fp32 and int8, and
+llama.cpp for every --gguf file, each against its bandwidth bound and llama.cpp's Q8_0 rate.
 
     python scripts/bench/bench_quant.py outputs/2026-11-26/15-30-00
     python scripts/bench/bench_quant.py /tmp/bench --from-teacher --profile int8_weight_only
+    python scripts/bench/bench_quant.py RUN --methods int8_weight_only --gguf q8_0,q4_0 --compiled
 """
 
 import argparse
@@ -38,6 +41,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--llama-threads", type=int, default=None, help="llama.cpp threads (default: the cores)"
+    )
     p.add_argument("--from-teacher", action="store_true", help="cut and quantize the default pair")
     p.add_argument("--profile", default=None, help="variant to profile one decode of")
     p.add_argument(
@@ -74,6 +80,18 @@ def main() -> None:
             "static cache, logits checked against eager; sequential runs, not paired):"
         )
         print("\n".join(bench.compiled_table(variants, rows, times, args.new_tokens)))
+        deployed = bench.compiled_deployed_rows(variants, rows, prompt, args.new_tokens)
+        deployed += bench.llama_cpp_rows(
+            args.run_dir, gguf, prompt, args.new_tokens, args.repeats, args.llama_threads
+        )
+        from distill.evaluate.memory import measure_bandwidth
+
+        bandwidth = measure_bandwidth()
+        print(
+            f"\nwhere deployed (batch 1, same prompt and lengths; bound = copy bandwidth "
+            f"{bandwidth / 1e9:.1f} GB/s / bytes read per token):"
+        )
+        print("\n".join(bench.deployed_table(deployed, bandwidth)))
     if args.profile:
         chosen = [v for v in variants if v.name in (args.profile, f"student-{args.profile}")]
         if not chosen:

@@ -57,3 +57,18 @@ def test_bench_table_and_rates(tmp_path: Path, tokenizer) -> None:
     assert len(lines) == 4 and "speed x fp32" in lines[0]
     assert lines[1].split()[-3] == "1.00"  # fp32 against itself
     assert "threads" in bench.machine_line()
+
+
+def test_deployed_table_puts_each_row_against_its_bound_and_q8_0() -> None:
+    rows = [
+        bench.DeployedRow("student", "torch.compile", 50.0, 4e8),
+        bench.DeployedRow("student-gguf-q8_0", "llama.cpp 0.3.36", 100.0, 1e8),
+        bench.DeployedRow("student-gguf-q4_0", "llama.cpp", None, 6e7, "not installed"),
+    ]
+    lines = bench.deployed_table(rows, bandwidth=4e10)
+    student = lines[1].split()
+    # bound 4e10 / 4e8 = 100 tok/s, so 50 tok/s is 50% of it and 0.50x the Q8_0 rate.
+    assert student[-3:] == ["100.0", "50%", "0.50"]
+    q8 = lines[2].split()
+    assert q8[-3:] == ["400.0", "25%", "1.00"]
+    assert "failed: not installed" in lines[3]

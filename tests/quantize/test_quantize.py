@@ -34,7 +34,7 @@ from distill.quantize.plan import plan_quantization
 from distill.quantize.stage import run
 from distill.quantize.torchao import QuantizeError
 
-VOCAB = 257  # the conftest tokenizer: 256 byte symbols + <|endoftext|>
+VOCAB = 300  # the conftest tokenizer: 256 byte symbols + <|endoftext|> + 43 merges
 METHOD = "int8_weight_only"
 # Symmetric per-row int8 moves each weight by at most max|row| / 254 (~0.4% of the row's
 # range); through two layers this shifts these logits (std ~0.17) by ~7e-3 at most. 2e-2
@@ -320,6 +320,12 @@ def test_run_writes_every_artifact_with_parity(llama_src: Path, tmp_path: Path) 
         par = r["parity"]
         assert par["passed"] is True, par
         assert par["scored_positions"] == 2 * 15  # PARITY_BLOCKS blocks, T - 1 positions
+        if r["format"] == "gguf":
+            # Run by llama.cpp, which quantizes activations inside its Q4_0 dot products.
+            assert par["checked_in"].startswith("llama.cpp "), par
+            assert par["max_abs_logit_diff"] <= 1e-2
+            assert par["ppl_reloaded"] == pytest.approx(par["ppl_in_memory"], rel=1e-3)
+            continue
         # Reloaded in a fresh process, the artifact computes what the in-memory model did.
         assert par["max_abs_logit_diff"] <= 1e-4
         assert par["ppl_reloaded"] == pytest.approx(par["ppl_in_memory"], rel=1e-5)

@@ -1,0 +1,240 @@
+"""llama.cpp as the runtime of GGUF files: the wrapper, and the evaluate stage's GGUF rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.config import (
+    EvalConfig,
+    PairConfig,
+    PipelineConfig,
+    QuantConfig,
+    StudentConfig,
+    TeacherConfig,
+)
+from distill.evaluate import stage as evaluate
+from distill.evaluate.speed import deployed_fields
+from distill.models import llama_cpp
+from distill.quantize.gguf import export_gguf, gguf_tensor_bytes
+from distill.run_dir import RunDir
+from tests.conftest import make_tokenizer, tiny_llama
+
+VOCAB = 300  # make_tokenizer(300): byte alphabet + <|endoftext|> + merges (llama.cpp needs them)
+# llama.cpp on an F16 file vs transformers on the same (fp16-rounded) weights, tiny llama:
+# measured 1.6e-4 max |dlogit| (logits ~0.7 in size); ggml rounds activations to fp16 for its
+# F16 matmuls and keeps an F16 KV cache, which fp32 accumulation cannot undo.
+F16_LOGIT_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def bpe() -> object:
+    return make_tokenizer(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def f16_file(tmp_path_factory: pytest.TempPathFactory, bpe) -> tuple[Path, torch.nn.Module]:
+    from distill.quantize.gguf import reference_model
+
+    model = tiny_llama(VOCAB, layers=2, seed=1)
+    export = export_gguf(model, bpe, tmp_path_factory.mktemp("gguf") / "m-f16.gguf", "f16")
+    return export.path, reference_model(model, export)
+
+
+def _blocks(n: int = 3, t: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_equal_transformers_on_an_f16_file(f16_file) -> None:
+    path, reference = f16_file
+    blocks = _blocks()
+    with torch.inference_mode():
+        want = reference(blocks).logits.float()
+    got = llama_cpp.gguf_logits(path, blocks, threads=2)
+    assert [tuple(g.shape) for g in got] == [(16, VOCAB)] * 3
+    torch.testing.assert_close(torch.stack(got), want, atol=F16_LOGIT_ATOL, rtol=0)
+    # Each block starts from an empty cache: the last block alone gives the same logits.
+    alone = llama_cpp.gguf_logits(path, blocks[2:], threads=2)[0]
+    torch.testing.assert_close(alone, got[2], atol=1e-5, rtol=0)
+    log_probs = llama_cpp.gguf_log_probs(path, blocks[:1], vocab_size=VOCAB - 40)[0]
+    assert log_probs.shape == (16, VOCAB - 40)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(16))
+    with pytest.raises(llama_cpp.LlamaCppError, match="fewer than"):
+        llama_cpp.gguf_logits(path, blocks[:1], vocab_size=VOCAB + 1)
+
+
+def test_tokenizer_embedded_in_the_file_matches_the_source(f16_file, bpe) -> None:
+    text = "The quick brown fox<|endoftext|> jumps over 1234 lazy dogs."
+    assert llama_cpp.gguf_tokenize(f16_file[0], text) == bpe(text)["input_ids"]
+
+
+def test_speed_is_timed_by_llama_cpp(f16_file) -> None:
+    path, _ = f16_file
+    flat = _blocks(1, 48)[0]
+    speed = llama_cpp.gguf_speed(path, flat[:8], 6, repeats=2, threads=1, prefill=flat[:32])
+    assert speed["prefill_tokens"] == 32 and speed["prompt_tokens"] == 8
+    assert speed["decode_tokens"] == 6 and speed["threads"] == 1
+    assert speed["runtime"] == f"llama.cpp {__import__('llama_cpp').__version__}"
+    # A 2-layer, 32-wide model: thousands of tokens/s (measured 7k-50k; overheads dominate).
+    assert 100 < speed["decode_tokens_per_s"] < 1e7
+    assert 100 < speed["prefill_tokens_per_s"] < 1e7
+    with pytest.raises(ValueError, match=">= 2 tokens"):
+        llama_cpp.gguf_speed(path, flat[:1], 4, repeats=1)
+
+
+def test_a_file_llama_cpp_refuses_is_named_with_its_reason(f16_file, tmp_path: Path) -> None:
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(f16_file[0].read_bytes()[:4096])
+    with pytest.raises(llama_cpp.LlamaCppError) as err:
+        llama_cpp.gguf_logits(bad, _blocks(1))
+    assert str(bad) in str(err.value) and "failed to read" in str(err.value)
+    # llama.cpp's log goes back to the binding afterwards: a good file still loads.
+    assert len(llama_cpp.gguf_logits(f16_file[0], _blocks(1))) == 1
+
+
+def test_missing_binding_names_the_fix(monkeypatch: pytest.MonkeyPatch, f16_file) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    problem = llama_cpp.llama_cpp_problem()
+    assert problem is not None and "pip install llama-cpp-python==0.3.36" in problem
+    with pytest.raises(llama_cpp.LlamaCppError, match="pip install llama-cpp-python"):
+        llama_cpp.gguf_logits(f16_file[0], _blocks(1))
+
+
+def test_torch_rows_deploy_compiled_decode_when_measured() -> None:
+    eager = {"decode_tokens_per_s": 10.0, "prefill_tokens_per_s": 500.0}
+    assert deployed_fields(eager)["runtime"] == "eager"
+    assert deployed_fields(eager)["deployed_decode_tokens_per_s"] == 10.0
+    assert "not in eval.compiled_decode" in deployed_fields(eager)["deployed_runtime"]
+    failed = {**eager, "decode_compiled_tokens_per_s": None, "decode_compiled_error": "boom"}
+    assert "failed" in deployed_fields(failed)["deployed_runtime"]
+    compiled = {**eager, "decode_compiled_tokens_per_s": 40.0}
+    fields = deployed_fields(compiled)
+    assert fields["runtime"] == "torch.compile" and fields["deployed_decode_tokens_per_s"] == 40.0
+    assert fields["deployed_prefill_tokens_per_s"] == 500.0
+
+
+def test_thread_count_is_validated() -> None:
+    assert EvalConfig(llama_cpp_threads=None).problems() == []
+    assert EvalConfig(llama_cpp_threads=2).problems() == []
+    problems = EvalConfig(llama_cpp_threads=0).problems()
+    assert len(problems) == 1 and "eval.llama_cpp_threads=0" in problems[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluate stage's GGUF rows
+# --------------------------------------------------------------------------------------------
+
+
+def _cfg(cache: Path, gguf: list[str]) -> PipelineConfig:
+    return PipelineConfig(
+        pair=PairConfig(
+            name="tiny",
+            teacher=TeacherConfig(name_or_path="unused-when-injected"),
+            student=StudentConfig(num_layers=1),
+        ),
+        quant=QuantConfig(methods=[], gguf=gguf),
+        eval=EvalConfig(
+            max_blocks=3,
+            batch_size=2,
+            prompt_tokens=8,
+            decode_tokens=4,
+            prefill_tokens=16,
+            repeats=1,
+            decode_batch_size=1,
+            llama_cpp_threads=1,
+        ),
+        cache_dir=str(cache),
+    )
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory: pytest.TempPathFactory, bpe) -> Path:
+    """A run dir with final/ (1 layer) and its Q8_0 and Q4_0 GGUF files."""
+    rd = RunDir(tmp_path_factory.mktemp("run"))
+    student = tiny_llama(VOCAB, layers=1, seed=2)
+    student.save_pretrained(str(rd.final))
+    bpe.save_pretrained(str(rd.final))
+    for t in ("q8_0", "q4_0"):
+        export_gguf(student, bpe, rd.gguf_file(t), t)
+    return rd.root
+
+
+def test_gguf_rows_run_in_llama_cpp_beside_the_teacher_in_f16(
+    gguf_run: Path, tmp_path: Path, bpe
+) -> None:
+    cfg = _cfg(tmp_path / "cache", ["q8_0", "q4_0"])
+    teacher = tiny_llama(VOCAB, layers=2, seed=0)
+    val = _blocks(4, 16, seed=5)
+    report = evaluate.run(cfg, gguf_run, teacher=teacher, tokenizer=bpe, val_blocks=val)
+    rows = {v["name"]: v for v in report["variants"]}
+    assert list(rows) == [
+        "teacher",
+        "student",
+        "student-gguf-q8_0",
+        "student-gguf-q4_0",
+        "teacher-gguf-f16",
+    ]
+    runtime = llama_cpp.runtime_name()
+    for name in ("student-gguf-q8_0", "student-gguf-q4_0", "teacher-gguf-f16"):
+        row = rows[name]
+        assert row["runtime"] == runtime and row["llama_cpp_error"] is None, row
+        assert row["scored_tokens"] == 3 * 15 and math.isfinite(row["perplexity"])
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
+        assert row["deployed_decode_tokens_per_s"] == row["decode_tokens_per_s"]
+        assert (row["prompt_tokens"], row["decode_tokens"], row["prefill_tokens"]) == (8, 4, 16)
+        assert (
+            row["weight_bytes"]
+            == row["loaded_weight_bytes"]
+            == gguf_tensor_bytes(Path(row["folder"]))
+        )
+        layers = 2 if name.startswith("teacher") else 1
+        assert row["kv_cache_bytes_per_token"] == layers * 2 * 8 * 2 * 2  # F16 K and V
+        assert row["decode_bound_ratio"] == pytest.approx(
+            row["decode_tokens_per_s"] / row["decode_bound_tokens_per_s"]
+        )
+    # The same weights in both runtimes: the teacher's F16 file scores as the teacher does.
+    assert rows["teacher-gguf-f16"]["kl_to_teacher"] < 1e-5
+    assert rows["teacher-gguf-f16"]["top1_agreement"] == 1.0
+    assert rows["student-gguf-q8_0"]["kl_to_teacher"] == pytest.approx(
+        rows["student"]["kl_to_teacher"], rel=0.05
+    )
+    assert rows["teacher-gguf-f16"]["params"] == rows["teacher"]["params"]
+    assert rows["student"]["runtime"] == "eager"
+    assert rows["student"]["deployed_decode_tokens_per_s"] == rows["student"]["decode_tokens_per_s"]
+    machine = report["machine"]["llama_cpp"]
+    assert machine["runtime"] == runtime and machine["threads"] == 1
+    cached = Path(machine["teacher_gguf"])
+    assert cached.parent == tmp_path / "cache" / "gguf" and cached.name.endswith("-f16.gguf")
+    # A second evaluation reuses the cached export.
+    stamp = cached.stat().st_mtime_ns
+    evaluate.run(cfg, gguf_run, teacher=teacher, tokenizer=bpe, val_blocks=val)
+    assert cached.stat().st_mtime_ns == stamp
+    assert "teacher-gguf-f16" in (gguf_run / "report.md").read_text()
+
+
+def test_without_llama_cpp_gguf_rows_say_why_and_the_run_goes_on(
+    gguf_run: Path, tmp_path: Path, bpe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    cfg = _cfg(tmp_path / "cache", ["q8_0"])
+    report = evaluate.run(
+        cfg, gguf_run, teacher=tiny_llama(VOCAB, 2), tokenizer=bpe, val_blocks=_blocks(4)
+    )
+    rows = {v["name"]: v for v in report["variants"]}
+    assert list(rows) == ["teacher", "student", "student-gguf-q8_0"]  # no teacher export
+    row = rows["student-gguf-q8_0"]
+    assert "pip install llama-cpp-python==0.3.36" in row["llama_cpp_error"]
+    assert math.isnan(row["perplexity"]) and row["scored_tokens"] == 0
+    assert row["decode_tokens_per_s"] is None
+    assert row["deployed_decode_tokens_per_s"] is None and row["decode_bound_ratio"] is None
+    assert row["weight_bytes"] == gguf_tensor_bytes(RunDir(gguf_run).gguf_file("q8_0"))
+    assert 8 < row["bits_per_weight"] < 10  # what the file stores, measured without llama.cpp
+    assert "pip install" in report["machine"]["llama_cpp"]["teacher_gguf_error"]
+    assert not (tmp_path / "cache" / "gguf").exists()
+    on_disk = json.loads((gguf_run / "report.json").read_text())
+    assert on_disk["variants"][2]["llama_cpp_error"] == row["llama_cpp_error"]

@@ -1,0 +1,79 @@
+"""The report's headline: speed in the runtime each variant deploys to, × the teacher there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.evaluate import report as report_files
+
+
+def _row(name: str, **fields) -> dict:
+    return {
+        "name": name,
+        "weight_bytes": 1_000_000,
+        "perplexity": 20.0,
+        "kl_to_teacher": 0.5,
+        "top1_agreement": 0.5,
+        "params": 1000,
+        **fields,
+    }
+
+
+def _report() -> dict:
+    return {
+        "variants": [
+            _row("teacher", decode_tokens_per_s=10.0, decode_compiled_tokens_per_s=40.0),
+            _row(
+                "teacher-gguf-f16",
+                deployed_runtime="llama.cpp 0.3.36",
+                deployed_decode_tokens_per_s=50.0,
+                deployed_prefill_tokens_per_s=500.0,
+            ),
+            _row("student", decode_tokens_per_s=20.0, decode_compiled_tokens_per_s=80.0),
+            _row(
+                "student-gguf-q4_0",
+                deployed_runtime="llama.cpp 0.3.36",
+                deployed_decode_tokens_per_s=150.0,
+            ),
+            _row("student-int4_weight_only", decode_tokens_per_s=3.0),
+            _row(
+                "student-gguf-q8_0",
+                deployed_runtime="llama.cpp 0.3.36",
+                deployed_decode_tokens_per_s=None,
+                llama_cpp_error="llama-cpp-python missing",
+            ),
+        ]
+    }
+
+
+def _line(table: str, name: str) -> list[str]:
+    (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| {name} |")]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_speed_is_compared_with_the_teacher_in_the_same_runtime() -> None:
+    table = report_files.format_table(_report())
+    student = _line(table, "student")
+    assert student[1] == "torch.compile" and student[6] == "80.0" and student[7] == "2.00×"
+    q4 = _line(table, "student-gguf-q4_0")
+    assert q4[1].startswith("llama.cpp") and q4[6] == "150.0" and q4[7] == "3.00×"
+    # Eager int4: the teacher was not measured eager-only, so no ratio across runtimes.
+    int4 = _line(table, "student-int4_weight_only")
+    assert int4[1] == "eager" and int4[7] == "—"
+
+
+def test_a_gguf_row_llama_cpp_could_not_run_says_so() -> None:
+    table = report_files.format_table(_report())
+    assert _line(table, "student-gguf-q8_0")[6] == "not run (see notes)"
+    notes = "\n".join(report_files._notes(_report()))
+    assert "student-gguf-q8_0: not run in llama.cpp: llama-cpp-python missing" in notes
+
+
+def test_plot_has_two_panels_and_a_legend_entry_per_variant(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    rep = _report()
+    path = tmp_path / "plot.png"
+    report_files.plot_memory_vs_quality(rep, path)
+    image = matplotlib.image.imread(str(path))
+    assert image.shape[1] > image.shape[0] * 1.8  # two panels side by side

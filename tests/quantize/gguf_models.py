@@ -1,0 +1,125 @@
+"""Microscopic models of every architecture the GGUF writer supports, and tokenizers with the
+pre-tokenizers llama.cpp names, built in-process (shared by the ``test_gguf*`` files)."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import CORPUS
+
+ARCHS = ("llama3", "qwen2", "qwen3", "gpt2")
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 50000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Below the test sequences' length, so all three of llama3's frequency bands are used.
+    "original_max_position_embeddings": 64,
+}
+# Qwen3-0.6B's shape in miniature: head_dim (128) > hidden / heads (16). 128 also because
+# transformers' GGUF loader reads no key_length for qwen3 and falls back to that default.
+QWEN3_HEAD_DIM = 128
+# Digits, contractions in both cases, runs of spaces and newlines: where the regexes differ.
+TOKENIZER_TEXT = (
+    "Call 5551234 or 12345678 in 2024: it's, I'M, we'LL see.\n\n  Two  spaces\tand a tab. "
+    "The quick brown fox 1234 jumps over the lazy dog.<|endoftext|> A distilled student"
+)
+
+
+def arch_model(
+    arch: str, vocab: int, *, tie: bool = True, context: int = 256, seed: int = 0, **overrides
+):
+    """A 2-layer, hidden-64 model of ``arch`` (one of :data:`ARCHS`), in eval mode;
+    ``overrides`` go to its config.
+
+    Weights are drawn at std 0.1 (not transformers' 0.02) so attention is far from uniform
+    and a RoPE slip moves the logits by whole units; every bias and norm weight is perturbed
+    away from its 0 / 1 init so a misplaced one shows too.
+    """
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=tie,
+        initializer_range=0.1,
+    )
+    cfg = {
+        "llama3": lambda: LlamaConfig(**common, rope_parameters=dict(LLAMA3_ROPE)),
+        "qwen2": lambda: Qwen2Config(**common, rope_theta=50000.0),
+        "qwen3": lambda: Qwen3Config(**common, head_dim=QWEN3_HEAD_DIM, rope_theta=50000.0),
+        "gpt2": lambda: GPT2Config(
+            vocab_size=vocab,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=context,
+            tie_word_embeddings=tie,
+            initializer_range=0.1,
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+    }[arch]()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def pre_tokenized(kind: str, vocab_size: int = 400):
+    """A byte-level BPE tokenizer whose pre-tokenizer is ``kind``: "llama3" / "qwen2" (their
+    ``Split`` regexes; Llama 3 with ``ignore_merges``, as it ships), "smollm" (single digits),
+    or "gpt2".
+
+    Each is trained under GPT-2's regex (digit runs kept whole) on text full of digits and
+    only then given its own pre-tokenizer, so every vocabulary holds multi-digit tokens: a
+    runtime that splits digits differently from ``kind`` then gives different ids.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from distill.quantize.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
+
+    if kind == "gpt2":
+        pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif kind == "smollm":
+        pre = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+    else:
+        regex = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[kind]
+        pre = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tok = Tokenizer(models.BPE(ignore_merges=kind == "llama3"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    digits = "Call 5551234 or 12345678 in 2024, 1999 and 123 456 789. " * 8
+    tok.train_from_iterator([CORPUS, digits, TOKENIZER_TEXT], trainer=trainer)
+    tok.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
