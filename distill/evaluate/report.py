@@ -50,7 +50,7 @@ def deployed(v: dict[str, Any]) -> tuple[str, float | None, float | None]:
     """
     if v.get("deployed_runtime"):
         return (
-            v["deployed_runtime"],
+            v.get("runtime") or v["deployed_runtime"],
             v.get("deployed_decode_tokens_per_s"),
             v.get("deployed_prefill_tokens_per_s"),
         )
@@ -113,6 +113,8 @@ def format_diagnostics_table(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for v in report["variants"]:
+        if _runtime_family(deployed(v)[0]) == "llama.cpp":
+            continue  # scored and timed in llama.cpp only: no eager figure to show
         lines.append(
             f"| {v['name']} | {human_count(v['params'])} | {human_bytes(v.get('disk_bytes'))} "
             f"| {human_bytes(v.get('peak_memory_bytes'))} "
@@ -192,6 +194,11 @@ def _notes(report: dict[str, Any]) -> list[str]:
         "× teacher divides by the teacher's rate in the same runtime (its F16 GGUF in "
         "llama.cpp), and is left empty where the teacher was not measured there.",
     ]
+    described = {}
+    for v in variants:  # the short runtime column, spelled out once per runtime
+        if v.get("runtime") and v.get("deployed_runtime"):
+            described.setdefault(v["runtime"], v["deployed_runtime"])
+    notes += [f"- {name}: {how}." for name, how in sorted(described.items()) if name != how]
     for v in variants:
         if v.get("llama_cpp_error"):
             notes.append(f"- {v['name']}: not run in llama.cpp: {v['llama_cpp_error']}")
@@ -245,8 +252,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         format_diagnostics_table(report),
         "",
-        f"- Eager timings on {last.get('device', 'n/a')} (GGUF rows: dequantized to fp32 by "
-        f"transformers): prefill is one forward over {last.get('prefill_tokens', 'n/a')} "
+        f"- Eager timings on {last.get('device', 'n/a')} (GGUF rows run in llama.cpp only, "
+        f"so they are not here): prefill is one forward over {last.get('prefill_tokens', 'n/a')} "
         "tokens, decode the whole generate call, prefill included. On CPU eager batch-1 "
         "decode runs each linear as a one-core matrix-vector product: not a deployment figure.",
         f"- Peak memory ({last.get('peak_memory_method', 'n/a')}): growth from just before "
