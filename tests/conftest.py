@@ -49,6 +49,45 @@ def tiny_tokenizer():
     )
 
 
+WORD_VOCAB = 130  # tiny_tokenizer's 128 words + <unk> + <eos>
+# The fields every report row carries (report.json, read by the frontier and the card).
+REPORT_FIELDS = frozenset(
+    {
+        "name",
+        "params",
+        "weight_bytes",
+        "disk_bytes",
+        "peak_memory_bytes",
+        "perplexity",
+        "kl_to_teacher",
+        "top1_agreement",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+    }
+)
+
+
+def word_llama(seed: int, num_layers: int = 2):
+    """A tiny tied llama over :func:`tiny_tokenizer`'s vocabulary (<eos> = 129)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=WORD_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=129,
+        eos_token_id=129,
+        pad_token_id=129,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -13,20 +13,7 @@ import pytest
 import torch
 
 from distill.config import to_pipeline_config
-from tests.conftest import REPO, compose, tiny_gpt2, tiny_overrides
-
-REPORT_FIELDS = {
-    "name",
-    "params",
-    "weight_bytes",
-    "disk_bytes",
-    "peak_memory_bytes",
-    "perplexity",
-    "kl_to_teacher",
-    "top1_agreement",
-    "prefill_tokens_per_s",
-    "decode_tokens_per_s",
-}
+from tests.conftest import REPO, REPORT_FIELDS, compose, tiny_gpt2, tiny_overrides
 
 
 def run_script(

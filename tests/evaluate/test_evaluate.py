@@ -22,46 +22,16 @@ from distill.evaluate import report as report_files
 from distill.evaluate import stage as evaluate
 from distill.evaluate.stage import EvalError
 from distill.quantize.folder import quantize_folder
-from tests.conftest import tiny_tokenizer
+from tests.conftest import REPORT_FIELDS, WORD_VOCAB, tiny_tokenizer
+from tests.conftest import word_llama as tiny_model
 
-VOCAB = 130  # 128 words + <unk> + <eos>
-REQUIRED_FIELDS = {
-    "name",
-    "params",
-    "weight_bytes",
-    "disk_bytes",
-    "peak_memory_bytes",
-    "perplexity",
-    "kl_to_teacher",
-    "top1_agreement",
-    "prefill_tokens_per_s",
-    "decode_tokens_per_s",
-}
+VOCAB = WORD_VOCAB
+REQUIRED_FIELDS = REPORT_FIELDS
 
 
 # --------------------------------------------------------------------------------------------
 # The stage on a tiny run dir
 # --------------------------------------------------------------------------------------------
-
-
-def tiny_model(seed: int, num_layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        bos_token_id=129,
-        eos_token_id=129,
-        pad_token_id=129,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_config() -> PipelineConfig:

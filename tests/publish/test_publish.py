@@ -17,31 +17,12 @@ from distill.publish import stage as publish
 from distill.publish.stage import PublishError
 from distill.publish.teacher_info import hub_id_from_gguf, teacher_info
 from distill.quantize.folder import quantize_folder
-from tests.conftest import tiny_tokenizer
+from tests.conftest import WORD_VOCAB, tiny_tokenizer
+from tests.conftest import word_llama as tiny_model
 
-VOCAB = 130  # 128 words + <unk> + <eos>
+VOCAB = WORD_VOCAB
 GGUF_NAME = "Tiny-1M-Instruct.Q8_0.gguf"
 OVERRIDES = ["pair=tiny_to_1l", "train.max_steps=10", "data.paths=[a b.txt]"]
-
-
-def tiny_model(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        bos_token_id=129,
-        eos_token_id=129,
-        pad_token_id=129,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def write_teacher_gguf(folder: Path) -> None:
