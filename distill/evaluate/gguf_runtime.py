@@ -50,20 +50,23 @@ def gguf_params(path: Path) -> int:
 def teacher_gguf(
     teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache_dir: Path
 ) -> Path:
-    """The teacher as one GGUF F16 file, exported on first use and cached by weights hash.
+    """The teacher as one GGUF F16 file, exported on first use and cached by what it holds:
+    the weights, the tokenizer and the writer's version.
 
     Returns:
-        ``cache_dir/gguf/<weights hash>-f16.gguf`` (written atomically by
+        ``cache_dir/gguf/<weights>-<tokenizer>-v<writer>-f16.gguf`` (written atomically by
         :func:`distill.quantize.gguf.export_gguf`: a reader never sees half a file).
 
     Raises:
         GGUFExportError: the teacher's architecture or tokenizer cannot be written as GGUF.
     """
+    from distill.data import tokenizer_fingerprint
     from distill.models.footprint import weights_hash
-    from distill.quantize.gguf import check_exportable, export_gguf
+    from distill.quantize.gguf import WRITER_VERSION, check_exportable, export_gguf
 
     check_exportable(teacher.config)  # before hashing hundreds of MB
-    path = Path(cache_dir) / "gguf" / f"{weights_hash(teacher)}-f16.gguf"
+    key = f"{weights_hash(teacher)}-{tokenizer_fingerprint(tokenizer)}-v{WRITER_VERSION}"
+    path = Path(cache_dir) / "gguf" / f"{key}-f16.gguf"
     if not path.is_file():
         start = time.perf_counter()
         export = export_gguf(teacher, tokenizer, path, "f16", name=f"teacher-{path.stem}")

@@ -71,6 +71,9 @@ __all__ = [
 ]
 
 
+# Bump when the bytes export_gguf writes change: caches of exported files (the evaluate
+# stage's teacher F16) are keyed by it, so an old export is not reused after an upgrade.
+WRITER_VERSION = 2
 BLOCK_VALUES = 32  # values per Q4_0 / Q4_1 / Q8_0 block
 
 
