@@ -30,6 +30,7 @@ grid (README, "Quantization").
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,10 @@ __all__ = [
     "unpermute_rope_rows",
 ]
 
+
+# The gguf package logs each file's tensor count and temp path at INFO; the quantize record
+# already says what was written.
+logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
 
 # Bump when the bytes export_gguf writes change: caches of exported files (the evaluate
 # stage's teacher F16) are keyed by it, so an old export is not reused after an upgrade.
