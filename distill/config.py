@@ -149,9 +149,44 @@ class DataConfig:
     # Documents are assigned to train/val by a hash of (split_seed, document id).
     split_seed: int = 0
     max_documents: int | None = None
+    # Sequence-level KD: this share of the training blocks is text the teacher writes itself
+    # (distill/generation.py), for prompts drawn from the training documents: chat turns
+    # through its chat template (``generated_chat_share`` of them, when it has one) and
+    # continuations of ``generated_prompt_tokens``-token windows. 0: the corpus alone; 1: the
+    # teacher's text alone (configs/data/teacher_generated.yaml). Generated once per teacher,
+    # prompt set and settings and cached under cache_dir/teacher_text/ (or
+    # ``generated_dir``, which is refused if it holds another teacher's or prompt set's text).
+    teacher_generated_fraction: float = 0.0
+    generated_prompts: int = 128
+    generated_tokens: int = 128
+    generated_chat_share: float = 0.5
+    generated_prompt_tokens: int = 64
+    # 1.0 samples the teacher's own distribution; 0 is greedy (repetitive on a small model).
+    generated_temperature: float = 1.0
+    generated_batch_size: int = 16
+    generated_dir: str | None = None
 
     def problems(self) -> list[str]:
         out = []
+        if not 0.0 <= self.teacher_generated_fraction <= 1.0:
+            out.append(
+                f"data.teacher_generated_fraction={self.teacher_generated_fraction}: must be "
+                "in [0, 1] (0: corpus only, 1: teacher-generated text only)"
+            )
+        for name in (
+            "generated_prompts",
+            "generated_tokens",
+            "generated_prompt_tokens",
+            "generated_batch_size",
+        ):
+            if getattr(self, name) < 1:
+                out.append(f"data.{name}={getattr(self, name)}: must be >= 1")
+        if not 0.0 <= self.generated_chat_share <= 1.0:
+            out.append(f"data.generated_chat_share={self.generated_chat_share}: must be in [0, 1]")
+        if self.generated_temperature < 0:
+            out.append(
+                f"data.generated_temperature={self.generated_temperature}: must be >= 0 (0: greedy)"
+            )
         if self.source not in DATA_SOURCES:
             out.append(f"data.source={self.source!r}: choose one of {', '.join(DATA_SOURCES)}")
         if self.source == "text_files" and not self.paths:

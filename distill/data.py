@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -233,11 +234,19 @@ def pack_documents(
     The tail shorter than one block is dropped, so every position is a real token and no
     padding or attention mask is needed.
     """
-    eos = tokenizer.eos_token_id
+    token_lists = [tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in docs]
+    return pack_token_lists(token_lists, tokenizer.eos_token_id, block_size)
+
+
+def pack_token_lists(
+    token_lists: Sequence[Sequence[int]], eos: int | None, block_size: int
+) -> torch.Tensor:
+    """Join token sequences into one stream, each ended by ``eos`` unless it already ends with
+    it, and cut it into ``(num_blocks, block_size)`` blocks (the short tail dropped)."""
     stream: list[int] = []
-    for doc in docs:
-        stream.extend(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
+    for ids in token_lists:
+        stream.extend(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
             stream.append(eos)
     num_blocks = len(stream) // block_size
     if num_blocks == 0:
@@ -357,3 +366,37 @@ def batch_indices(num_blocks: int, batch_size: int, step: int, seed: int) -> lis
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_blocks, generator=gen)
     return order[offset * batch_size : (offset + 1) * batch_size].tolist()
+
+
+def mix_blocks(corpus: torch.Tensor, generated: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Training blocks of which ``fraction`` are ``generated`` and the rest ``corpus``.
+
+    Nothing is thrown away: the side that is short of its share is repeated whole (then cut)
+    until the shares hold, so a few hundred teacher samples mix with a large corpus, or a
+    small corpus with many samples. ``fraction`` 1 gives ``generated`` alone. Corpus blocks
+    come first, then the generated ones; the batch order is shuffled by
+    :func:`batch_indices` anyway.
+
+    Raises:
+        DataError: ``generated`` holds no block, or ``fraction`` is outside (0, 1].
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"data.teacher_generated_fraction={fraction}: must be in (0, 1]")
+    if generated.shape[0] == 0:
+        raise DataError(
+            "the teacher's generated text fills no training block: raise "
+            "data.generated_prompts or data.generated_tokens, or lower data.block_size"
+        )
+    if fraction == 1.0:
+        return generated
+    num_c, num_g = corpus.shape[0], generated.shape[0]
+    if num_g / fraction >= num_c / (1.0 - fraction):
+        num_c = round(num_g * (1.0 - fraction) / fraction)  # the corpus is short: repeat it
+    else:
+        num_g = round(num_c * fraction / (1.0 - fraction))  # the samples are short
+    return torch.cat([_repeat_to(corpus, num_c), _repeat_to(generated, num_g)])
+
+
+def _repeat_to(blocks: torch.Tensor, count: int) -> torch.Tensor:
+    reps = -(-count // blocks.shape[0])
+    return blocks.repeat(reps, 1)[:count]

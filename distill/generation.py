@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from distill.config import DistillError
+from distill.config import DataConfig, DistillError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -406,3 +406,44 @@ def teacher_samples(
     _write_json(path / SAMPLES, [asdict(s) for s in samples])
     (path / "COMPLETE").touch()
     return samples
+
+
+# Prompt seeds: training prompts and the held-out evaluation prompts come from disjoint
+# documents (the train / val split); distinct seeds also keep their windows apart when a user
+# points both at one corpus.
+TRAIN_PROMPT_SEED = 1_000
+
+
+def training_samples(
+    cfg: DataConfig, teacher: Any, tokenizer: PreTrainedTokenizerBase, cache_dir: Path
+) -> list[Sample]:
+    """The teacher's text for training (``data.teacher_generated_fraction``): completions of
+    prompts drawn from the training documents only, generated once and cached.
+
+    Raises:
+        GenerationCacheMismatch: ``data.generated_dir`` holds another teacher's or prompt
+            set's text.
+    """
+    from distill.data import load_documents, split_documents
+
+    train_docs, _ = split_documents(load_documents(cfg), cfg.val_fraction, cfg.split_seed)
+    prompts = make_prompts(
+        train_docs,
+        tokenizer,
+        cfg.generated_prompts,
+        chat_share=cfg.generated_chat_share,
+        prompt_tokens=cfg.generated_prompt_tokens,
+        seed=TRAIN_PROMPT_SEED + cfg.split_seed,
+    )
+    return teacher_samples(
+        teacher,
+        tokenizer,
+        prompts,
+        max_new_tokens=cfg.generated_tokens,
+        temperature=cfg.generated_temperature,
+        seed=TRAIN_PROMPT_SEED + cfg.split_seed,
+        batch_size=cfg.generated_batch_size,
+        cache_dir=cache_dir,
+        folder=cfg.generated_dir,
+        what="training text",
+    )

@@ -87,6 +87,13 @@ def test_all_bad_fields_named_at_once() -> None:
         ("loss.name=mse", "mse"),
         ("train.teacher_top_k=0", "train.teacher_top_k"),
         ("train.teacher_mode=offline", "offline"),
+        ("data.teacher_generated_fraction=1.5", "data.teacher_generated_fraction"),
+        ("data.generated_prompts=0", "data.generated_prompts"),
+        ("data.generated_tokens=0", "data.generated_tokens"),
+        ("data.generated_prompt_tokens=0", "data.generated_prompt_tokens"),
+        ("data.generated_batch_size=0", "data.generated_batch_size"),
+        ("data.generated_chat_share=-0.1", "data.generated_chat_share"),
+        ("data.generated_temperature=-1", "data.generated_temperature"),
     ],
 )
 def test_out_of_range_values_are_named(override: str, needle: str) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from distill.config import DistillError, PipelineConfig, TrainConfig, cache_root
-from distill.data import PackedSplits, prepare_data
+from distill.data import PackedSplits, mix_blocks, pack_token_lists, prepare_data
 from distill.evaluate.metrics import log_probs_per_batch, score_blocks
 from distill.models.load import check_vocab, load_teacher
 from distill.models.student import build_student
@@ -273,6 +273,8 @@ def _build(cfg: PipelineConfig, rd: RunDir, accelerator: Accelerator) -> _Built:
         int(teacher.config.vocab_size),
         int(student.config.vocab_size),
     )
+    # After the student: a layer search scores the corpus blocks, whatever the training mix.
+    data = _with_teacher_text(cfg, data, teacher, tokenizer, accelerator)
     log.info(
         "data: %d train / %d val blocks of %d tokens",
         len(data.train),
@@ -292,6 +294,33 @@ def _build(cfg: PipelineConfig, rd: RunDir, accelerator: Accelerator) -> _Built:
     teacher = place_teacher(teacher, accelerator, tc.teacher_placement)
     raw_student = accelerator.unwrap_model(student)
     return _Built(accelerator, student, raw_student, teacher, tokenizer, data, optimizer)
+
+
+def _with_teacher_text(
+    cfg: PipelineConfig, data: PackedSplits, teacher: Any, tokenizer: Any, accelerator: Accelerator
+) -> PackedSplits:
+    """``data`` with ``data.teacher_generated_fraction`` of its training blocks replaced by the
+    teacher's own text (the main process generates it once; the others read its cache)."""
+    fraction = cfg.data.teacher_generated_fraction
+    if fraction == 0.0:
+        return data
+    from distill.generation import training_samples
+
+    with accelerator.main_process_first():
+        samples = training_samples(cfg.data, teacher, tokenizer, cache_root(cfg))
+    generated = pack_token_lists(
+        [s.prompt + s.completion for s in samples], tokenizer.eos_token_id, cfg.data.block_size
+    )
+    train = mix_blocks(data.train, generated, fraction)
+    log.info(
+        "data: %d teacher sample(s) fill %d block(s); training on %d blocks, %.0f%% of them "
+        "the teacher's text",
+        len(samples),
+        len(generated),
+        len(train),
+        100 * fraction,
+    )
+    return replace(data, train=train)
 
 
 def _resume(cfg: PipelineConfig, rd: RunDir, built: _Built) -> TrainerState:

@@ -236,3 +236,37 @@ def test_a_run_trained_on_two_processes_is_finished_for_one(
     newest.write_text(json.dumps({**state, "num_processes": 2}))
     done = train.finished_state(per_process, RunDir(run_dir))
     assert done is not None and done.step == 4
+
+
+def test_a_run_trains_on_the_teachers_own_text(
+    tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir, monkeypatch
+) -> None:
+    extra = [
+        "data.teacher_generated_fraction=0.5",
+        "data.generated_prompts=6",
+        "data.generated_tokens=12",
+        "data.generated_prompt_tokens=6",
+    ]
+    cfg = tiny_cfg(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache", extra)
+    seen: list[torch.Tensor] = []
+    real = train.micro_batches_for_step
+
+    def spy(blocks, *args, **kwargs):
+        seen.append(blocks)
+        return real(blocks, *args, **kwargs)
+
+    monkeypatch.setattr(train, "micro_batches_for_step", spy)
+    train.run(cfg, tmp_path / "run")
+    (cached,) = (tmp_path / "cache" / "teacher_text").iterdir()
+    samples = json.loads((cached / "samples.json").read_text())
+    assert len(samples) == 6
+    blocks = seen[0]
+    # Half the blocks hold the teacher's samples: each sample's prompt appears in them.
+    stream = blocks.flatten().tolist()
+    text = " ".join(map(str, stream))
+    # (the last sample may fall in the dropped tail)
+    assert all(" ".join(map(str, s["prompt"] + s["completion"])) in text for s in samples[:-1])
+    corpus = train.prepare_data(cfg.data, train.load_teacher(cfg.pair.teacher, tmp_path)[1], None)
+    corpus_rows = {tuple(r) for r in corpus.train.tolist()}
+    from_corpus = sum(tuple(r) in corpus_rows for r in blocks.tolist())
+    assert from_corpus == blocks.shape[0] // 2

@@ -1,0 +1,163 @@
+"""Prompts from documents, seeded generation, the teacher-text cache and the training mix."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.data import Document, mix_blocks, pack_token_lists
+from distill.generation import (
+    GenerationCacheMismatch,
+    GenerationError,
+    generate,
+    make_prompts,
+    teacher_samples,
+)
+from tests.conftest import CORPUS, make_tokenizer, tiny_llama
+
+# A chat template of our own: enough to tell chat prompts from continuations.
+TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    t = make_tokenizer(vocab_size=300)
+    t.chat_template = TEMPLATE
+    return t
+
+
+DOCS = [Document(f"doc{i}", f"Document {i}.\n" + CORPUS) for i in range(5)]
+
+
+def test_prompts_are_deterministic_and_follow_the_chat_share(chat_tok, tok) -> None:
+    a = make_prompts(DOCS, chat_tok, 10, chat_share=0.5, prompt_tokens=8, seed=3)
+    b = make_prompts(list(reversed(DOCS)), chat_tok, 10, chat_share=0.5, prompt_tokens=8, seed=3)
+    assert a == b  # the corpus order does not matter
+    assert [p.kind for p in a].count("chat") == 5
+    chat = [p for p in a if p.kind == "chat"]
+    assert all(chat_tok.decode(p.tokens).rstrip().endswith("assistant:") for p in chat)
+    assert all(len(p.tokens) == 8 for p in a if p.kind == "continuation")
+    assert make_prompts(DOCS, chat_tok, 10, chat_share=0.5, prompt_tokens=8, seed=4) != a
+    # Without a chat template every prompt is a continuation.
+    plain = make_prompts(DOCS, tok, 10, chat_share=0.5, prompt_tokens=8, seed=3)
+    assert {p.kind for p in plain} == {"continuation"}
+
+
+def test_more_prompts_than_documents_take_other_windows(tok) -> None:
+    docs = [Document("a", "\n".join(f"line {i:02d}. " + CORPUS[:60] for i in range(40)))]
+    prompts = make_prompts(docs, tok, 3, chat_share=0.0, prompt_tokens=12, seed=0)
+    assert len({p.source for p in prompts}) == 3
+    assert len({p.tokens for p in prompts}) == 3
+
+
+def test_generation_is_seeded_and_stops_at_eos(tok) -> None:
+    model = tiny_llama(len(tok), seed=1)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    state = torch.get_rng_state()
+    a = generate(model, prompts, max_new_tokens=6, temperature=1.0, seed=7, batch_size=2)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+    b = generate(model, prompts, max_new_tokens=6, temperature=1.0, seed=7, batch_size=2)
+    c = generate(model, prompts, max_new_tokens=6, temperature=1.0, seed=8, batch_size=2)
+    assert a == b and a != c
+    eos = model.config.eos_token_id
+    for out in a:
+        assert 1 <= len(out) <= 6
+        assert eos not in out[:-1]
+    # Greedy: the same as one prompt at a time with no padding.
+    greedy = generate(model, prompts, max_new_tokens=5, temperature=0.0, seed=0, batch_size=3)
+    alone = [
+        generate(model, [p], max_new_tokens=5, temperature=0.0, seed=0, batch_size=1)[0]
+        for p in prompts
+    ]
+    assert greedy == alone
+
+
+def test_generation_refuses_bad_settings(tok) -> None:
+    model = tiny_llama(len(tok))
+    with pytest.raises(GenerationError, match="no tokens"):
+        generate(model, [[]], max_new_tokens=2, temperature=0.0, seed=0, batch_size=1)
+    with pytest.raises(GenerationError, match="temperature"):
+        generate(model, [[1]], max_new_tokens=2, temperature=-1.0, seed=0, batch_size=1)
+
+
+def _samples(model, tok, prompts, cache: Path, **kw):
+    return teacher_samples(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=4,
+        temperature=1.0,
+        seed=0,
+        batch_size=4,
+        cache_dir=cache,
+        **kw,
+    )
+
+
+def test_teacher_text_is_cached_and_refused_for_another_teacher_or_prompts(
+    tok, tmp_path: Path, monkeypatch
+) -> None:
+    teacher = tiny_llama(len(tok), seed=2)
+    prompts = make_prompts(DOCS, tok, 4, chat_share=0.0, prompt_tokens=6, seed=0)
+    first = _samples(teacher, tok, prompts, tmp_path)
+    assert [s.prompt for s in first] == [p.tokens for p in prompts]
+    (folder,) = (tmp_path / "teacher_text").iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["num_prompts"] == 4 and manifest["max_new_tokens"] == 4
+
+    import distill.generation as generation
+
+    def no_generation(*a, **k):
+        raise AssertionError("regenerated instead of reading the cache")
+
+    monkeypatch.setattr(generation, "generate", no_generation)
+    assert _samples(teacher, tok, prompts, tmp_path) == first
+    monkeypatch.undo()
+
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.model.embed_tokens.weight.add_(0.01)
+    with pytest.raises(GenerationCacheMismatch, match="teacher_weights") as err:
+        _samples(other, tok, prompts, tmp_path, folder=folder)
+    assert err.value.mismatched == ["teacher_weights"]
+    fewer = prompts[:3]
+    with pytest.raises(GenerationCacheMismatch) as err:
+        _samples(teacher, tok, fewer, tmp_path, folder=folder)
+    assert set(err.value.mismatched) == {"prompts", "num_prompts"}
+    # Without an explicit folder another teacher simply gets its own cache.
+    assert len(_samples(other, tok, prompts, tmp_path)) == 4
+    assert len(list((tmp_path / "teacher_text").iterdir())) == 2
+
+
+def test_samples_pack_with_one_eos_between_them() -> None:
+    blocks = pack_token_lists([(1, 2, 9), (3, 4), (5,)], eos=9, block_size=3)
+    # (1, 2, 9) already ends with EOS; the others get one.
+    assert blocks.tolist() == [[1, 2, 9], [3, 4, 9]]  # the tail [5, 9] is dropped
+
+
+def test_mix_blocks_holds_the_share_and_drops_nothing() -> None:
+    corpus = torch.arange(40).view(20, 2)
+    generated = torch.arange(100, 110).view(5, 2)
+    half = mix_blocks(corpus, generated, 0.5)
+    assert half.shape[0] == 40
+    from_gen = (half[:, 0] >= 100).sum().item()
+    assert from_gen == 20  # the 5 samples repeated 4 times
+    assert {tuple(r) for r in corpus.tolist()} <= {tuple(r) for r in half.tolist()}
+    short = mix_blocks(corpus[:1], generated, 0.5)  # the corpus is short: it repeats
+    assert short.shape[0] == 10 and (short[:, 0] >= 100).sum().item() == 5
+    assert (short[:, 0] == 0).sum().item() == 5
+    mostly = mix_blocks(corpus[:2], generated, 0.8)  # 2 corpus blocks: 8 generated ones
+    assert mostly.shape[0] == 10 and (mostly[:, 0] >= 100).sum().item() == 8
+    assert torch.equal(mix_blocks(corpus, generated, 1.0), generated)
