@@ -28,10 +28,20 @@ TOKENIZER_TEXT = (
 
 
 def arch_model(
-    arch: str, vocab: int, *, tie: bool = True, context: int = 256, seed: int = 0, **overrides
+    arch: str,
+    vocab: int,
+    *,
+    tie: bool = True,
+    context: int = 256,
+    seed: int = 0,
+    layers: int = 2,
+    **overrides,
 ):
-    """A 2-layer, hidden-64 model of ``arch`` (one of :data:`ARCHS`), in eval mode;
-    ``overrides`` go to its config.
+    """A hidden-64 model of ``arch`` (one of :data:`ARCHS`) with ``layers`` decoder blocks, in
+    eval mode; ``overrides`` go to its config.
+
+    The depth goes to the config's constructor, not ``overrides``: Qwen configs derive
+    per-layer lists (``layer_types``) from it there.
 
     Weights are drawn at std 0.1 (not transformers' 0.02) so attention is far from uniform
     and a RoPE slip moves the logits by whole units; every bias and norm weight is perturbed
@@ -44,7 +54,7 @@ def arch_model(
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=context,
@@ -58,7 +68,7 @@ def arch_model(
         "gpt2": lambda: GPT2Config(
             vocab_size=vocab,
             n_embd=64,
-            n_layer=2,
+            n_layer=layers,
             n_head=4,
             n_positions=context,
             tie_word_embeddings=tie,
