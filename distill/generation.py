@@ -357,9 +357,10 @@ def teacher_samples(
     """The teacher's completions of ``prompts``, generated once and cached.
 
     The folder is ``folder`` when given, else ``cache_dir/teacher_text/<manifest key>``. A
-    folder with a manifest is read when the manifest matches and refused otherwise; samples
-    are written before the manifest's ``COMPLETE`` marker, each file renamed into place, so
-    an interrupted run regenerates and two runs that race write the same bytes.
+    folder with a manifest is read when the manifest matches and refused otherwise. Every
+    file is renamed into place whole; the completions are saved a few batches at a time
+    (:func:`_generate_in_parts`), so an interrupted run resumes where it stopped, and
+    ``COMPLETE`` marks the finished set.
 
     Raises:
         GenerationCacheMismatch: ``folder`` holds generations for another teacher, prompt
@@ -389,23 +390,60 @@ def teacher_samples(
         max_new_tokens,
         path,
     )
-    completions = generate(
-        teacher,
-        [p.tokens for p in prompts],
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-        desc=what,
+    path.mkdir(parents=True, exist_ok=True)
+    _write_json(path / MANIFEST, asdict(manifest))
+    completions = _generate_in_parts(
+        teacher, prompts, path / "parts", max_new_tokens, temperature, seed, batch_size, what
     )
     samples = [
         Sample(p.kind, p.source, p.tokens, c) for p, c in zip(prompts, completions, strict=True)
     ]
-    path.mkdir(parents=True, exist_ok=True)
-    _write_json(path / MANIFEST, asdict(manifest))
     _write_json(path / SAMPLES, [asdict(s) for s in samples])
     (path / "COMPLETE").touch()
+    for part in sorted((path / "parts").glob("*.json")):
+        part.unlink()
     return samples
+
+
+# Batches per part file of an unfinished generation: an interrupted run loses at most these.
+BATCHES_PER_PART = 2
+
+
+def _generate_in_parts(
+    teacher: Any,
+    prompts: Sequence[Prompt],
+    parts: Path,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+    what: str,
+) -> list[tuple[int, ...]]:
+    """:func:`generate` over ``prompts``, a few batches at a time, each part saved under
+    ``parts`` as it finishes and read back on a rerun. Part ``i`` starts at batch ``b`` and is
+    generated with seed ``seed + b``, which is exactly what one whole call gives batch ``b``,
+    so a resumed generation equals an uninterrupted one."""
+    parts.mkdir(parents=True, exist_ok=True)
+    step = batch_size * BATCHES_PER_PART
+    out: list[tuple[int, ...]] = []
+    with tqdm(total=len(prompts), desc=what, unit="prompt", leave=False) as bar:
+        for start in range(0, len(prompts), step):
+            file = parts / f"{start:07d}.json"
+            if file.exists():
+                done = [tuple(c) for c in json.loads(file.read_text())]
+            else:
+                done = generate(
+                    teacher,
+                    [p.tokens for p in prompts[start : start + step]],
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    seed=seed + start // batch_size,
+                    batch_size=batch_size,
+                )
+                _write_json(file, [list(c) for c in done])
+            out.extend(done)
+            bar.update(len(done))
+    return out
 
 
 # Prompt seeds: training prompts and the held-out evaluation prompts come from disjoint

@@ -92,7 +92,7 @@ def test_generation_refuses_bad_settings(tok) -> None:
         generate(model, [[1]], max_new_tokens=2, temperature=-1.0, seed=0, batch_size=1)
 
 
-def _samples(model, tok, prompts, cache: Path, **kw):
+def _samples(model, tok, prompts, cache: Path, batch_size: int = 4, **kw):
     return teacher_samples(
         model,
         tok,
@@ -100,7 +100,7 @@ def _samples(model, tok, prompts, cache: Path, **kw):
         max_new_tokens=4,
         temperature=1.0,
         seed=0,
-        batch_size=4,
+        batch_size=batch_size,
         cache_dir=cache,
         **kw,
     )
@@ -161,3 +161,40 @@ def test_mix_blocks_holds_the_share_and_drops_nothing() -> None:
     mostly = mix_blocks(corpus[:2], generated, 0.8)  # 2 corpus blocks: 8 generated ones
     assert mostly.shape[0] == 10 and (mostly[:, 0] >= 100).sum().item() == 8
     assert torch.equal(mix_blocks(corpus, generated, 1.0), generated)
+
+
+def test_an_interrupted_generation_resumes_to_the_same_samples(
+    tok, tmp_path: Path, monkeypatch
+) -> None:
+    import distill.generation as generation
+
+    teacher = tiny_llama(len(tok), seed=3)
+    prompts = make_prompts(DOCS, tok, 10, chat_share=0.0, prompt_tokens=6, seed=1)
+    whole = _samples(teacher, tok, prompts, tmp_path / "a", batch_size=2)
+    one_call = generate(
+        teacher,
+        [p.tokens for p in prompts],
+        max_new_tokens=4,
+        temperature=1.0,
+        seed=0,
+        batch_size=2,
+    )
+    assert [s.completion for s in whole] == one_call  # parts give what one call gives
+    real, calls = generation.generate, []
+
+    def dies_on_the_second_part(*args, **kwargs):
+        calls.append(kwargs["seed"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", dies_on_the_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        _samples(teacher, tok, prompts, tmp_path / "b", batch_size=2)
+    (folder,) = (tmp_path / "b" / "teacher_text").iterdir()
+    assert not (folder / "COMPLETE").exists()
+    assert len(list((folder / "parts").glob("*.json"))) == 1
+    calls.clear()
+    monkeypatch.setattr(generation, "generate", real)
+    assert _samples(teacher, tok, prompts, tmp_path / "b", batch_size=2) == whole
+    assert (folder / "COMPLETE").exists() and not list((folder / "parts").glob("*.json"))
