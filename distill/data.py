@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from distill.config import DataConfig, DistillError
+from distill.run_dir import process_tag
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -332,7 +333,7 @@ def _save_splits(path: Path, train: torch.Tensor, val: torch.Tensor) -> None:
 
     # Written to a staging folder and renamed, so an interrupted run never leaves a
     # half-written cache that a later run would trust.
-    staging = path.with_name(path.name + f".tmp-{os.getpid()}")
+    staging = path.with_name(f".{path.name}.tmp-{process_tag()}")
     dsd = datasets.DatasetDict(
         {
             "train": datasets.Dataset.from_dict({"input_ids": train.tolist()}),

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.config import DataConfig, DistillError
+from distill.run_dir import process_tag
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -336,7 +337,7 @@ def _read_samples(path: Path) -> list[Sample]:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{process_tag()}")
     tmp.write_text(json.dumps(payload) + "\n")
     os.replace(tmp, path)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,16 +153,25 @@ def read_quantize_records(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {r["method"]: r for r in records if isinstance(r, dict) and "method" in r}
 
 
+def process_tag() -> str:
+    """``<host>-<pid>``: names a temporary file or folder that only this process writes.
+
+    A pid alone is not enough where ``cache_dir`` or a sweep dir is shared storage: two jobs
+    on two cluster nodes can have the same pid, and would then write one temporary file.
+    """
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write ``value`` as JSON so a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{process_tag()}")
     tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)
 
 
 def staging_folder(dst: Path) -> Path:
     """An empty sibling of ``dst`` to build into before :func:`replace_folder`."""
-    staging = dst.parent / f".staging-{dst.name}-{os.getpid()}"
+    staging = dst.parent / f".staging-{dst.name}-{process_tag()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
     return staging
@@ -174,7 +184,7 @@ def replace_folder(staging: Path, dst: Path) -> None:
     and deleted after; a reader sees the old folder or the new one, never a half-written mix,
     and a crash in between leaves a hidden ``.old-`` folder, not a broken ``dst``.
     """
-    old = dst.parent / f".old-{dst.name}-{os.getpid()}"
+    old = dst.parent / f".old-{dst.name}-{process_tag()}"
     shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
         os.replace(dst, old)

@@ -114,7 +114,11 @@ def greedy_trajectory(
         path,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"trajectory": trajectory, "calib_shape": list(calib_blocks.shape)})
+    # A run that shares cache_dir may have searched deeper meanwhile: keep the longer path
+    # (both start from the same teacher and blocks, so one is a prefix of the other).
+    now = _read(path)
+    if now is None or now[-1]["num_layers"] > trajectory[-1]["num_layers"]:
+        write_json_atomic(path, {"trajectory": trajectory, "calib_shape": list(calib_blocks.shape)})
     return trajectory
 
 

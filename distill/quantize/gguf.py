@@ -54,6 +54,7 @@ from distill.quantize.gguf_arch import (
 )
 from distill.quantize.gguf_tokenizer import add_tokenizer_metadata, tokenizer_metadata
 from distill.quantize.gptq import Int4Groups, pack_q4_0
+from distill.run_dir import process_tag
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -185,7 +186,7 @@ def export_gguf(
     tok = tokenizer_metadata(tokenizer, int(model.config.vocab_size))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{process_tag()}")
     writer = gguf.GGUFWriter(str(tmp), arch.arch)
     writer.add_name(name or path.stem)
     add_model_metadata(writer, model.config)

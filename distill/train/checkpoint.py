@@ -8,6 +8,15 @@ A checkpoint folder ``checkpoints/step-000200/`` holds the student (safetensors,
 moment leaves either the previous checkpoints untouched or a staging folder that nothing
 reads. The learning rate and data order are pure functions of the step, so the step is all
 the scheduler and sampler need.
+
+Under FSDP2 (accelerate's FSDP plugin with ``fsdp_version: 2``) the student's parameters and
+optimizer state are shards on every rank. There a checkpoint is the *full* state, gathered
+to rank 0 through ``torch.distributed.checkpoint.state_dict`` (what accelerate uses for
+FSDP2 too): the same ``model.safetensors`` that ``from_pretrained`` reads, and an
+``optimizer.pt`` keyed by parameter name instead of position. Full rather than sharded, so a
+checkpoint stays one folder of ordinary files that any process count, and a run without
+FSDP, can resume from; the price is one whole copy of the student's state in rank 0's CPU
+memory while saving, and in each rank's while loading.
 """
 
 from __future__ import annotations
@@ -78,6 +87,32 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     random.setstate((py_version, tuple(py_state), py_gauss))
 
 
+def is_sharded(model: Any) -> bool:
+    """``model`` holds FSDP2 shards (``fully_shard``, as accelerate's FSDP2 plugin applies)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _full_state_options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
+
+
+def full_model_state(model: Any) -> dict[str, torch.Tensor] | None:
+    """The weights as whole tensors for ``save_pretrained(state_dict=...)``.
+
+    Under FSDP2 a collective (every rank calls it): rank 0 receives them on CPU, the others
+    an empty dict. Otherwise None, meaning "the model's own state dict".
+    """
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_state_options())
+
+
 def save_checkpoint(
     checkpoints_dir: Path,
     *,
@@ -85,19 +120,32 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
     keep_last_n: int,
+    is_main: bool = True,
 ) -> Path:
     """Write a complete checkpoint for ``state.step`` atomically; prune old ones.
+
+    Every process calls it: under FSDP2 gathering the full state is a collective; the
+    main process (``is_main``) alone writes.
 
     Returns:
         The final folder path.
     """
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(state.step)
     target = checkpoints_dir / name
+    weights, optim_state = None, None
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        weights, optim_state = get_state_dict(model, optimizer, options=_full_state_options())
+    if not is_main:
+        return target
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(target)
     staging.mkdir()
-    model.save_pretrained(str(staging), safe_serialization=True)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    model.save_pretrained(str(staging), safe_serialization=True, state_dict=weights)
+    torch.save(
+        optimizer.state_dict() if optim_state is None else optim_state, staging / "optimizer.pt"
+    )
     rng_tensors, rng_meta = capture_rng()
     save_file(rng_tensors, str(staging / "rng.safetensors"))
     (staging / "rng.json").write_text(json.dumps(rng_meta))
@@ -178,18 +226,46 @@ def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer)
         )
     weights = load_file(str(path / "model.safetensors"))
     # Tied weights are stored once; load non-strictly, then check nothing real is missing.
-    result = model.load_state_dict(weights, strict=False)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        # Each rank keeps its own shard of the whole tensors.
+        result = set_model_state_dict(model, weights, options=_full_state_options(strict=False))
+    else:
+        result = model.load_state_dict(weights, strict=False)
     tied = {k for k in result.missing_keys if "lm_head" in k}
     if set(result.missing_keys) - tied or result.unexpected_keys:
         raise CheckpointError(
             f"checkpoint {path} does not match the model: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    _load_optimizer(path, model, optimizer)
     restore_rng(
         load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text())
     )
     return read_trainer_state(path)
+
+
+def _load_optimizer(path: Path, model: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Restore ``optimizer.pt``: keyed by parameter name (written under FSDP2; loads under
+    any launch) or by position (``optimizer.state_dict()``; loads without FSDP only).
+
+    Raises:
+        CheckpointError: a positional one for a sharded model.
+    """
+    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    by_name = any(isinstance(k, str) for k in saved.get("state", {}))
+    if by_name:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved, options=_full_state_options())
+    elif is_sharded(model) and saved.get("state"):
+        raise CheckpointError(
+            f"checkpoint {path} holds an optimizer state keyed by position (a run without "
+            "FSDP2): resume it without FSDP, or start this FSDP2 run in a new run dir"
+        )
+    else:
+        optimizer.load_state_dict(saved)
 
 
 def read_trainer_state(path: Path) -> TrainerState:

@@ -35,6 +35,7 @@ from distill.train import teacher_cache
 from distill.train.checkpoint import (
     TrainerState,
     complete_checkpoints,
+    full_model_state,
     load_checkpoint,
     read_trainer_state,
     resolve_resume,
@@ -219,8 +220,9 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
     main = accelerator.is_main_process
     raw_student, tokenizer = built.raw_student, built.tokenizer
     final = rd.final
+    weights = full_model_state(raw_student)  # every rank: a collective under FSDP2
     if main:
-        _save_final(raw_student, tokenizer, final)
+        _save_final(raw_student, tokenizer, final, weights)
     accelerator.wait_for_everyone()
     if main:
         log.info(
@@ -445,14 +447,14 @@ def _train_steps(
                     )
                 acc.wait_for_everyone()
             if done % tc.save_every_n_steps == 0 or done == tc.max_steps:
-                if main:
-                    save_checkpoint(
-                        rd.checkpoints,
-                        model=built.raw_student,
-                        optimizer=built.optimizer,
-                        state=replace(start, step=done, tokens_seen=tokens_seen),
-                        keep_last_n=tc.keep_last_n_checkpoints,
-                    )
+                save_checkpoint(  # every rank: under FSDP2 gathering the state is collective
+                    rd.checkpoints,
+                    model=built.raw_student,
+                    optimizer=built.optimizer,
+                    state=replace(start, step=done, tokens_seen=tokens_seen),
+                    keep_last_n=tc.keep_last_n_checkpoints,
+                    is_main=main,
+                )
                 last_saved = done
                 acc.wait_for_everyone()
     finally:
@@ -461,9 +463,12 @@ def _train_steps(
     return last_saved
 
 
-def _save_final(model: Any, tokenizer: Any, final: Path) -> None:
-    """Write the student and tokenizer to ``final/``, swapped in whole (never half-written)."""
+def _save_final(
+    model: Any, tokenizer: Any, final: Path, weights: dict[str, Tensor] | None = None
+) -> None:
+    """Write the student (``weights`` when gathered from FSDP2 shards) and tokenizer to
+    ``final/``, swapped in whole (never half-written)."""
     staging = staging_folder(final)
-    model.save_pretrained(str(staging), safe_serialization=True)
+    model.save_pretrained(str(staging), safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(str(staging))
     replace_folder(staging, final)

@@ -41,6 +41,7 @@ from torch import Tensor
 from distill.config import DistillError, PipelineConfig, TrainConfig, cache_root
 from distill.data import batch_indices, blocks_hash, tokenizer_fingerprint
 from distill.models.footprint import weights_hash
+from distill.run_dir import process_tag
 from distill.train.chunked_loss import Head, fused_head
 from distill.train.losses import TopKTeacher
 
@@ -157,18 +158,31 @@ def check_manifest(path: Path, expected: CacheManifest) -> None:
 
 
 def _write_manifest(path: Path, manifest: CacheManifest) -> None:
+    """Write ``path``'s manifest, first writer wins; check the one already there otherwise.
+
+    Two runs sharing ``cache_dir`` may build the same cache at once: the manifest is
+    hard-linked into place, which fails when another process linked its copy first, and
+    that copy is then checked like any existing one (so two runs for *different* caches in
+    one explicit folder cannot overwrite each other's manifest). Hidden names are the
+    temporary files of such a concurrent writer, not foreign content.
+    """
     path.mkdir(parents=True, exist_ok=True)
     if (path / MANIFEST).exists():
         check_manifest(path, manifest)
         return
-    if any(path.iterdir()):
+    if any(not p.name.startswith(".") for p in path.iterdir()):
         raise TeacherCacheError(
             f"{path} is not empty and holds no {MANIFEST}: give train.teacher_cache_dir an "
             "empty or new folder"
         )
-    tmp = path / f".{MANIFEST}.{os.getpid()}"
+    tmp = path / f".{MANIFEST}.{process_tag()}"
     tmp.write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path / MANIFEST)
+    try:
+        os.link(tmp, path / MANIFEST)
+    except FileExistsError:
+        check_manifest(path, manifest)
+    finally:
+        tmp.unlink()
 
 
 class TeacherCache:
