@@ -36,6 +36,7 @@ LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
 QUANT_METHODS = ("bf16", "fp16", "int8_weight_only", "int8_dynamic", "int4_weight_only")
 GGUF_TYPES = ("f16", "q8_0", "q4_1", "q4_0")
 TEACHER_MODES = ("online", "cached")
+HIDDEN_LOSSES = ("cosine", "mse")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -219,6 +220,13 @@ class LossConfig:
     # rows of logits/probabilities exist at once (128 x 49,152 fp32 = 24 MiB each). Larger
     # chunks suit GPUs; null: the plain, unchunked form.
     chunk_size: int | None = 128
+    # Hidden-state matching (from_teacher students, online teacher): loss gains
+    # hidden_weight * hidden, where hidden compares the student's output after its layer i
+    # with the teacher's after the layer it was copied from, per position: cosine
+    # (1 - cos) or mse (||h_s - h_t||^2 / ||h_t||^2), averaged over layers
+    # (distill/train/hidden_states.py).
+    hidden_weight: float = 0.0
+    hidden_loss: str = "cosine"
 
     def problems(self) -> list[str]:
         out = []
@@ -234,6 +242,12 @@ class LossConfig:
             out.append(f"loss.alpha={self.alpha}: must be in [0, 1)")
         if self.chunk_size is not None and self.chunk_size < 1:
             out.append(f"loss.chunk_size={self.chunk_size}: must be >= 1 or null")
+        if not self.hidden_weight >= 0.0:
+            out.append(f"loss.hidden_weight={self.hidden_weight}: must be >= 0")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            out.append(
+                f"loss.hidden_loss={self.hidden_loss!r}: choose one of {', '.join(HIDDEN_LOSSES)}"
+            )
         return out
 
 
@@ -272,6 +286,15 @@ class TrainConfig:
     # last: final/ is the last step. best_quantized: each kept checkpoint is quantized with
     # quant.methods[0] and the one with the best held-out perplexity becomes final/.
     select_checkpoint: str = "last"
+    # On-policy distillation (GKD's lambda): this share of micro-batches are the student's
+    # own samples, scored by the online teacher with the configured divergence. The prompt
+    # is the first sample_prompt_tokens tokens of each block; the student then writes up to
+    # sample_tokens tokens at sample_temperature (0: greedy). Which micro-batches are
+    # on-policy is a pure function of (seed, micro-batch index), so resume stays exact.
+    on_policy_fraction: float = 0.0
+    sample_temperature: float = 1.0
+    sample_tokens: int = 64
+    sample_prompt_tokens: int = 64
 
     def problems(self) -> list[str]:
         out = []
@@ -315,6 +338,16 @@ class TrainConfig:
                 f"train.mixed_precision={self.mixed_precision!r}: choose one of "
                 f"{', '.join(MIXED_PRECISION)}"
             )
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            out.append(f"train.on_policy_fraction={self.on_policy_fraction}: must be in [0, 1]")
+        if not self.sample_temperature >= 0.0:
+            out.append(
+                f"train.sample_temperature={self.sample_temperature}: must be >= 0 (0: greedy)"
+            )
+        for name in ("sample_tokens", "sample_prompt_tokens"):
+            value = getattr(self, name)
+            if value < 1:
+                out.append(f"train.{name}={value}: must be >= 1")
         return out
 
 
@@ -473,8 +506,49 @@ class PipelineConfig:
                 "quant.methods[0], but quant.methods is empty: list a method or use "
                 "train.select_checkpoint=last"
             )
+        problems.extend(self._distill_signal_problems())
         if problems:
             raise ConfigError(f"{len(problems)} invalid config field(s): " + "; ".join(problems))
+
+    def _distill_signal_problems(self) -> list[str]:
+        """Combinations on-policy sampling and hidden-state matching cannot work with."""
+        out = []
+        tc, loss = self.train, self.loss
+        if tc.on_policy_fraction > 0.0:
+            if tc.teacher_mode == "cached":
+                out.append(
+                    f"train.on_policy_fraction={tc.on_policy_fraction} needs the online teacher "
+                    "(the cache holds its view of the training blocks, not of the student's "
+                    "samples): set train.teacher_mode=online or train.on_policy_fraction=0"
+                )
+            if loss.kd_ratio == 0.0:
+                out.append(
+                    f"train.on_policy_fraction={tc.on_policy_fraction} with loss.kd_ratio=0: "
+                    "the student's samples are scored by the divergence alone (no CE on its "
+                    "own text), so they would get no loss: raise loss.kd_ratio or set "
+                    "train.on_policy_fraction=0"
+                )
+            if tc.sample_prompt_tokens >= self.data.block_size:
+                out.append(
+                    f"train.sample_prompt_tokens={tc.sample_prompt_tokens}: the prompt is the "
+                    f"start of a data.block_size={self.data.block_size} block, so it must be "
+                    "shorter than the block"
+                )
+        if loss.hidden_weight > 0.0:
+            if tc.teacher_mode == "cached":
+                out.append(
+                    f"loss.hidden_weight={loss.hidden_weight} needs the teacher's hidden states, "
+                    "which only the online teacher gives (the cache stores top-k log-probs): "
+                    "set train.teacher_mode=online or loss.hidden_weight=0"
+                )
+            if self.pair.student.init != "from_teacher":
+                out.append(
+                    f"loss.hidden_weight={loss.hidden_weight} matches each student layer to the "
+                    "teacher layer it was copied from; a pair.student.init="
+                    f"{self.pair.student.init} student has no such layers: use "
+                    "pair.student.init=from_teacher or loss.hidden_weight=0"
+                )
+        return out
 
 
 def register_configs() -> None:

@@ -94,6 +94,13 @@ def test_all_bad_fields_named_at_once() -> None:
         ("data.generated_batch_size=0", "data.generated_batch_size"),
         ("data.generated_chat_share=-0.1", "data.generated_chat_share"),
         ("data.generated_temperature=-1", "data.generated_temperature"),
+        ("train.on_policy_fraction=1.5", "train.on_policy_fraction=1.5"),
+        ("train.on_policy_fraction=-0.1", "train.on_policy_fraction=-0.1"),
+        ("train.sample_temperature=-1", "train.sample_temperature=-1"),
+        ("train.sample_tokens=0", "train.sample_tokens=0"),
+        ("train.sample_prompt_tokens=0", "train.sample_prompt_tokens=0"),
+        ("loss.hidden_weight=-1", "loss.hidden_weight=-1"),
+        ("loss.hidden_loss=l1", "l1.*cosine, mse"),
     ],
 )
 def test_out_of_range_values_are_named(override: str, needle: str) -> None:
@@ -151,6 +158,64 @@ def test_a_depth_for_another_init_fails() -> None:
 def test_best_quantized_without_methods_fails_before_training() -> None:
     with pytest.raises(ConfigError, match="quant.methods is empty"):
         from_command_line(["train.select_checkpoint=best_quantized", "quant.methods=[]"])
+
+
+def test_on_policy_and_hidden_defaults_are_off() -> None:
+    pcfg = from_command_line([])
+    assert pcfg.train.on_policy_fraction == 0.0 and pcfg.loss.hidden_weight == 0.0
+    # The sampling settings are not checked against the data while on-policy is off: the
+    # default 64-token prompt is longer than a 16-token block, and that is fine.
+    assert from_command_line(["data.block_size=16"]).train.sample_prompt_tokens == 64
+    on = from_command_line(["train.on_policy_fraction=0.5", "loss.hidden_weight=0.1"])
+    assert (on.train.on_policy_fraction, on.loss.hidden_weight) == (0.5, 0.1)
+
+
+@pytest.mark.parametrize(
+    "overrides,needles",
+    [
+        (
+            ["train.on_policy_fraction=0.5", "train.teacher_mode=cached"],
+            ["train.on_policy_fraction=0.5 needs the online teacher", "train.teacher_mode=online"],
+        ),
+        (
+            ["train.on_policy_fraction=1", "loss.kd_ratio=0"],
+            ["loss.kd_ratio=0", "no CE on its own text", "raise loss.kd_ratio"],
+        ),
+        (
+            ["train.on_policy_fraction=0.5", "data.block_size=64"],
+            ["train.sample_prompt_tokens=64", "data.block_size=64", "shorter than the block"],
+        ),
+        (
+            ["loss.hidden_weight=0.5", "train.teacher_mode=cached"],
+            [
+                "loss.hidden_weight=0.5 needs",
+                "only the online teacher",
+                "train.teacher_mode=online",
+            ],
+        ),
+        (
+            ["pair=smollm2-135m_to_random-4l", "loss.hidden_weight=0.5"],
+            ["pair.student.init=from_config student has no such layers", "from_teacher"],
+        ),
+    ],
+)
+def test_combinations_that_cannot_work_fail_naming_the_fix(
+    overrides: list[str], needles: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_command_line(overrides)
+    msg = str(err.value)
+    assert msg.startswith("1 invalid"), msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+def test_on_policy_and_hidden_with_a_cached_teacher_are_both_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        from_command_line(
+            ["train.on_policy_fraction=0.5", "loss.hidden_weight=1", "train.teacher_mode=cached"]
+        )
+    assert str(err.value).startswith("2 invalid")
 
 
 def test_depth_sweep_trains_each_depth(

@@ -24,6 +24,10 @@ from distill.models.load import ModelError, load_causal_lm, load_config, load_to
 log = logging.getLogger(__name__)
 
 
+# The student config attribute listing, for each student layer, the teacher layer it copies.
+TEACHER_LAYERS_ATTR = "distill_teacher_layers"
+
+
 def num_layers_of(config: Any) -> int:
     # GPT-2 maps num_hidden_layers onto n_layer through attribute_map, so this covers it.
     return int(config.num_hidden_layers)
@@ -96,7 +100,9 @@ def build_student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> P
 
     The model is constructed fresh from a reduced config (so per-layer indices such as
     attention ``layer_idx`` for the KV cache are right) and the teacher's tensors are copied
-    in with layer ``layers[i]`` renamed to ``i``.
+    in with layer ``layers[i]`` renamed to ``i``. The mapping is recorded as
+    ``config.distill_teacher_layers`` (saved in config.json), so hidden-state matching can
+    pair student layer ``i`` with teacher layer ``layers[i]``.
 
     Raises:
         ModelError: an index is outside the teacher's layers.
@@ -104,6 +110,7 @@ def build_student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> P
     check_layers(layers, num_layers_of(teacher.config))
     prefix, _ = decoder_layers(teacher)
     config = subset_config(teacher.config, layers)
+    setattr(config, TEACHER_LAYERS_ATTR, list(layers))
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     source = teacher.state_dict()

@@ -41,7 +41,9 @@ from distill.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from distill.train.hidden_states import hidden_match
 from distill.train.losses import make_kd_loss
+from distill.train.on_policy import SampleSettings
 from distill.train.placement import fused_heads, place_teacher
 from distill.train.step import (
     StepContext,
@@ -350,9 +352,16 @@ def _resume(cfg: PipelineConfig, rd: RunDir, built: _Built) -> TrainerState:
 def _step_context(
     cfg: PipelineConfig, built: _Built, start_step: int
 ) -> tuple[StepContext, _EvalSet]:
-    """The step's context (fused heads, the teacher cache if used) and the periodic eval set."""
+    """The step's context (fused heads, the teacher cache if used, on-policy sampling and
+    hidden-state matching as configured) and the periodic eval set.
+
+    Raises:
+        HiddenStateError: hidden-state matching asked for a student and teacher it cannot
+            pair (checked here, before any step).
+    """
     tc, acc = cfg.train, built.accelerator
     main = acc.is_main_process
+    hidden = hidden_match(cfg.loss, built.raw_student, built.teacher)
     student_head, teacher_head = fused_heads(cfg, acc, built.raw_student, built.teacher)
     cache = None
     if tc.teacher_mode == "cached" and cfg.loss.kd_ratio > 0.0:
@@ -391,6 +400,12 @@ def _step_context(
         student_head=student_head,
         teacher_head=teacher_head,
         teacher_cache=cache,
+        sampling=(
+            SampleSettings(tc.sample_prompt_tokens, tc.sample_tokens, tc.sample_temperature)
+            if tc.on_policy_fraction > 0.0
+            else None
+        ),
+        hidden=hidden,
     )
     return ctx, _EvalSet(eval_blocks, teacher_eval, eval_bs)
 
