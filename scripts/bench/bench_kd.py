@@ -9,6 +9,9 @@ configs/pair/smollm2-135m_to_smollm2-14l.yaml), in one process, prints one line 
   P3  peak memory of the loss alone, forward + backward, KD / CE    (target <= 1.3)
   P4  teacher-cache bytes per token / full-vocabulary fp16 bytes    (target <= 0.5%)
       held-out perplexity after N steps, cached top-k / online full (target <= 1.02)
+  P5  on-policy step (the student samples half a block, then KD on it) / online KD step,
+      with the on-policy step's sampling and update seconds
+  P6  online KD step with hidden-state matching (loss.hidden_weight > 0) / without
 
 Steps are real ``distill.train.step.train_step`` calls (forward, backward, clip, AdamW) on the
 same student, batch and block size. Times are medians over ``--repeats``, the variants run
@@ -28,6 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,6 +48,7 @@ from distill.evaluate.metrics import perplexity
 from distill.models.load import load_teacher
 from distill.models.student import build_student
 from distill.train.chunked_loss import chunked_distill_loss, fused_head
+from distill.train.hidden_states import hidden_match
 from distill.train.losses import (
     KDLoss,
     ProjectedTeacher,
@@ -51,10 +56,11 @@ from distill.train.losses import (
     cross_entropy_per_token,
     make_kd_loss,
 )
+from distill.train.on_policy import SampleSettings
 from distill.train.step import StepContext, lr_at, micro_batches_for_step, train_step
 from distill.train.teacher_cache import TeacherCache, blocks_for_steps, build_cache, manifest_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # scripts/bench/ -> the checkout
 PAIR = REPO / "configs" / "pair" / "smollm2-135m_to_smollm2-14l.yaml"
 
 
@@ -226,6 +232,12 @@ def main() -> None:
     p.add_argument("--loss-tokens", type=int, default=1024, help="positions in the P3 loss")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--sample-prompt-tokens",
+        type=int,
+        default=None,
+        help="P5 prompt tokens (default: half the block; the student writes the other half)",
+    )
     p.add_argument("--cache-dir", default=os.environ.get("DISTILL_CACHE", "~/.cache/distill"))
     args = p.parse_args()
     if args.threads:
@@ -288,7 +300,9 @@ def main() -> None:
             teacher_cache=cache if mode == "cached" else None,
         )
 
-    progress(f"cache ready ({added} blocks built in {built_s:.0f} s); timing steps (P1, P2)")
+    progress(
+        f"cache ready ({added} blocks built in {built_s:.0f} s); timing steps (P1, P2, P5, P6)"
+    )
     # ---- P1, P2: step times ---------------------------------------------------------------
     student = copy.deepcopy(student_init).to(device).train()
     batch = micro_batches_for_step(data.train, tc, 0, 0, 1, device)
@@ -300,9 +314,35 @@ def main() -> None:
         "kd_cached": context(student, loss_cfg.kd_ratio, chunk, "cached", opt),
         "kd_online": context(student, loss_cfg.kd_ratio, chunk, "online", opt),
     }
+    # P5: every micro-batch on-policy, the student writing the block's second half, so the
+    # update sees as many tokens as the off-policy steps (fewer if a sample stops at EOS).
+    prompt_tokens = args.sample_prompt_tokens or args.block_size // 2
+    on_tc = replace(
+        tc,
+        on_policy_fraction=1.0,
+        sample_prompt_tokens=prompt_tokens,
+        sample_tokens=args.block_size - prompt_tokens,
+    )
+    on_batch = micro_batches_for_step(data.train, on_tc, 0, 0, 1, device)
+    on_ctx = ctxs["kd_on_policy"] = replace(
+        ctxs["kd_online"],
+        sampling=SampleSettings(prompt_tokens, on_tc.sample_tokens, on_tc.sample_temperature),
+    )
+    # P6: the same online KD step plus hidden-state matching of every student layer.
+    ctxs["kd_online_hidden"] = replace(
+        ctxs["kd_online"], hidden=hidden_match(LossConfig(hidden_weight=1.0), student, teacher)
+    )
+    on_policy_parts: list[dict[str, float]] = []
+
+    def on_policy_step(ctx: StepContext = on_ctx) -> None:
+        on_policy_parts.append(train_step(ctx, on_batch, args.lr, 0))
+
     fns: dict[str, Callable[[], object]] = {
-        name: (lambda c=c: train_step(c, batch, args.lr, 0)) for name, c in ctxs.items()
+        name: (lambda c=c: train_step(c, batch, args.lr, 0))
+        for name, c in ctxs.items()
+        if name != "kd_on_policy"
     }
+    fns["kd_on_policy"] = on_policy_step
 
     def teacher_forward() -> None:
         with torch.no_grad():
@@ -310,7 +350,11 @@ def main() -> None:
 
     fns["teacher_fwd"] = teacher_forward
     med = interleaved_medians(fns, args.repeats, device)
-    del ctxs, fns, student, opt
+    timed = on_policy_parts[1:]  # after the warm-up
+    sample_s = statistics.median(m["sample_s"] for m in timed)
+    update_s = statistics.median(m["update_s"] for m in timed)
+    on_tokens = statistics.median(m["tokens"] for m in timed)
+    del ctxs, fns, student, opt, on_ctx
     gc.collect()
 
     progress("loss memory (P3)")
@@ -390,6 +434,19 @@ def main() -> None:
         f"blocks: cached {ppl['cached']:.3f}, online {ppl['online']:.3f}, before training "
         f"{ppl_init:.3f}; cache: {len(cache.index)} blocks, {added} built now in "
         f"{built_s:.1f} s]"
+    )
+    print(
+        f"P5 on-policy step / online-KD step = {med['kd_on_policy'] / med['kd_online']:.3f}  "
+        f"[median s: kd_on_policy {med['kd_on_policy']:.3f} (sampling {sample_s:.3f}, update "
+        f"{update_s:.3f}), kd_online {med['kd_online']:.3f}; the student writes "
+        f"{on_tc.sample_tokens} tokens after {prompt_tokens}, {on_tokens:.0f} scored tokens per "
+        f"step against {args.batch_size * (args.block_size - 1)} off-policy]"
+    )
+    print(
+        f"P6 online-KD step with hidden-state matching / without = "
+        f"{med['kd_online_hidden'] / med['kd_online']:.3f}  [median s: with "
+        f"{med['kd_online_hidden']:.3f}, without {med['kd_online']:.3f}; {len(layers)} student "
+        "layers matched, cosine]"
     )
 
 
