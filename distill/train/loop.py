@@ -43,7 +43,7 @@ from distill.train.checkpoint import (
 )
 from distill.train.hidden_states import hidden_match
 from distill.train.losses import make_kd_loss
-from distill.train.on_policy import SampleSettings
+from distill.train.on_policy import SampleSettings, check_sampling_supported
 from distill.train.placement import fused_heads, place_teacher
 from distill.train.step import (
     StepContext,
@@ -358,10 +358,13 @@ def _step_context(
     Raises:
         HiddenStateError: hidden-state matching asked for a student and teacher it cannot
             pair (checked here, before any step).
+        DistillError: on-policy sampling under sharded weights (FSDP, ZeRO-3).
     """
     tc, acc = cfg.train, built.accelerator
     main = acc.is_main_process
     hidden = hidden_match(cfg.loss, built.raw_student, built.teacher)
+    if tc.on_policy_fraction > 0.0:
+        check_sampling_supported(acc.distributed_type)
     student_head, teacher_head = fused_heads(cfg, acc, built.raw_student, built.teacher)
     cache = None
     if tc.teacher_mode == "cached" and cfg.loss.kd_ratio > 0.0:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distill.config import DistillError
 from distill.generation import generate, stop_ids
 from distill.train.losses import IGNORE_INDEX
 
@@ -36,6 +37,26 @@ class SampleSettings:
     prompt_tokens: int
     new_tokens: int
     temperature: float
+
+
+def check_sampling_supported(distributed_type: Any) -> None:
+    """Refuse on-policy sampling where the student's weights are sharded.
+
+    Under FSDP or DeepSpeed ZeRO-3 every forward gathers weights collectively, so all
+    processes would have to decode in lockstep; each stops at its own EOS, and the first
+    to finish would leave the others waiting forever.
+
+    Raises:
+        DistillError: for ``FSDP`` and ``DEEPSPEED``, naming the fix.
+    """
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise DistillError(
+            f"train.on_policy_fraction > 0 under {distributed_type}: sampling with sharded "
+            "weights needs every process to decode in lockstep, which is not supported: "
+            "launch with DDP (a replicated student) or set train.on_policy_fraction=0"
+        )
 
 
 def _uniform(key: str) -> float:

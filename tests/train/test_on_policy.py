@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from distill.config import TrainConfig
+from distill.config import DistillError, TrainConfig
 from distill.train import loop as train
 from distill.train import on_policy
 from distill.train.chunked_loss import fused_head
@@ -162,10 +162,10 @@ def test_an_on_policy_batch_without_a_teacher_divergence_is_refused() -> None:
     ctx = _ctx(student, None, kd_ratio=0.0)
     prompts = torch.randint(0, 64, (2, 4))
     sampled = sampled_batch(ctx, Batch(prompts, prompts, sample_seed=1))
-    with pytest.raises(Exception, match="online teacher's divergence"):
+    with pytest.raises(DistillError, match="online teacher's divergence"):
         micro_batch_loss(ctx, sampled, torch.tensor(4.0))
     ctx.sampling = None
-    with pytest.raises(Exception, match="StepContext.sampling"):
+    with pytest.raises(DistillError, match="StepContext.sampling"):
         sampled_batch(ctx, Batch(prompts, prompts, sample_seed=1))
 
 
@@ -214,3 +214,13 @@ def test_a_tiny_run_with_on_policy_and_hidden_states_logs_its_parts(
     lines = (interrupted / "metrics.jsonl").read_text().splitlines()
     again = [r for r in map(json.loads, lines) if r["kind"] == "train"]
     assert [r["loss"] for r in again[-2:]] == [r["loss"] for r in rows[-2:]]
+
+
+def test_sampling_with_sharded_weights_is_refused_before_any_step() -> None:
+    from accelerate.utils import DistributedType
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(DistillError, match="lockstep.*DDP.*on_policy_fraction=0"):
+            on_policy.check_sampling_supported(kind)
+    on_policy.check_sampling_supported(DistributedType.MULTI_GPU)  # DDP: each rank alone
+    on_policy.check_sampling_supported(DistributedType.NO)
