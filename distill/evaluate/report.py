@@ -138,15 +138,20 @@ def format_fidelity_table(report: dict[str, Any]) -> str:
         cells = [v["name"]]
         for n in scored:
             f = sets.get(n) or {}
+            top1 = _num(f.get("top1_agreement"), 1, 100.0)
             cells += [
                 _num(f.get("perplexity"), 2),
                 _num(f.get("kl_to_teacher"), 4),
-                _num(f.get("top1_agreement"), 1, 100.0) + ("%" if f.get("scored_tokens") else ""),
+                top1 + ("%" if top1 != "—" else ""),
             ]
         if GENERATION_SET in names:
             g = sets.get(GENERATION_SET) or {}
             ratio = g.get("teacher_nll_ratio")
-            cells += [_num(g.get("teacher_nll"), 3), _num(ratio, 2) + ("×" if ratio else "")]
+            ratio_cell = _num(ratio, 2)
+            cells += [
+                _num(g.get("teacher_nll"), 3),
+                ratio_cell + ("×" if ratio_cell != "—" else ""),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

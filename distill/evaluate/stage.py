@@ -14,6 +14,10 @@ teacher on the first ``eval.max_blocks`` validation blocks (:mod:`distill.evalua
 * ``kl_to_teacher`` = mean over the same positions of KL(teacher || variant), in nats;
 * ``top1_agreement`` = fraction of positions where the argmax tokens agree.
 
+Each row also carries a ``fidelity`` dict (:mod:`distill.evaluate.fidelity`): the same three
+figures on the teacher's own text and on each extra corpus, and the teacher's NLL of the
+variant's greedy answers to held-out prompts against its NLL of its own.
+
 The teacher's log-probabilities are computed once, during the teacher's own pass, kept on
 the CPU in fp32 (``max_blocks * block_size * vocab * 4`` bytes, 1.6 GB for 32 x 256 x 49152)
 and reused for every other variant in the same batch order.
