@@ -152,7 +152,7 @@ def _cfg(cache: Path, gguf: list[str], extra: list[str] | None = None) -> Pipeli
             generation_prompts=3,
             generation_tokens=6,
             fidelity_prompt_tokens=6,
-            extra_corpora=extra,
+            extra_corpora=extra or [],
         ),
         cache_dir=str(cache),
     )
