@@ -37,6 +37,9 @@ QUANT_METHODS = ("bf16", "fp16", "int8_weight_only", "int8_dynamic", "int4_weigh
 GGUF_TYPES = ("f16", "q8_0", "q4_1", "q4_0")
 TEACHER_MODES = ("online", "cached")
 HIDDEN_LOSSES = ("cosine", "mse")
+# Fidelity sets eval.fidelity may list (distill/evaluate/fidelity.py); each eval.extra_corpora
+# entry adds an "extra:<name>" set besides them.
+FIDELITY_SETS = ("teacher_text", "generation")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -432,9 +435,35 @@ class EvalConfig:
     # Also export the teacher to a GGUF F16 (cached) and measure it in llama.cpp: the
     # "teacher-gguf-f16" row, the like-for-like reference of the GGUF rows' speed.
     teacher_gguf: bool = True
+    # Fidelity to the teacher beyond the held-out blocks (distill/evaluate/fidelity.py), each
+    # set scored for every variant: "teacher_text" = the teacher's own sampled text after
+    # held-out prompts (half chat turns when the tokenizer has a chat template), generated once
+    # and cached, completion tokens scored; "generation" = the teacher's mean NLL of each
+    # variant's greedy answers to held-out prompts, and its ratio to the teacher's own. []: off.
+    fidelity: list[str] = field(default_factory=lambda: list(FIDELITY_SETS))
+    teacher_text_prompts: int = 32
+    teacher_text_tokens: int = 96
+    # 1.0 samples the teacher's own distribution; 0 would be greedy.
+    teacher_text_temperature: float = 1.0
+    # The teacher-text cache folder (null: cache_dir/teacher_text/<key of what it depends on>);
+    # a folder made for another teacher, tokenizer, prompt set or settings is refused.
+    teacher_text_dir: str | None = None
+    generation_prompts: int = 16
+    generation_tokens: int = 64
+    # Tokens of a continuation prompt (both sets; chat prompts hold a passage of text).
+    fidelity_prompt_tokens: int = 32
+    # Sequences generated at once (left-padded) by the torch rows and the teacher.
+    generation_batch_size: int = 8
+    # Extra corpora, each scored like the held-out blocks on its first extra_corpus_blocks
+    # blocks of data.block_size tokens: a file or glob (.txt/.md/.rst one document per file,
+    # .json/.jsonl/.parquet one per record in data.text_column), or
+    # "hf:<dataset>[:<config>][@<split>][#<text column>]" (datasets.load_dataset; split
+    # default "test"). Set "extra:<name>": the file name, or the dataset's with its config.
+    extra_corpora: list[str] = field(default_factory=list)
+    extra_corpus_blocks: int = 16
 
     def problems(self) -> list[str]:
-        out = []
+        out = self._fidelity_problems()
         if self.max_blocks is not None and self.max_blocks < 1:
             out.append(f"eval.max_blocks={self.max_blocks}: must be >= 1 or null")
         if self.llama_cpp_threads is not None and self.llama_cpp_threads < 1:
@@ -468,6 +497,82 @@ class EvalConfig:
                 f"eval.compiled_decode={self.compiled_decode!r}: give variant names or patterns"
             )
         return out
+
+    def _fidelity_problems(self) -> list[str]:
+        out = []
+        unknown = [s for s in self.fidelity if s not in FIDELITY_SETS]
+        if unknown:
+            out.append(
+                f"eval.fidelity={list(self.fidelity)!r}: {unknown} unknown; choose from "
+                f"{', '.join(FIDELITY_SETS)} ([] turns them off; extra corpora come from "
+                "eval.extra_corpora)"
+            )
+        for name in (
+            "teacher_text_prompts",
+            "teacher_text_tokens",
+            "generation_prompts",
+            "generation_tokens",
+            "fidelity_prompt_tokens",
+            "generation_batch_size",
+            "extra_corpus_blocks",
+        ):
+            value = getattr(self, name)
+            if value < 1:
+                out.append(f"eval.{name}={value}: must be >= 1 (eval.fidelity=[] turns sets off)")
+        if self.teacher_text_temperature < 0:
+            out.append(
+                f"eval.teacher_text_temperature={self.teacher_text_temperature}: must be >= 0 "
+                "(1.0 samples the teacher's own distribution, 0 is greedy)"
+            )
+        names: list[str] = []
+        for entry in self.extra_corpora:
+            try:
+                names.append(ExtraCorpus.parse(entry).name)
+            except ValueError as err:
+                out.append(f"eval.extra_corpora entry {entry!r}: {err}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            out.append(
+                f"eval.extra_corpora: two entries would both be set extra:{twice[0]}: give "
+                "files with different names"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class ExtraCorpus:
+    """One ``eval.extra_corpora`` entry, parsed: a file/glob or a ``datasets`` name."""
+
+    entry: str
+    name: str
+    # "text_files" or "hf", as data.source names them.
+    source: str
+    path: str
+    config: str | None = None
+    split: str = "test"
+    text_column: str | None = None
+
+    @staticmethod
+    def parse(entry: str) -> ExtraCorpus:
+        """``"notes/*.md"`` or ``"hf:<dataset>[:<config>][@<split>][#<column>]"``.
+
+        Raises:
+            ValueError: an empty entry or dataset name (the message says the syntax).
+        """
+        if not isinstance(entry, str) or not entry.strip():
+            raise ValueError("empty: give a file, a glob or hf:<dataset>[:<config>][@<split>]")
+        if not entry.startswith("hf:"):
+            return ExtraCorpus(entry, Path(entry).name or entry, "text_files", entry)
+        rest, _, column = entry[3:].partition("#")
+        rest, at, split = rest.partition("@")
+        path, colon, config = rest.partition(":")
+        if not path or (colon and not config) or (at and not split):
+            raise ValueError(
+                "write hf:<dataset>[:<config>][@<split>][#<text column>], e.g. "
+                "hf:wikitext:wikitext-2-raw-v1@test"
+            )
+        name = path.rstrip("/").split("/")[-1] + (f":{config}" if config else "")
+        return ExtraCorpus(entry, name, "hf", path, config or None, split or "test", column or None)
 
 
 @dataclass

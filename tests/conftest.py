@@ -173,6 +173,12 @@ def tiny_overrides(teacher_dir: Path, corpus_dir: Path, cache_dir: Path) -> list
         "eval.repeats=1",
         # Compiling takes tens of seconds: test_compiled_decode covers it on its own.
         "eval.compiled_decode=[]",
+        # Small fidelity sets (tests/evaluate/test_fidelity.py covers them).
+        "eval.teacher_text_prompts=3",
+        "eval.teacher_text_tokens=6",
+        "eval.generation_prompts=2",
+        "eval.generation_tokens=6",
+        "eval.fidelity_prompt_tokens=6",
         f"cache_dir={cache_dir}",
     ]
 

@@ -108,6 +108,58 @@ def test_out_of_range_values_are_named(override: str, needle: str) -> None:
         to_pipeline_config(compose([override]))
 
 
+def test_fidelity_settings_are_validated_together() -> None:
+    pcfg = to_pipeline_config(compose([]))
+    assert pcfg.eval.fidelity == ["teacher_text", "generation"]
+    assert pcfg.eval.extra_corpora == [] and pcfg.eval.teacher_text_prompts == 32
+    ok = compose(["eval.fidelity=[]", "eval.extra_corpora=[notes/*.md,'hf:wikitext:raw@test']"])
+    assert to_pipeline_config(ok).eval.extra_corpora == ["notes/*.md", "hf:wikitext:raw@test"]
+    bad = compose(
+        [
+            "eval.fidelity=[teacher_text,vibes]",
+            "eval.teacher_text_prompts=0",
+            "eval.generation_tokens=0",
+            "eval.teacher_text_temperature=-0.5",
+            "eval.extra_corpora=['hf:',a/notes.txt,b/notes.txt]",
+            "eval.extra_corpus_blocks=0",
+        ]
+    )
+    with pytest.raises(ConfigError) as err:
+        to_pipeline_config(bad)
+    msg = str(err.value)
+    assert msg.startswith("7 invalid"), msg
+    for needle in (
+        "['vibes'] unknown; choose from teacher_text, generation",
+        "eval.teacher_text_prompts=0: must be >= 1",
+        "eval.generation_tokens=0: must be >= 1",
+        "eval.teacher_text_temperature=-0.5: must be >= 0",
+        "eval.extra_corpora entry 'hf:': write hf:<dataset>[:<config>][@<split>]",
+        "would both be set extra:notes.txt",
+        "eval.extra_corpus_blocks=0",
+    ):
+        assert needle in msg, needle
+
+
+def test_extra_corpus_entries_parse() -> None:
+    from distill.config import ExtraCorpus
+
+    hf = ExtraCorpus.parse("hf:org/wikitext:wikitext-2-raw-v1@validation#body")
+    assert (hf.source, hf.path, hf.config, hf.split, hf.text_column) == (
+        "hf",
+        "org/wikitext",
+        "wikitext-2-raw-v1",
+        "validation",
+        "body",
+    )
+    assert hf.name == "wikitext:wikitext-2-raw-v1"
+    assert ExtraCorpus.parse("hf:tiny").split == "test"
+    files = ExtraCorpus.parse("corpora/*.md")
+    assert (files.source, files.path, files.name) == ("text_files", "corpora/*.md", "*.md")
+    for bad in ("", "hf:x:", "hf:x@", "hf::cfg"):
+        with pytest.raises(ValueError):
+            ExtraCorpus.parse(bad)
+
+
 def test_missing_required_value_is_named() -> None:
     with pytest.raises(ConfigError, match="data.paths"):
         to_pipeline_config(compose(["data=text_files"]))

@@ -6,6 +6,11 @@ strictly better in one of the two. The teacher is kept once per distinct teacher
 ``student_init`` rows (students before distillation) are not deployable and are left out.
 Runs without a report are listed with the error they left (``FAILED`` file, written by the
 entry points), never dropped silently.
+
+Each point also carries its row's fidelity sets (:mod:`distill.evaluate.fidelity`), flattened
+to metrics such as ``teacher_text_kl``, ``extra:<name>_ppl`` or ``generation_nll_ratio``; the
+frontier is ranked, and a third plot panel drawn, by any metric (``scripts/report.py
+--metric teacher_text_kl``), with its own Pareto front against weight bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,11 @@ class Point:
     decode_compiled_bound_ratio: float | None = None
     pareto_ppl: bool = False
     pareto_kl: bool = False
+    # The fidelity sets' figures (report rows' ``fidelity``), flattened by fidelity_metrics:
+    # "<set>_ppl", "<set>_kl", "<set>_top1", "generation_nll", "generation_nll_ratio".
+    fidelity: dict[str, float | None] = field(default_factory=dict)
+    # On the Pareto front of weight bytes against Frontier.metric.
+    pareto_metric: bool = False
 
 
 @dataclass
@@ -63,6 +73,8 @@ class FailedRun:
 class Frontier:
     points: list[Point]
     failed: list[FailedRun]
+    # What the points are ranked by: a Point field or a fidelity figure (see metric_value).
+    metric: str = "perplexity"
 
 
 def find_run_dirs(paths: list[Path]) -> list[Path]:
@@ -98,8 +110,54 @@ def _training(config: dict[str, Any]) -> tuple[str, str, float | None, str]:
     return pair, loss, kd_ratio, mode
 
 
-def load_points(run_dirs: list[Path], base: Path | None = None) -> Frontier:
-    """Read every run's report (or failure) into points and failed runs."""
+# The scored sets' figures, by the suffix their metric name takes.
+_SET_FIGURES = {"ppl": "perplexity", "kl": "kl_to_teacher", "top1": "top1_agreement"}
+# Point fields a frontier can be ranked by, besides the fidelity figures.
+POINT_METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "decode_tokens_per_s")
+
+
+def fidelity_metrics(sets: dict[str, Any]) -> dict[str, float | None]:
+    """A report row's ``fidelity`` dict as flat metrics: ``<set>_ppl``, ``<set>_kl`` and
+    ``<set>_top1`` per scored set, ``generation_nll`` and ``generation_nll_ratio``."""
+    out: dict[str, float | None] = {}
+    for name, figures in sets.items():
+        if name == "generation":
+            out["generation_nll"] = figures.get("teacher_nll")
+            out["generation_nll_ratio"] = figures.get("teacher_nll_ratio")
+            continue
+        for suffix, key in _SET_FIGURES.items():
+            out[f"{name}_{suffix}"] = figures.get(key)
+    return out
+
+
+def higher_is_better(metric: str) -> bool:
+    """Agreement and speed grow with quality; perplexity, KL and NLL shrink."""
+    return metric.endswith("top1") or metric == "top1_agreement" or "tokens_per_s" in metric
+
+
+def metric_value(p: Point, metric: str) -> float | None:
+    """``p``'s value of ``metric`` (a Point field or a fidelity figure), None when absent or
+    NaN."""
+    value = getattr(p, metric) if metric in POINT_METRICS else p.fidelity.get(metric)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+def available_metrics(points: list[Point]) -> list[str]:
+    """The metrics at least one point has, Point fields first."""
+    fidelity = sorted({m for p in points for m, v in p.fidelity.items() if v is not None})
+    return [*POINT_METRICS, *fidelity]
+
+
+def load_points(
+    run_dirs: list[Path], base: Path | None = None, metric: str = "perplexity"
+) -> Frontier:
+    """Read every run's report (or failure) into points and failed runs, ranked by ``metric``.
+
+    Raises:
+        ReportError: no point has ``metric`` (the message lists the metrics there are).
+    """
     points: list[Point] = []
     failed: list[FailedRun] = []
     teachers_seen: set[str] = set()
@@ -143,12 +201,18 @@ def load_points(run_dirs: list[Path], base: Path | None = None) -> Frontier:
                         decode_bound_ratio=v.get("decode_bound_ratio"),
                         decode_compiled_tokens_per_s=v.get("decode_compiled_tokens_per_s"),
                         decode_compiled_bound_ratio=v.get("decode_compiled_bound_ratio"),
+                        fidelity=fidelity_metrics(v.get("fidelity") or {}),
                     )
                 )
         except (KeyError, TypeError, ValueError) as err:
             failed.append(FailedRun(name, f"unreadable report.json: {type(err).__name__}: {err}"))
-    mark_pareto(points)
-    return Frontier(points=points, failed=failed)
+    if points and all(metric_value(p, metric) is None for p in points):
+        raise ReportError(
+            f"--metric {metric}: no run reports it; choose one of "
+            f"{', '.join(available_metrics(points))}"
+        )
+    mark_pareto(points, metric)
+    return Frontier(points=points, failed=failed, metric=metric)
 
 
 def pareto_front(costs: list[tuple[float, float]]) -> list[bool]:
@@ -169,16 +233,31 @@ def pareto_front(costs: list[tuple[float, float]]) -> list[bool]:
     return flags
 
 
-def mark_pareto(points: list[Point]) -> None:
-    by_ppl = pareto_front([(p.weight_bytes, p.perplexity) for p in points])
-    by_kl = pareto_front(
-        [
-            (p.weight_bytes, float("nan") if p.kl_to_teacher is None else p.kl_to_teacher)
-            for p in points
-        ]
-    )
-    for p, a, b in zip(points, by_ppl, by_kl, strict=True):
-        p.pareto_ppl, p.pareto_kl = a, b
+def metric_costs(points: list[Point], metric: str) -> list[tuple[float, float]]:
+    """(weight bytes, cost) per point for :func:`pareto_front`: the metric, negated where
+    higher is better, NaN where a point lacks it."""
+    sign = -1.0 if higher_is_better(metric) else 1.0
+    costs = []
+    for p in points:
+        value = metric_value(p, metric)
+        costs.append((p.weight_bytes, math.nan if value is None else sign * value))
+    return costs
+
+
+def mark_pareto(points: list[Point], metric: str = "perplexity") -> None:
+    by_ppl = pareto_front(metric_costs(points, "perplexity"))
+    by_kl = pareto_front(metric_costs(points, "kl_to_teacher"))
+    by_metric = pareto_front(metric_costs(points, metric))
+    for p, a, b, c in zip(points, by_ppl, by_kl, by_metric, strict=True):
+        p.pareto_ppl, p.pareto_kl, p.pareto_metric = a, b, c
+
+
+def ranked(f: Frontier) -> list[Point]:
+    """The points best first by ``f.metric``; points without it last."""
+    sign = -1.0 if higher_is_better(f.metric) else 1.0
+    have = [p for p in f.points if metric_value(p, f.metric) is not None]
+    rest = [p for p in f.points if metric_value(p, f.metric) is None]
+    return sorted(have, key=lambda p: (sign * metric_value(p, f.metric), p.weight_bytes)) + rest
 
 
 def _mb(n: float) -> str:
@@ -214,6 +293,8 @@ def render_markdown(f: Frontier) -> str:
             f"{ {None: '–', True: 'yes', False: 'no'}[p.fits_budget] } | "
             f"{'yes' if p.pareto_ppl else 'no'} / {'yes' if p.pareto_kl else 'no'} |"
         )
+    lines += _fidelity_table(f)
+    lines += _ranking(f)
     front = [p for p in f.points if p.pareto_ppl]
     lines += ["", "## Pareto front (weight bytes vs perplexity)", ""]
     lines += [
@@ -225,8 +306,57 @@ def render_markdown(f: Frontier) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt_metric(metric: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    if metric.endswith("_ppl") or metric == "perplexity":
+        return f"{value:.2f}"
+    return f"{value:.3f}" if metric.endswith("top1") or "nll" in metric else f"{value:.4f}"
+
+
+def _fidelity_table(f: Frontier) -> list[str]:
+    """Every point's fidelity figures (``<set>_ppl``, ``_kl``, ``_top1``, generation NLL and
+    its ratio to the teacher's own), one column each; nothing when no run has them."""
+    metrics = [m for m in available_metrics(f.points) if m not in POINT_METRICS]
+    if not metrics:
+        return []
+    lines = [
+        "",
+        "## Fidelity to the teacher",
+        "",
+        "| run | variant | " + " | ".join(metrics) + " |",
+        "| --- | --- |" + " ---: |" * len(metrics),
+    ]
+    for p in sorted(f.points, key=lambda p: (p.weight_bytes, p.perplexity)):
+        cells = [_fmt_metric(m, metric_value(p, m)) for m in metrics]
+        name = "**teacher**" if p.is_teacher else p.variant
+        lines.append(f"| {p.run} | {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ranking(f: Frontier) -> list[str]:
+    """The points ranked by ``f.metric``, best first, with their Pareto membership (weight
+    bytes against that metric)."""
+    better = "higher" if higher_is_better(f.metric) else "lower"
+    lines = ["", f"## Ranked by {f.metric} ({better} is better)", ""]
+    for i, p in enumerate(ranked(f), 1):
+        value = _fmt_metric(f.metric, metric_value(p, f.metric))
+        front = ", Pareto front" if p.pareto_metric else ""
+        lines.append(
+            f"{i}. {p.run} · {p.variant}: {f.metric} {value}, {_mb(p.weight_bytes)} MB{front}"
+        )
+    return lines
+
+
 def write_csv(f: Frontier, path: Path) -> None:
-    rows = [asdict(p) for p in f.points]
+    """One row per point (its fidelity figures as ``fidelity.<metric>`` columns), then one
+    per failed run."""
+    metrics = [m for m in available_metrics(f.points) if m not in POINT_METRICS]
+    rows = []
+    for p in f.points:
+        row = asdict(p)
+        sets = row.pop("fidelity")
+        rows.append({**row, **{f"fidelity.{m}": sets.get(m) for m in metrics}})
     fields = list(rows[0]) if rows else ["run"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*fields, "status", "error"])
@@ -243,20 +373,22 @@ def plot(f: Frontier, path: Path, memory_budget_bytes: int | None = None) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     panels = [
         ("perplexity", "pareto_ppl", "held-out perplexity"),
         ("kl_to_teacher", "pareto_kl", "mean KL(teacher ‖ model), nats/token"),
     ]
+    if f.metric not in ("perplexity", "kl_to_teacher"):  # a third panel for the ranked metric
+        panels.append((f.metric, "pareto_metric", f.metric))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2))
     kinds = sorted({_kind(p) for p in f.points if not p.is_teacher})
     markers = dict(zip(kinds, "osD^v<>phX*", strict=False))
     for ax, (metric, flag, label) in zip(axes, panels, strict=True):
-        pts = [p for p in f.points if getattr(p, metric) is not None]
+        pts = [p for p in f.points if metric_value(p, metric) is not None]
         for kind in kinds:
             sel = [p for p in pts if not p.is_teacher and _kind(p) == kind]
             ax.scatter(
                 [p.weight_bytes / 1e6 for p in sel],
-                [getattr(p, metric) for p in sel],
+                [metric_value(p, metric) for p in sel],
                 marker=markers[kind],
                 s=40,
                 label=kind,
@@ -266,7 +398,7 @@ def plot(f: Frontier, path: Path, memory_budget_bytes: int | None = None) -> Non
         if teachers:
             ax.scatter(
                 [p.weight_bytes / 1e6 for p in teachers],
-                [getattr(p, metric) for p in teachers],
+                [metric_value(p, metric) for p in teachers],
                 marker="*",
                 s=220,
                 color="black",
@@ -277,7 +409,7 @@ def plot(f: Frontier, path: Path, memory_budget_bytes: int | None = None) -> Non
         if front:
             ax.step(
                 [p.weight_bytes / 1e6 for p in front],
-                [getattr(p, metric) for p in front],
+                [metric_value(p, metric) for p in front],
                 where="post",
                 color="red",
                 linewidth=1.2,
@@ -295,6 +427,8 @@ def plot(f: Frontier, path: Path, memory_budget_bytes: int | None = None) -> Non
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_title("Memory vs perplexity")
     axes[1].set_title("Memory vs fidelity to the teacher")
+    if len(panels) > 2:
+        axes[2].set_title(f"Memory vs {f.metric}")
     axes[1].legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

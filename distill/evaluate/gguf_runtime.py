@@ -33,6 +33,8 @@ from distill.evaluate.speed import decode_prompt, max_positions, prefill_prompt
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from distill.evaluate.fidelity import Fidelity
+
 log = logging.getLogger(__name__)
 
 TEACHER_ROW = "teacher-gguf-f16"
@@ -136,11 +138,14 @@ def gguf_row(
     reference: Sequence[torch.Tensor],
     cfg: EvalConfig,
     config: Any,
+    fidelity: Fidelity | None = None,
 ) -> dict[str, Any]:
     """One report row of a GGUF file run in llama.cpp (CPU, ``eval.llama_cpp_threads``).
 
     Args:
         config: the Hugging Face config of the model the file holds (context limit, KV size).
+        fidelity: the fidelity sets, scored and answered in llama.cpp too (the row's
+            ``fidelity``; NaN, and ``fidelity_error`` named, when llama.cpp fails on them).
 
     The row has the torch rows' fields (quality, speed, footprint; ``decode_tokens_per_s`` is
     llama.cpp's) plus ``runtime``, ``llama_cpp_threads``, ``llama_cpp_error`` (None when it
@@ -171,6 +176,8 @@ def gguf_row(
         "decode_batch_size": None,
         "decode_tokens_per_s_batch": None,
     }
+    if fidelity is not None:
+        row["fidelity"] = fidelity.not_measured()
     problem = llama_cpp_problem()
     if problem:
         return {**row, **_not_measured(cfg, "llama.cpp", problem)}
@@ -185,6 +192,12 @@ def gguf_row(
         return {**row, **_not_measured(cfg, runtime, str(err))}
     finally:
         peak = memory.stop()
+    if fidelity is not None:
+        try:  # after the peak-memory window, as for the torch rows
+            row["fidelity"] = fidelity.score_gguf(name, path, threads)
+        except LlamaCppError as err:
+            log.warning("%s: fidelity sets not measured in llama.cpp: %s", name, err)
+            row["fidelity_error"] = str(err)
     log.info("%s: scored and timed in %s, %.1f s", name, runtime, time.perf_counter() - start)
     speed.pop("threads")
     return {

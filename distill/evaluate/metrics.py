@@ -4,7 +4,8 @@ Every figure of model quality in distill comes from here: the evaluate report, t
 periodic eval, checkpoint selection, the layer search and quantize parity. The conventions:
 
 * position ``t`` predicts ``tokens[:, t + 1]``, so a ``(B, T)`` block scores ``B * (T - 1)``
-  positions; blocks are packed, there is no padding to mask;
+  positions; packed blocks have no padding to mask, while rows of different lengths (a
+  prompt and what a model wrote after it) pass a ``mask`` marking the target tokens scored;
 * log-probabilities are taken in fp32 whatever the model's dtype, and sums are kept in
   float64 on the host, divided once at the end (so the mean is exact across batch sizes);
 * perplexity = exp(mean CE in nats); KL(teacher || model) is summed over the vocabulary per
@@ -157,20 +158,56 @@ def quality_fields(sums: ScoreSums) -> dict[str, Any]:
     }
 
 
+def score_positions(
+    model_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor
+) -> ScoreSums:
+    """CE, KL(teacher || model) and top-1 agreement summed over already chosen positions.
+
+    The core every scorer below reduces to, once it has picked the positions it scores.
+
+    Args:
+        model_lp: ``(n, V)`` fp32 log-probs of the evaluated model at the scored positions.
+        teacher_lp: ``(n, V)`` the teacher's log-probs at the same positions (any device).
+        targets: ``(n,)`` the token each position predicts.
+    """
+    teacher_lp = teacher_lp.to(model_lp.device)
+    ce = token_nll(model_lp, targets)
+    kl = kl_per_position(teacher_lp, model_lp)
+    agree = model_lp.argmax(-1) == teacher_lp.argmax(-1)
+    return ScoreSums(
+        ce_sum=float(ce.double().sum()),
+        kl_sum=float(kl.double().sum()),
+        top1_matches=int(agree.sum()),
+        num_tokens=int(targets.numel()),
+    )
+
+
+def target_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Which of the ``T - 1`` predicting positions of ``(B, T)`` rows are scored: ``(B, T - 1)``
+    bool, position ``t`` when ``mask[:, t + 1]`` (the mask marks the *target* tokens)."""
+    return mask[:, 1:].bool()
+
+
 def score_logits(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> ScoreSums:
     """Next-token CE, KL(teacher || model) and top-1 agreement summed over a batch.
 
-    Position ``t`` predicts ``tokens[:, t + 1]``, so ``T - 1`` positions per row are scored
-    (blocks are packed, there is no padding to mask). Everything is computed in fp32 whatever
-    the input dtype, and summed in float64 on the host.
+    Position ``t`` predicts ``tokens[:, t + 1]``, so ``T - 1`` positions per row are scored,
+    or, with ``mask``, only those whose target token is marked (a completion after its
+    prompt, with the prompt and padding masked). Everything is computed in fp32 whatever the
+    input dtype, and summed in float64 on the host.
 
     Args:
         logits: ``(B, T, V)`` the evaluated model's logits or log-probabilities.
         teacher_logits: ``(B, T, V)`` the teacher's logits or log-probabilities (log_softmax
             of log-probabilities is the identity, so either works).
         tokens: ``(B, T)`` int64 token ids the logits were computed on.
+        mask: ``(B, T)`` 1 where the token is a scored target (column 0 is never one); None
+            scores every position.
 
     Raises:
         ValueError: shapes disagree, or ``T < 2`` (no next token to score).
@@ -185,20 +222,20 @@ def score_logits(
             f"expected logits (B, T, V) and tokens (B, T), got {tuple(logits.shape)} and "
             f"{tuple(tokens.shape)}"
         )
+    if mask is not None and mask.shape != tokens.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} and tokens {tuple(tokens.shape)} differ")
     if tokens.shape[1] < 2:
         raise ValueError(f"need at least 2 tokens per row to score, got T={tokens.shape[1]}")
     model_lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     teacher_lp = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1).to(model_lp.device)
-    targets = tokens[:, 1:]
-    ce = token_nll(model_lp, targets)
-    kl = kl_per_position(teacher_lp, model_lp)
-    agree = model_lp.argmax(-1) == teacher_lp.argmax(-1)
-    return ScoreSums(
-        ce_sum=float(ce.double().sum()),
-        kl_sum=float(kl.double().sum()),
-        top1_matches=int(agree.sum()),
-        num_tokens=int(targets.numel()),
-    )
+    targets = tokens[:, 1:].to(model_lp.device)
+    if mask is None:
+        vocab = model_lp.shape[-1]
+        return score_positions(
+            model_lp.reshape(-1, vocab), teacher_lp.reshape(-1, vocab), targets.reshape(-1)
+        )
+    keep = target_mask(mask).to(model_lp.device)
+    return score_positions(model_lp[keep], teacher_lp[keep], targets[keep])
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +287,15 @@ def log_probs_per_batch(model: Any, blocks: torch.Tensor, batch_size: int) -> li
         return [forward_log_probs(model, b) for b in batches_of(blocks, batch_size)]
 
 
+def trim_to_mask(batch: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` and ``mask`` ``(b, T)`` cut after the last marked column: right padding
+    past every row's last target changes no scored position (causal attention), so it is
+    not computed."""
+    cols = mask.bool().any(0).nonzero()
+    width = int(cols.max()) + 1 if cols.numel() else 2
+    return batch[:, : max(width, 2)], mask[:, : max(width, 2)]
+
+
 @torch.inference_mode()
 def score_blocks(
     model: Any,
@@ -257,24 +303,34 @@ def score_blocks(
     batch_size: int,
     reference: Sequence[torch.Tensor] | None,
     *,
+    mask: torch.Tensor | None = None,
     on_log_probs: Callable[[torch.Tensor], None] | None = None,
     desc: str | None = None,
 ) -> ScoreSums:
     """Score ``model`` on ``blocks`` ``(N, T)`` against the teacher's batches, in eval mode.
 
     Args:
-        reference: one ``(b, T, V)`` teacher logits or log-probs tensor per batch of
-            :func:`batches_of` (any device); ``None`` when ``model`` is the teacher itself
-            (KL is then 0 and agreement 1 by construction).
-        on_log_probs: called with each batch's fp32 log-probs ``(b, T, V)`` (how the
-            evaluate stage keeps the teacher's reference from the teacher's own pass).
+        reference: the teacher's log-probs (or logits) per batch of :func:`batches_of`, any
+            device: ``(b, T, V)`` without a mask, ``(n, V)`` at the ``n`` scored positions of
+            the batch (row by row, in order) with one; ``None`` when ``model`` is the teacher
+            itself (KL is then 0 and agreement 1 by construction).
+        mask: ``(N, T)`` 1 on the target tokens to score (see :func:`score_logits`): rows of
+            different lengths right-padded into ``blocks``, a prompt masked before its
+            completion. None scores every position of the packed blocks.
+        on_log_probs: called with each batch's fp32 log-probs, in the reference's shape (how
+            the evaluate stage keeps the teacher's reference from the teacher's own pass;
+            with a mask only the scored positions are kept).
         desc: a progress bar label; no bar when None.
 
     Raises:
-        ValueError: the reference batches do not match ``blocks`` and ``batch_size``.
+        ValueError: the reference batches do not match ``blocks`` and ``batch_size``, or the
+            mask is not ``blocks``' shape.
     """
     device = model_device(model)
     batches = batches_of(blocks, batch_size)
+    if mask is not None and mask.shape != blocks.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} and blocks {tuple(blocks.shape)} differ")
+    masks = batches_of(mask, batch_size) if mask is not None else [None] * len(batches)
     if reference is not None and len(reference) != len(batches):
         raise ValueError(
             f"{len(reference)} teacher batches for {len(batches)} batches of "
@@ -283,23 +339,49 @@ def score_blocks(
     total = ScoreSums()
     bar = tqdm(total=blocks.shape[0], desc=desc, unit="block", leave=False, disable=desc is None)
     with eval_mode(model), bar:
-        for i, batch in enumerate(batches):
+        for i, (batch, batch_mask) in enumerate(zip(batches, masks, strict=True)):
+            if batch_mask is not None:
+                batch, batch_mask = trim_to_mask(batch, batch_mask)
             ids = batch.to(device)
             log_probs = forward_log_probs(model, ids)
+            if batch_mask is not None:
+                keep = target_mask(batch_mask).to(device)
+                log_probs = log_probs[:, :-1][keep]  # (n, V): the scored positions only
             if on_log_probs is not None:
                 on_log_probs(log_probs)
             ref = log_probs if reference is None else reference[i]
             if ref.shape != log_probs.shape:
                 raise ValueError(
                     f"teacher batch {i} has shape {tuple(ref.shape)}, the model's "
-                    f"{tuple(log_probs.shape)}: vocabularies or blocks differ"
+                    f"{tuple(log_probs.shape)}: vocabularies, blocks or masks differ"
                 )
-            # One row at a time: scoring makes several fp32 temporaries the size of its
-            # input, and at (B, T, V) they, not the model, would set the peak memory.
-            for r in range(ids.shape[0]):
-                total = total + score_logits(
-                    log_probs[r : r + 1], ref[r : r + 1].to(device), ids[r : r + 1]
-                )
+            if batch_mask is None:
+                total = total + _score_rows(log_probs, ref, ids)
+            else:
+                targets = ids[:, 1:][keep]
+                total = total + _score_chunks(log_probs, ref, targets, ids.shape[1])
             del log_probs  # the vocab-sized activations dominate memory
             bar.update(batch.shape[0])
+    return total
+
+
+# Scoring makes several fp32 temporaries the size of its input, and at (B, T, V) they, not the
+# model, would set the peak memory: so one row (or one row's worth of positions) at a time.
+def _score_rows(log_probs: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> ScoreSums:
+    total = ScoreSums()
+    for r in range(ids.shape[0]):
+        total = total + score_logits(
+            log_probs[r : r + 1], ref[r : r + 1].to(log_probs.device), ids[r : r + 1]
+        )
+    return total
+
+
+def _score_chunks(
+    log_probs: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> ScoreSums:
+    total = ScoreSums()
+    for s in range(0, targets.numel(), chunk):
+        total = total + score_positions(
+            log_probs[s : s + chunk], ref[s : s + chunk], targets[s : s + chunk]
+        )
     return total

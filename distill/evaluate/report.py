@@ -2,7 +2,8 @@
 
 Sizes are decimal (kB, MB, GB in steps of 10^3), as disk sizes are quoted; a missing or NaN
 figure prints as "—". The JSON keeps every row field; the markdown shows the quality table,
-then the memory model against the bandwidth bound.
+the fidelity sets (distill/evaluate/fidelity.py), then the memory model against the
+bandwidth bound.
 """
 
 from __future__ import annotations
@@ -104,6 +105,78 @@ def format_table(report: dict[str, Any]) -> str:
             f"| {_num(ratio, 2)}{'×' if ratio is not None else ''} | {_num(prefill, 0)} |"
         )
     return "\n".join(lines)
+
+
+GENERATION_SET = "generation"
+
+
+def fidelity_set_names(report: dict[str, Any]) -> list[str]:
+    """The fidelity sets the report's rows carry, in order of first appearance (generation,
+    which has other figures, last)."""
+    names: list[str] = []
+    for v in report["variants"]:
+        names += [n for n in v.get("fidelity") or {} if n not in names]
+    return [n for n in names if n != GENERATION_SET] + [n for n in names if n == GENERATION_SET]
+
+
+def format_fidelity_table(report: dict[str, Any]) -> str:
+    """Fidelity to the teacher, one line per variant: per scored set perplexity, KL(teacher ||
+    variant) and top-1 agreement; for ``generation`` the teacher's NLL of the variant's greedy
+    answers and its ratio to the teacher's NLL of its own. Empty when no row has the sets."""
+    names = fidelity_set_names(report)
+    if not names:
+        return ""
+    scored = [n for n in names if n != GENERATION_SET]
+    head = ["variant"]
+    for n in scored:
+        head += [f"{n} ppl", f"{n} KL", f"{n} top-1"]
+    if GENERATION_SET in names:
+        head += ["answers: teacher NLL", "× teacher's own"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for v in report["variants"]:
+        sets = v.get("fidelity") or {}
+        cells = [v["name"]]
+        for n in scored:
+            f = sets.get(n) or {}
+            top1 = _num(f.get("top1_agreement"), 1, 100.0)
+            cells += [
+                _num(f.get("perplexity"), 2),
+                _num(f.get("kl_to_teacher"), 4),
+                top1 + ("%" if top1 != "—" else ""),
+            ]
+        if GENERATION_SET in names:
+            g = sets.get(GENERATION_SET) or {}
+            ratio = g.get("teacher_nll_ratio")
+            ratio_cell = _num(ratio, 2)
+            cells += [
+                _num(g.get("teacher_nll"), 3),
+                ratio_cell + ("×" if ratio_cell != "—" else ""),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fidelity_lines(report: dict[str, Any], heading: str) -> list[str]:
+    """The fidelity section (``heading``, table, one line per set saying what it is), or
+    nothing when the report has no fidelity sets: report.md's and the model card's."""
+    table = format_fidelity_table(report)
+    if not table:
+        return []
+    described = report.get("fidelity") or {}
+    notes = [
+        f"- {name}: {described[name]['description']}."
+        for name in fidelity_set_names(report)
+        if (described.get(name) or {}).get("description")
+    ]
+    return [
+        heading,
+        "",
+        table,
+        "",
+        *notes,
+        "- KL is KL(teacher || variant) in nats per scored token; NLL in nats per answer "
+        "token; GGUF rows are scored and answer in llama.cpp.",
+    ]
 
 
 def format_diagnostics_table(report: dict[str, Any]) -> str:
@@ -240,11 +313,14 @@ def _memory_section(report: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """``report.md``: the headline table and its notes, memory against the bound, then the
-    eager-PyTorch diagnostics the headline does not use."""
+    """``report.md``: the headline table and its notes, fidelity to the teacher on the other
+    sets, memory against the bound, then the eager-PyTorch diagnostics the headline does not
+    use."""
     variants = report["variants"]
     last = variants[-1] if variants else {}
     lines = ["# Evaluation report", "", format_table(report), "", *_notes(report)]
+    fidelity = fidelity_lines(report, "## Fidelity to the teacher")
+    lines += ["", *fidelity] if fidelity else []
     lines += _memory_section(report)
     lines += [
         "",

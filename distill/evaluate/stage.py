@@ -14,6 +14,10 @@ teacher on the first ``eval.max_blocks`` validation blocks (:mod:`distill.evalua
 * ``kl_to_teacher`` = mean over the same positions of KL(teacher || variant), in nats;
 * ``top1_agreement`` = fraction of positions where the argmax tokens agree.
 
+Each row also carries a ``fidelity`` dict (:mod:`distill.evaluate.fidelity`): the same three
+figures on the teacher's own text and on each extra corpus, and the teacher's NLL of the
+variant's greedy answers to held-out prompts against its NLL of its own.
+
 The teacher's log-probabilities are computed once, during the teacher's own pass, kept on
 the CPU in fp32 (``max_blocks * block_size * vocab * 4`` bytes, 1.6 GB for 32 x 256 x 49152)
 and reused for every other variant in the same batch order.
@@ -40,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distill.config import DistillError, EvalConfig, PipelineConfig, cache_root
+from distill.evaluate.fidelity import Fidelity, build_fidelity, check_extra_corpora, fidelity_inputs
 from distill.evaluate.gguf_runtime import TEACHER_ROW, gguf_row, teacher_gguf
 from distill.evaluate.memory import (
     BANDWIDTH_METHOD,
@@ -100,6 +105,7 @@ def evaluate_variant(
     *,
     memory: PeakMemory | None = None,
     collect: list[torch.Tensor] | None = None,
+    fidelity: Fidelity | None = None,
 ) -> dict[str, Any]:
     """Quality, footprint and speed of one loaded model: one row of the report.
 
@@ -116,6 +122,8 @@ def evaluate_variant(
         collect: receives the model's own fp32 log-probs ``(b, T, V)`` per batch, on the
             CPU (how the teacher's reference is built in its own pass); they are excluded
             from the peak.
+        fidelity: the fidelity sets to score the model on too (its row's ``fidelity``),
+            after the peak-memory window.
 
     Raises:
         EvalError: ``blocks`` holds no block of at least 2 tokens.
@@ -147,6 +155,8 @@ def evaluate_variant(
         peak = tracker.stop()  # also ends the sampling thread when scoring raised
     method = tracker.method + (" (evaluation only, loading excluded)" if own_memory else "")
     loaded_bytes = weight_bytes(model)
+    # After the peak-memory window, as the compiled decode: the peak stays the held-out pass's.
+    scored = fidelity.score_model(name, model) if fidelity is not None else None
     # After the peak-memory window: compiling holds packed copies of the weights.
     prompt = decode_prompt(blocks.reshape(1, -1), cfg, max_positions(model.config))
     compiled = compiled_decode_fields(name, model, prompt, cfg)
@@ -166,6 +176,8 @@ def evaluate_variant(
         "folder": str(folder) if folder is not None else None,
         **compiled,
     }
+    if scored is not None:
+        row["fidelity"] = scored
     return {**row, **deployed_fields(row)}
 
 
@@ -218,8 +230,9 @@ def evaluate_saved(
     device: torch.device,
     records: dict[str, dict[str, Any]],
     student_config: Any = None,
+    fidelity: Fidelity | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one saved variant: its report row.
+    """Evaluate one saved variant: its report row (with its ``fidelity`` sets, when given).
 
     A model folder is loaded inside its peak-memory window and evaluated in PyTorch on
     ``device``; a GGUF file runs in llama.cpp (:func:`distill.evaluate.gguf_runtime.gguf_row`,
@@ -228,7 +241,7 @@ def evaluate_saved(
     embedding choice and parity figures.
     """
     if variant.is_gguf:
-        row = gguf_row(variant.name, variant.path, blocks, reference, cfg, student_config)
+        row = gguf_row(variant.name, variant.path, blocks, reference, cfg, student_config, fidelity)
     else:
         memory = PeakMemory(device).start()
         try:
@@ -237,7 +250,14 @@ def evaluate_saved(
             memory.stop()
             raise
         row = evaluate_variant(
-            variant.name, model, blocks, reference, cfg, variant.path, memory=memory
+            variant.name,
+            model,
+            blocks,
+            reference,
+            cfg,
+            variant.path,
+            memory=memory,
+            fidelity=fidelity,
         )
     if variant.record_key is not None:
         record = records.get(variant.record_key, {})
@@ -263,10 +283,7 @@ def teacher_gguf_path(
     problem = llama_cpp_problem()
     if problem:
         return None, problem
-    if tokenizer is None:  # the student's tokenizer is the teacher's (same vocabulary)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(RunDir(run_dir).final)
+    tokenizer = run_tokenizer(tokenizer, run_dir)
     try:
         return teacher_gguf(teacher, tokenizer, cache_root(cfg)), None
     except GGUFExportError as err:
@@ -279,14 +296,27 @@ def teacher_gguf_path(
 # --------------------------------------------------------------------------------------------
 
 
+def run_tokenizer(
+    tokenizer: PreTrainedTokenizerBase | None, run_dir: Path
+) -> PreTrainedTokenizerBase:
+    """``tokenizer``, else the one saved with ``final/``: the student's tokenizer is the
+    teacher's (same vocabulary)."""
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(RunDir(run_dir).final)
+
+
 def teacher_and_blocks(
     cfg: PipelineConfig,
     teacher: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase | None,
     val_blocks: torch.Tensor | None,
-) -> tuple[PreTrainedModel, torch.Tensor]:
-    """The teacher (loaded from ``cfg.pair.teacher`` unless given; on CUDA when available)
-    and the first ``eval.max_blocks`` held-out blocks ``(N, T)`` (prepared unless given)."""
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, torch.Tensor]:
+    """The teacher (loaded from ``cfg.pair.teacher`` unless given; on CUDA when available),
+    its tokenizer (None when neither given nor loaded here) and the first ``eval.max_blocks``
+    held-out blocks ``(N, T)`` (prepared unless given)."""
     if teacher is None:
         from distill.models.load import load_teacher
 
@@ -300,7 +330,7 @@ def teacher_and_blocks(
         assert tokenizer is not None
         val_blocks = prepare_data(cfg.data, tokenizer, cache_root(cfg)).val
     blocks = val_blocks if cfg.eval.max_blocks is None else val_blocks[: cfg.eval.max_blocks]
-    return teacher, blocks
+    return teacher, tokenizer, blocks
 
 
 def evaluate_teacher(
@@ -353,9 +383,14 @@ def run(
     ``peak_memory_bytes`` is its evaluation growth plus its resident weight bytes, since it
     is loaded before its window opens.
 
+    Every row also has a ``fidelity`` dict keyed by set name (:mod:`distill.evaluate.fidelity`:
+    the teacher's own text, each extra corpus, the teacher's NLL of the row's greedy answers),
+    and the report's ``fidelity`` says what each set is. While the ``generation`` set is on the
+    teacher stays loaded to the end, to score every variant's answers.
+
     Returns:
-        ``{"variants": [row, ...], "training": ..., "machine": ..., "config": <resolved
-        config>}``, also in ``report.json``.
+        ``{"variants": [row, ...], "fidelity": {set: description}, "training": ...,
+        "machine": ..., "config": <resolved config>}``, also in ``report.json``.
 
     Raises:
         EvalError: ``final/`` is missing or there are no held-out blocks.
@@ -363,12 +398,23 @@ def run(
     """
     run_dir = Path(run_dir)
     saved = saved_variants(cfg, run_dir)  # fail before any model loads
+    check_extra_corpora(cfg.eval)
     if teacher is not None and tokenizer is None and val_blocks is None:
         raise ValueError("a teacher was passed without its tokenizer or val_blocks: pass one")
-    teacher, blocks = teacher_and_blocks(cfg, teacher, tokenizer, val_blocks)
+    teacher, tokenizer, blocks = teacher_and_blocks(cfg, teacher, tokenizer, val_blocks)
     device = model_device(teacher)
+    inputs = None
+    if cfg.eval.fidelity or cfg.eval.extra_corpora:
+        tokenizer = run_tokenizer(tokenizer, run_dir)
+        inputs = fidelity_inputs(cfg, tokenizer)  # prompts and extra blocks, before any pass
     reference: list[torch.Tensor] = []
     rows = [evaluate_teacher(teacher, blocks, cfg.eval, reference)]
+    fidelity = None
+    if inputs is not None:
+        assert tokenizer is not None
+        # Holds the teacher while the generation set is on: it scores every variant's answers.
+        fidelity = build_fidelity(inputs, cfg, teacher, tokenizer)
+        rows[0]["fidelity"] = fidelity.teacher_row
     # The teacher's GGUF is exported while the teacher is loaded, and run after it is freed.
     gguf_rows = any(v.is_gguf for v in saved)
     llama_cpp: dict[str, Any] = {"teacher_gguf": None, "teacher_gguf_error": None}
@@ -380,13 +426,18 @@ def run(
     records = read_quantize_records(run_dir)
     student_config = _student_config(run_dir) if gguf_rows else None
     rows += [
-        evaluate_saved(v, blocks, reference, cfg.eval, device, records, student_config)
+        evaluate_saved(v, blocks, reference, cfg.eval, device, records, student_config, fidelity)
         for v in saved
     ]
     if llama_cpp["teacher_gguf"] is not None:
         path = Path(llama_cpp["teacher_gguf"])
-        rows.append(gguf_row(TEACHER_ROW, path, blocks, reference, cfg.eval, teacher_config))
+        rows.append(
+            gguf_row(TEACHER_ROW, path, blocks, reference, cfg.eval, teacher_config, fidelity)
+        )
     del reference
+    sets = fidelity.describe() if fidelity is not None else {}
+    if fidelity is not None:
+        fidelity.release()  # the sets' teacher log-probs, and the teacher it held
     for row in rows:
         row["weight_bytes_ratio_to_teacher"] = row["weight_bytes"] / rows[0]["weight_bytes"]
         # Stored weight bytes x 8 / parameters: 32 for fp32, ~8 for int8, 4.5 for Q4_0.
@@ -407,6 +458,12 @@ def run(
         "bandwidth_method": BANDWIDTH_METHOD,
         "llama_cpp": {**_llama_cpp_machine(cfg.eval), **llama_cpp},
     }
-    report = {"variants": rows, "training": training, "machine": machine, "config": asdict(cfg)}
+    report = {
+        "variants": rows,
+        "fidelity": sets,
+        "training": training,
+        "machine": machine,
+        "config": asdict(cfg),
+    }
     write_report(report, run_dir)
     return report

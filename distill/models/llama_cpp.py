@@ -133,17 +133,19 @@ def open_gguf(path: Path, *, n_ctx: int, logits_all: bool, threads: int | None) 
 
 def iter_gguf_logits(
     path: Path,
-    blocks: torch.Tensor,
+    blocks: torch.Tensor | Sequence[Sequence[int]],
     threads: int | None = None,
     *,
     vocab_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """llama.cpp's fp32 logits ``(T, V)`` for each block of ``blocks`` ``(N, T)``, in order.
+    """llama.cpp's fp32 logits ``(T_i, V)`` for each block of ``blocks``, in order.
 
     One model load serves every block; each block starts from an empty KV cache. Row ``t``
-    predicts ``blocks[i, t + 1]``, as a transformers forward's logits do.
+    predicts ``blocks[i][t + 1]``, as a transformers forward's logits do.
 
     Args:
+        blocks: ``(N, T)`` token ids, or token sequences of any lengths (a prompt and its
+            completion each), the context sized for the longest.
         vocab_size: keep the first ``vocab_size`` columns (the model's vocabulary rows; a
             file's token list may be padded past them). None keeps all of them.
 
@@ -151,17 +153,23 @@ def iter_gguf_logits(
         LlamaCppError: the file does not load or a block fails to decode, or the file has
             fewer than ``vocab_size`` tokens.
     """
-    if blocks.dim() != 2 or blocks.shape[1] < 1:
-        raise ValueError(f"blocks must be (N, T) token ids, got shape {tuple(blocks.shape)}")
-    with open_gguf(path, n_ctx=blocks.shape[1], logits_all=True, threads=threads) as llm:
+    if isinstance(blocks, torch.Tensor):
+        if blocks.dim() != 2 or blocks.shape[1] < 1:
+            raise ValueError(f"blocks must be (N, T) token ids, got shape {tuple(blocks.shape)}")
+        rows: list[list[int]] = blocks.tolist()
+    else:
+        rows = [[int(t) for t in b] for b in blocks]
+        if not rows or min(len(r) for r in rows) < 1:
+            raise ValueError("blocks must be non-empty token sequences")
+    with open_gguf(path, n_ctx=max(len(r) for r in rows), logits_all=True, threads=threads) as llm:
         n_vocab = llm.n_vocab()
         keep = n_vocab if vocab_size is None else vocab_size
         if keep > n_vocab:
             raise LlamaCppError(f"{path} has {n_vocab} tokens, fewer than the {keep} asked for")
-        for block in blocks:
+        for row in rows:
             llm.reset()
             try:
-                llm.eval(block.tolist())
+                llm.eval(row)
             except RuntimeError as err:  # llama_decode returned an error code
                 raise LlamaCppError(f"llama.cpp failed on {path}: {err}") from err
             # scores is reused for the next block: copy the rows out.
@@ -198,6 +206,57 @@ def gguf_tokenize(path: Path, text: str) -> list[int]:
     """
     with open_gguf(path, n_ctx=8, logits_all=False, threads=1) as llm:
         return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+
+def gguf_generate(
+    path: Path,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop: Sequence[int],
+    threads: int | None = None,
+    *,
+    vocab_size: int | None = None,
+    desc: str | None = None,
+) -> list[tuple[int, ...]]:
+    """Greedy answers of a GGUF file in llama.cpp: what it writes after each prompt, at most
+    ``max_new_tokens`` tokens, up to and including the first token of ``stop``.
+
+    The argmax of llama.cpp's own last logits at every step (cut to ``vocab_size`` columns,
+    as the scored rows are), one prompt at a time from an empty KV cache: the file's answers
+    as a llama.cpp user would get them with greedy sampling.
+
+    Raises:
+        LlamaCppError: the file does not load or fails to decode.
+        ValueError: an empty prompt or ``max_new_tokens < 1``.
+    """
+    import llama_cpp
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    if max_new_tokens < 1 or any(len(p) == 0 for p in prompts):
+        raise ValueError(f"need non-empty prompts and max_new_tokens >= 1, got {max_new_tokens}")
+    stops = {int(t) for t in stop}
+    n_ctx = max(len(p) for p in prompts) + max_new_tokens
+    answers: list[tuple[int, ...]] = []
+    with open_gguf(path, n_ctx=n_ctx, logits_all=False, threads=threads) as llm:
+        n_vocab = llm.n_vocab()
+        keep = n_vocab if vocab_size is None else min(vocab_size, n_vocab)
+        for prompt in tqdm(prompts, desc=desc, unit="prompt", leave=False, disable=desc is None):
+            llm.reset()
+            answer: list[int] = []
+            try:
+                llm.eval([int(t) for t in prompt])
+                while len(answer) < max_new_tokens:
+                    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+                    token = int(np.ctypeslib.as_array(ptr, (n_vocab,))[:keep].argmax())
+                    answer.append(token)
+                    if token in stops or len(answer) == max_new_tokens:
+                        break
+                    llm.eval([token])
+            except RuntimeError as err:
+                raise LlamaCppError(f"llama.cpp failed on {path}: {err}") from err
+            answers.append(tuple(answer))
+    return answers
 
 
 def _timed_pass(llm: Any, tokens: Sequence[int], new_tokens: int) -> Any:

@@ -168,12 +168,12 @@ def _usage_lines(
 
 
 def _evaluation_lines(report: dict[str, Any] | None, teacher_name: str) -> list[str]:
-    from distill.evaluate.report import format_table
+    from distill.evaluate.report import fidelity_lines, format_table
 
     lines = ["## Evaluation", ""]
     if report is None:
         return lines + ["Not evaluated yet (no report.json in the run): run scripts/evaluate.py."]
-    return lines + [
+    lines += [
         format_table(report),
         "",
         f"Every variant is scored on the same held-out blocks against the teacher "
@@ -181,6 +181,10 @@ def _evaluation_lines(report: dict[str, Any] | None, teacher_name: str) -> list[
         "decimal (1 MB = 10^6 bytes); speeds are batch-size-1 medians on the machine "
         "that ran the evaluation.",
     ]
+    # The same sets as report.md: the teacher's own text, extra corpora, the teacher's NLL of
+    # each variant's answers (reports written before them have none, and show none).
+    fidelity = fidelity_lines(report, "### Fidelity to the teacher")
+    return lines + ["", *fidelity] if fidelity else lines
 
 
 def _license_lines(cfg: PipelineConfig, meta: dict[str, Any], teacher_name: str) -> list[str]:

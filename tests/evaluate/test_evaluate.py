@@ -34,7 +34,8 @@ REQUIRED_FIELDS = REPORT_FIELDS
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_config() -> PipelineConfig:
+def tiny_config(cache_dir: Path, **fidelity) -> PipelineConfig:
+    """The tiny run's config; ``fidelity`` overrides the (small) fidelity-set settings."""
     return PipelineConfig(
         pair=PairConfig(
             name="tiny",
@@ -53,7 +54,15 @@ def tiny_config() -> PipelineConfig:
             memory_context_tokens=100,
             # Between the 1-layer students' and the 2-layer teacher's weights + KV cache.
             memory_budget_bytes=80_000,
+            # Small fidelity sets (tests/evaluate/test_fidelity.py checks them in depth).
+            teacher_text_prompts=4,
+            teacher_text_tokens=6,
+            generation_prompts=3,
+            generation_tokens=5,
+            fidelity_prompt_tokens=4,
+            **fidelity,
         ),
+        cache_dir=str(cache_dir),
     )
 
 
@@ -74,8 +83,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def test_run_writes_report_with_exact_schema(tiny_run: Path) -> None:
-    cfg = tiny_config()
+def test_run_writes_report_with_exact_schema(tiny_run: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
     torch.manual_seed(3)
     val = torch.randint(0, 128, (6, 16))
     report = evaluate.run(
@@ -84,7 +93,8 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path) -> None:
 
     on_disk = json.loads((tiny_run / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert set(on_disk) == {"variants", "training", "machine", "config"}
+    assert set(on_disk) == {"variants", "fidelity", "training", "machine", "config"}
+    assert set(on_disk["fidelity"]) == {"teacher_text", "generation"}
     bandwidth = on_disk["machine"]["bandwidth_bytes_per_s"]
     assert bandwidth > 1e8
     assert on_disk["training"]["teacher_mode"] == cfg.train.teacher_mode
@@ -94,6 +104,8 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path) -> None:
     assert names == ["teacher", "student_init", "student", "student-int8_weight_only"]
     for v in on_disk["variants"]:
         assert REQUIRED_FIELDS <= set(v), REQUIRED_FIELDS - set(v)
+        assert set(v["fidelity"]) == {"teacher_text", "generation"}
+        assert math.isfinite(v["fidelity"]["generation"]["teacher_nll_ratio"])
         assert v["scored_tokens"] == 5 * 15  # max_blocks blocks, T - 1 positions each
         assert v["perplexity"] > 1.0 and math.isfinite(v["perplexity"])
         assert v["prefill_tokens_per_s"] > 0 and v["decode_tokens_per_s"] > 0
@@ -141,7 +153,9 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path) -> None:
 
 def test_missing_final_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(EvalError, match="scripts/distill.py"):
-        evaluate.run(tiny_config(), tmp_path, teacher=tiny_model(0), val_blocks=torch.zeros(1, 4))
+        evaluate.run(
+            tiny_config(tmp_path), tmp_path, teacher=tiny_model(0), val_blocks=torch.zeros(1, 4)
+        )
 
 
 def test_evaluate_variant_rejects_misaligned_teacher_batches() -> None:
@@ -160,7 +174,7 @@ def test_run_loads_teacher_and_data_when_not_given(
     import distill.models.load
     from distill.config import cache_root
 
-    cfg = tiny_config()
+    cfg = tiny_config(tmp_path / "cache", fidelity=[])
     tokenizer = tiny_tokenizer()
     calls: dict[str, object] = {}
 

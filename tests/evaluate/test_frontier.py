@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from distill.evaluate.frontier import find_run_dirs, load_points, pareto_front
 from tests.conftest import REPO
 
@@ -113,3 +115,97 @@ def test_report_script_writes_four_files(tmp_path: Path) -> None:
     assert by_variant["student"]["memory_total_bytes"] == "320000000"
     assert {r["status"] for r in rows} == {"ok", "failed"}
     assert (sweep / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _with_fidelity(v: dict, text_kl: float, top1: float, nll_ratio: float) -> dict:
+    v["fidelity"] = {
+        "teacher_text": {"perplexity": 5.0, "kl_to_teacher": text_kl, "top1_agreement": top1},
+        "extra:notes.txt": {"perplexity": 9.0, "kl_to_teacher": 2 * text_kl, "top1_agreement": 0.4},
+        "generation": {"teacher_nll": 1.5 * nll_ratio, "teacher_nll_ratio": nll_ratio},
+    }
+    return v
+
+
+def test_frontier_carries_fidelity_sets_and_ranks_by_any_of_them(tmp_path: Path) -> None:
+    from distill.evaluate.frontier import ReportError, write_all
+
+    sweep = tmp_path / "multirun"
+    write_run(
+        sweep / "0",
+        [
+            _with_fidelity(variant("teacher", 500, 10.0, 0.0), 0.0, 1.0, 1.0),
+            # Better held-out perplexity, worse on the teacher's own text: the rankings differ.
+            _with_fidelity(variant("student", 300, 20.0, 0.5), 0.30, 0.55, 1.8),
+            _with_fidelity(variant("student-int8_weight_only", 80, 20.5, 0.52), 0.20, 0.60, 1.4),
+        ],
+    )
+    write_run(sweep / "1", [variant("student", 300, 25.0, 0.4)])  # a report without the sets
+    runs = find_run_dirs([sweep])
+    f = load_points(runs, sweep, metric="teacher_text_kl")
+    by = {(p.run, p.variant): p for p in f.points}
+    assert by[("0", "student")].fidelity == {
+        "teacher_text_ppl": 5.0,
+        "teacher_text_kl": 0.30,
+        "teacher_text_top1": 0.55,
+        "extra:notes.txt_ppl": 9.0,
+        "extra:notes.txt_kl": 0.60,
+        "extra:notes.txt_top1": 0.4,
+        "generation_nll": pytest.approx(2.7),
+        "generation_nll_ratio": 1.8,
+    }
+    # On teacher_text KL int8 (0.20, 80 MB) dominates the float student (0.30, 300 MB).
+    front = {k for k, p in by.items() if p.pareto_metric}
+    assert front == {("0", "teacher"), ("0", "student-int8_weight_only")}
+    written = write_all(f, tmp_path / "out")
+    md = (tmp_path / "out" / "frontier.md").read_text()
+    assert "## Fidelity to the teacher" in md and "generation_nll_ratio" in md
+    ranking = md[md.index("## Ranked by teacher_text_kl (lower is better)") :]
+    order = [ln.split(" · ")[1].split(":")[0] for ln in ranking.splitlines() if ln[:1].isdigit()]
+    assert order == ["teacher", "student-int8_weight_only", "student", "student"]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "frontier.csv")))
+    assert {r["fidelity.teacher_text_kl"] for r in rows if r["run"] == "0"} == {"0.0", "0.3", "0.2"}
+    assert [r["fidelity.teacher_text_kl"] for r in rows if r["run"] == "1"] == [""]
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(written[3]))
+    assert image.shape[1] > image.shape[0] * 2.5  # a third panel for the ranked metric
+    # Higher is better for agreement: the teacher (1.0) first.
+    top1 = load_points(runs, sweep, metric="teacher_text_top1")
+    assert (
+        write_all(top1, tmp_path / "top1")
+        and "(higher is better)" in (tmp_path / "top1" / "frontier.md").read_text()
+    )
+    with pytest.raises(ReportError, match="generation_nll_ratio"):
+        load_points(runs, sweep, metric="teacher_txt_kl")
+
+
+def test_report_script_takes_a_metric(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun"
+    write_run(
+        sweep / "0",
+        [
+            _with_fidelity(variant("teacher", 500, 10.0, 0.0), 0.0, 1.0, 1.0),
+            _with_fidelity(variant("student", 300, 20.0, 0.5), 0.3, 0.55, 1.8),
+        ],
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "report.py"),
+            str(sweep),
+            "--metric",
+            "generation_nll_ratio",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "## Ranked by generation_nll_ratio (lower is better)" in proc.stdout
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "report.py"), str(sweep), "--metric", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "teacher_text_kl" in bad.stderr

@@ -23,7 +23,7 @@ from distill.evaluate.speed import deployed_fields
 from distill.models import llama_cpp
 from distill.quantize.gguf import export_gguf, gguf_tensor_bytes
 from distill.run_dir import RunDir
-from tests.conftest import make_tokenizer, tiny_llama
+from tests.conftest import CORPUS, make_tokenizer, tiny_llama
 
 VOCAB = 300  # make_tokenizer(300): byte alphabet + <|endoftext|> + merges (llama.cpp needs them)
 # llama.cpp on an F16 file vs transformers on the same (fp16-rounded) weights, tiny llama:
@@ -130,7 +130,7 @@ def test_thread_count_is_validated() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _cfg(cache: Path, gguf: list[str]) -> PipelineConfig:
+def _cfg(cache: Path, gguf: list[str], extra: list[str] | None = None) -> PipelineConfig:
     return PipelineConfig(
         pair=PairConfig(
             name="tiny",
@@ -147,6 +147,12 @@ def _cfg(cache: Path, gguf: list[str]) -> PipelineConfig:
             repeats=1,
             decode_batch_size=1,
             llama_cpp_threads=1,
+            teacher_text_prompts=3,
+            teacher_text_tokens=6,
+            generation_prompts=3,
+            generation_tokens=6,
+            fidelity_prompt_tokens=6,
+            extra_corpora=extra or [],
         ),
         cache_dir=str(cache),
     )
@@ -167,11 +173,14 @@ def gguf_run(tmp_path_factory: pytest.TempPathFactory, bpe) -> Path:
 def test_gguf_rows_run_in_llama_cpp_beside_the_teacher_in_f16(
     gguf_run: Path, tmp_path: Path, bpe
 ) -> None:
-    cfg = _cfg(tmp_path / "cache", ["q8_0", "q4_0"])
+    notes = tmp_path / "notes.txt"
+    notes.write_text(CORPUS)
+    cfg = _cfg(tmp_path / "cache", ["q8_0", "q4_0"], extra=[str(notes)])
     teacher = tiny_llama(VOCAB, layers=2, seed=0)
     val = _blocks(4, 16, seed=5)
     report = evaluate.run(cfg, gguf_run, teacher=teacher, tokenizer=bpe, val_blocks=val)
     rows = {v["name"]: v for v in report["variants"]}
+    _check_gguf_fidelity(report, rows)
     assert list(rows) == [
         "teacher",
         "student",
@@ -217,6 +226,52 @@ def test_gguf_rows_run_in_llama_cpp_beside_the_teacher_in_f16(
     assert "teacher-gguf-f16" in (gguf_run / "report.md").read_text()
 
 
+def _check_gguf_fidelity(report: dict, rows: dict) -> None:
+    """GGUF rows carry every fidelity set, scored and answered in llama.cpp; the teacher's
+    F16 file is as faithful as the teacher, and Q8_0 as the float student it came from."""
+    sets = ["teacher_text", "extra:notes.txt", "generation"]
+    assert list(report["fidelity"]) == sets
+    scored = report["fidelity"]["teacher_text"]["scored_tokens"]
+    for name, row in rows.items():
+        assert list(row["fidelity"]) == sets, name
+        assert row["fidelity"]["teacher_text"]["scored_tokens"] == scored
+        assert math.isfinite(row["fidelity"]["generation"]["teacher_nll"])
+    f16 = rows["teacher-gguf-f16"]["fidelity"]
+    for s in ("teacher_text", "extra:notes.txt"):
+        assert f16[s]["kl_to_teacher"] < 1e-5 and f16[s]["top1_agreement"] == 1.0
+        q8, student = rows["student-gguf-q8_0"]["fidelity"][s], rows["student"]["fidelity"][s]
+        assert q8["kl_to_teacher"] == pytest.approx(student["kl_to_teacher"], rel=0.05)
+    # llama.cpp's greedy answers of the teacher's own weights are the teacher's answers.
+    assert f16["generation"]["teacher_nll_ratio"] == pytest.approx(1.0, rel=1e-4)
+    assert rows["student-gguf-q8_0"]["fidelity"]["generation"][
+        "teacher_nll_ratio"
+    ] == pytest.approx(rows["student"]["fidelity"]["generation"]["teacher_nll_ratio"], rel=0.05)
+
+
+def test_greedy_answers_in_llama_cpp_match_transformers(tmp_path: Path, bpe) -> None:
+    from distill.generation import generate, stop_ids
+    from distill.quantize.gguf import reference_model
+
+    # Untied: a tied random tiny model greedily repeats its last input token, any weights.
+    model = tiny_llama(VOCAB, layers=2, seed=3, tie=False)
+    path = export_gguf(model, bpe, tmp_path / "untied-f16.gguf", "f16").path
+    reference = reference_model(model, export_gguf(model, bpe, tmp_path / "b.gguf", "f16"))
+    prompts = [tuple(p.tolist()) for p in _blocks(4, 5, seed=9)] + [(4, 5)]
+    stop = stop_ids(reference)
+    want = generate(reference, prompts, max_new_tokens=8, temperature=0, seed=0, batch_size=1)
+    got = llama_cpp.gguf_generate(path, prompts, 8, stop, threads=1, vocab_size=VOCAB)
+    assert got == want
+    assert len({a[:3] for a in got}) > 1  # not one degenerate answer for every prompt
+    # A stop token ends the answer, included.
+    first = got[0][2]
+    assert (
+        llama_cpp.gguf_generate(path, prompts[:1], 8, [first])[0]
+        == got[0][: got[0].index(first) + 1]
+    )
+    with pytest.raises(ValueError, match="non-empty prompts"):
+        llama_cpp.gguf_generate(path, [()], 4, [])
+
+
 def test_without_llama_cpp_gguf_rows_say_why_and_the_run_goes_on(
     gguf_run: Path, tmp_path: Path, bpe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,6 +285,8 @@ def test_without_llama_cpp_gguf_rows_say_why_and_the_run_goes_on(
     row = rows["student-gguf-q8_0"]
     assert "pip install llama-cpp-python==0.3.36" in row["llama_cpp_error"]
     assert math.isnan(row["perplexity"]) and row["scored_tokens"] == 0
+    assert math.isnan(row["fidelity"]["teacher_text"]["kl_to_teacher"])
+    assert math.isnan(row["fidelity"]["generation"]["teacher_nll_ratio"])
     assert row["decode_tokens_per_s"] is None
     assert row["deployed_decode_tokens_per_s"] is None and row["decode_bound_ratio"] is None
     assert row["weight_bytes"] == gguf_tensor_bytes(RunDir(gguf_run).gguf_file("q8_0"))

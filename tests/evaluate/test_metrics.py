@@ -233,3 +233,76 @@ def test_training_quick_eval_reports_these_metrics(tiny_pair, blocks: torch.Tens
     assert got["val_perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
     assert got["val_kl_to_teacher"] == pytest.approx(kl, rel=1e-4)
     assert got["val_top1_agreement"] == pytest.approx(top1)
+
+
+# --------------------------------------------------------------------------------------------
+# Masked scoring: completions after prompts, right-padded (distill/evaluate/fidelity.py)
+# --------------------------------------------------------------------------------------------
+
+
+def test_masked_scoring_by_hand_and_all_ones_equals_unmasked() -> None:
+    # The hand-computed case above with its first target (token 1 at t = 1) masked out: only
+    # position 1 (predicting token 0 under softmax(2, 0)) is left.
+    model = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [9.0, 9.0]]])
+    teacher = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0], [5.0, 1.0]]])
+    tokens = torch.tensor([[0, 1, 0]])
+    sums = score_logits(model, teacher, tokens, mask=torch.tensor([[0, 0, 1]]))
+    q1 = torch.softmax(torch.tensor([2.0, 0.0]), -1).tolist()
+    assert sums.num_tokens == 1
+    assert sums.ce_sum == pytest.approx(-math.log(q1[0]), rel=1e-6)
+    assert sums.kl == pytest.approx(0.5 * math.log(0.5 / q1[0]) + 0.5 * math.log(0.5 / q1[1]))
+    assert sums.top1_matches == 1
+    # Column 0 has no predicting position: marking it scores nothing more.
+    assert score_logits(model, teacher, tokens, mask=torch.tensor([[1, 0, 1]])) == sums
+    g = torch.Generator().manual_seed(6)
+    logits, ref = torch.randn(3, 7, 11, generator=g), torch.randn(3, 7, 11, generator=g)
+    ids = torch.randint(0, 11, (3, 7), generator=g)
+    plain = score_logits(logits, ref, ids)
+    ones = score_logits(logits, ref, ids, mask=torch.ones(3, 7))
+    assert ones.num_tokens == plain.num_tokens == 3 * 6
+    assert ones.ce_sum == pytest.approx(plain.ce_sum, rel=1e-9)
+    assert ones.kl_sum == pytest.approx(plain.kl_sum, rel=1e-9)
+    assert ones.top1_matches == plain.top1_matches
+    with pytest.raises(ValueError, match="mask"):
+        score_logits(logits, ref, ids, mask=torch.ones(3, 6))
+
+
+def test_masked_score_blocks_scores_completions_only(tiny_pair) -> None:
+    teacher, student = tiny_pair
+    g = torch.Generator().manual_seed(7)
+    # Three rows of lengths 9, 6 and 4, right-padded with junk; targets from index 3, 2, 1.
+    rows = [torch.randint(0, VOCAB, (n,), generator=g) for n in (9, 6, 4)]
+    starts = (3, 2, 1)
+    blocks = torch.full((3, 12), 7, dtype=torch.long)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for r, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        blocks[r, : len(row)] = row
+        mask[r, start : len(row)] = 1
+    kept: list[torch.Tensor] = []
+    own = score_blocks(teacher, blocks, 2, None, mask=mask, on_log_probs=kept.append)
+    assert [k.shape for k in kept] == [(6 + 4, VOCAB), (3, VOCAB)]  # scored positions only
+    assert own.kl == pytest.approx(0.0, abs=1e-7) and own.top1 == 1.0
+    sums = score_blocks(student, blocks, 2, kept, mask=mask)
+    # By hand: each row alone, unpadded, through torch's formulas on its target positions.
+    ce = kl = top1 = 0.0
+    with torch.no_grad():
+        for row, start in zip(rows, starts, strict=True):
+            s = F.log_softmax(student(row[None]).logits[0, :-1].double(), -1)[start - 1 :]
+            t = F.log_softmax(teacher(row[None]).logits[0, :-1].double(), -1)[start - 1 :]
+            ce += float(F.nll_loss(s, row[start:], reduction="sum"))
+            kl += float(F.kl_div(s, t, log_target=True, reduction="sum"))
+            top1 += float((s.argmax(-1) == t.argmax(-1)).sum())
+    assert sums.num_tokens == 13
+    assert sums.ce_sum == pytest.approx(ce, rel=1e-5)
+    assert sums.kl_sum == pytest.approx(kl, rel=1e-4)
+    assert sums.top1_matches == top1
+    # An all-ones mask over packed blocks is the unmasked scorer (reference kept per position).
+    packed = torch.randint(0, VOCAB, (3, 9), generator=g)
+    ref = log_probs_per_batch(teacher, packed, 2)
+    flat = [r[:, :-1].reshape(-1, VOCAB) for r in ref]
+    unmasked = score_blocks(student, packed, 2, ref)
+    masked = score_blocks(student, packed, 2, flat, mask=torch.ones_like(packed))
+    assert masked.num_tokens == unmasked.num_tokens
+    assert masked.ce_sum == pytest.approx(unmasked.ce_sum, rel=1e-6)
+    assert masked.kl_sum == pytest.approx(unmasked.kl_sum, rel=1e-5)
+    assert masked.top1_matches == unmasked.top1_matches

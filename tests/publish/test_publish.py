@@ -82,8 +82,18 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "top1_agreement": 0.75,
         "prefill_tokens_per_s": 1000.0,
         "decode_tokens_per_s": 50.0,
+        "fidelity": {
+            "teacher_text": {"perplexity": 7.891, "kl_to_teacher": 0.2468, "top1_agreement": 0.6},
+            "generation": {"teacher_nll": 1.234, "teacher_nll_ratio": 1.357},
+        },
     }
-    (run / "report.json").write_text(json.dumps({"variants": [row], "config": {}}))
+    sets = {
+        "teacher_text": {"description": "the teacher's own text: 32 completions"},
+        "generation": {"description": "the teacher's mean NLL per token of greedy answers"},
+    }
+    (run / "report.json").write_text(
+        json.dumps({"variants": [row], "fidelity": sets, "config": {}})
+    )
     return run
 
 
@@ -153,6 +163,11 @@ def test_model_card_front_matter_and_body(published: Path) -> None:
     assert meta["language"] == ["en"]
     body = text.split("---\n", 2)[2]
     assert "| student |" in body and "12.35" in body  # the report table
+    # The fidelity sets, as report.md shows them: per set ppl / KL / top-1, answers' NLL.
+    fidelity = body[body.index("### Fidelity to the teacher") :]
+    assert "| student | 7.89 | 0.2468 | 60.0% | 1.234 | 1.36× |" in fidelity
+    assert "- teacher_text: the teacher's own text: 32 completions." in fidelity
+    assert body.index("### Fidelity to the teacher") < body.index("## Quantization")
     assert (
         "python scripts/pipeline.py pair=tiny_to_1l train.max_steps=10 'data.paths=[a b.txt]'"
         in body

@@ -1,0 +1,240 @@
+"""The fidelity sets of the evaluate stage: the teacher's own text, extra corpora, and the
+teacher's NLL of each variant's greedy answers, on a microscopic word-level run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import distill.generation
+from distill.config import (
+    DataConfig,
+    EvalConfig,
+    PairConfig,
+    PipelineConfig,
+    QuantConfig,
+    StudentConfig,
+    TeacherConfig,
+)
+from distill.evaluate import report as report_files
+from distill.evaluate import stage as evaluate
+from distill.evaluate.fidelity import FidelityError, pad_samples
+from distill.generation import GenerationCacheMismatch, Sample
+from tests.conftest import WORD_VOCAB, tiny_llama, tiny_tokenizer, word_llama
+
+# A chat template over the word vocabulary: the user turn between w1 and w2, the answer
+# after w3 (the instruction's English words are <unk>, which is fine for a test).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}"
+    "{% if add_generation_prompt %}w3{% endif %}"
+)
+
+
+def _words(rng: random.Random, n: int) -> str:
+    # Short lines, so prompt windows start at line starts as make_prompts prefers.
+    words = [f"w{rng.randrange(128)}" for _ in range(n)]
+    return "\n".join(" ".join(words[i : i + 8]) for i in range(0, n, 8))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("words")
+    rng = random.Random(0)
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text(_words(rng, 120))
+    (folder / "extra").mkdir()
+    (folder / "extra" / "notes.txt").write_text(_words(rng, 100))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """final/ holds the teacher's own weights (a variant identical to the teacher);
+    student_init/ another model, untied (a tied random tiny model greedily repeats its last
+    input token, whatever its weights, so two of them answer alike)."""
+    root = tmp_path_factory.mktemp("run")
+    tokenizer = tiny_tokenizer()
+    other = tiny_llama(WORD_VOCAB, layers=1, seed=1, tie=False)
+    for name, model in (("student_init", other), ("final", word_llama(0))):
+        model.save_pretrained(str(root / name))
+        tokenizer.save_pretrained(str(root / name))
+    return root
+
+
+def config(corpus: Path, cache: Path, **eval_overrides) -> PipelineConfig:
+    return PipelineConfig(
+        pair=PairConfig(
+            name="tiny",
+            teacher=TeacherConfig(name_or_path="unused-when-injected"),
+            student=StudentConfig(num_layers=1),
+        ),
+        data=DataConfig(
+            source="text_files", paths=[str(corpus / "*.txt")], block_size=16, val_fraction=0.34
+        ),
+        quant=QuantConfig(methods=[], gguf=[]),
+        eval=EvalConfig(
+            **{
+                "max_blocks": 2,
+                "batch_size": 2,
+                "prompt_tokens": 4,
+                "decode_tokens": 2,
+                "prefill_tokens": 8,
+                "repeats": 1,
+                "decode_batch_size": 1,
+                "measure_bandwidth": False,
+                "teacher_text_prompts": 4,
+                "teacher_text_tokens": 6,
+                "generation_prompts": 3,
+                "generation_tokens": 5,
+                "fidelity_prompt_tokens": 5,
+                "generation_batch_size": 2,
+                **eval_overrides,
+            }
+        ),
+        cache_dir=str(cache),
+    )
+
+
+def _evaluate(cfg: PipelineConfig, run_dir: Path, teacher=None, tokenizer=None) -> dict:
+    val = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    return evaluate.run(
+        cfg,
+        run_dir,
+        teacher=teacher if teacher is not None else word_llama(0),
+        tokenizer=tokenizer or tiny_tokenizer(),
+        val_blocks=val,
+    )
+
+
+def test_pad_samples_masks_prompts_and_padding() -> None:
+    samples = [Sample("chat", "a", (5, 6, 7), (8, 9)), Sample("continuation", "b", (1,), (2,))]
+    tokens, mask = pad_samples(samples, pad_id=0)
+    assert tokens.tolist() == [[5, 6, 7, 8, 9], [1, 2, 0, 0, 0]]
+    assert mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 0, 0, 0]]
+
+
+def test_a_variant_identical_to_the_teacher_is_faithful_on_every_set(
+    corpus: Path, run_dir: Path, tmp_path: Path
+) -> None:
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    cfg = config(
+        corpus,
+        tmp_path / "cache",
+        extra_corpora=[str(corpus / "extra" / "notes.txt")],
+        teacher_text_dir=str(tmp_path / "tt"),
+    )
+    start = time.perf_counter()
+    report = _evaluate(cfg, run_dir, tokenizer=tokenizer)
+    print(f"evaluate with fidelity sets: {time.perf_counter() - start:.1f} s")
+    rows = {v["name"]: v for v in report["variants"]}
+    assert list(rows) == ["teacher", "student_init", "student"]
+    sets = ("teacher_text", "extra:notes.txt", "generation")
+    assert list(report["fidelity"]) == list(sets)
+    for row in rows.values():
+        assert list(row["fidelity"]) == list(sets)
+
+    # Only the teacher's completions are scored: their tokens, not the prompts'.
+    samples = json.loads((tmp_path / "tt" / "samples.json").read_text())
+    assert len(samples) == 4
+    assert {s["kind"] for s in samples} == {"chat", "continuation"}  # half chat: a template
+    completion_tokens = sum(len(s["completion"]) for s in samples)
+    for row in rows.values():
+        assert row["fidelity"]["teacher_text"]["scored_tokens"] == completion_tokens
+    assert report["fidelity"]["teacher_text"]["scored_tokens"] == completion_tokens
+    notes_blocks = report["fidelity"]["extra:notes.txt"]["rows"]
+    assert 1 <= notes_blocks <= cfg.eval.extra_corpus_blocks
+    assert rows["student"]["fidelity"]["extra:notes.txt"]["scored_tokens"] == notes_blocks * 15
+
+    for name in ("teacher", "student"):  # the teacher, and a copy of its weights
+        fid = rows[name]["fidelity"]
+        for scored in ("teacher_text", "extra:notes.txt"):
+            assert fid[scored]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
+            assert fid[scored]["top1_agreement"] == 1.0
+            assert math.isfinite(fid[scored]["perplexity"]) and fid[scored]["perplexity"] > 1
+        assert fid["generation"]["teacher_nll_ratio"] == pytest.approx(1.0, rel=1e-6)
+        assert fid["generation"]["teacher_nll"] == pytest.approx(
+            report["fidelity"]["generation"]["teacher_nll"], rel=1e-6
+        )
+        assert fid["generation"]["prompts"] == 3
+    other = rows["student_init"]["fidelity"]
+    assert other["teacher_text"]["kl_to_teacher"] > 0.01
+    assert other["extra:notes.txt"]["kl_to_teacher"] > 0.01
+    assert other["generation"]["teacher_nll_ratio"] != pytest.approx(1.0, rel=1e-3)
+    assert other["generation"]["teacher_nll_ratio"] == pytest.approx(
+        other["generation"]["teacher_nll"] / report["fidelity"]["generation"]["teacher_nll"]
+    )
+
+    # report.md: the fidelity table right after the headline, one line per set.
+    md = (run_dir / "report.md").read_text()
+    table = report_files.format_fidelity_table(report)
+    assert "## Fidelity to the teacher" in md and table in md
+    assert md.index(report_files.format_table(report)) < md.index(table)
+    assert md.index(table) < md.index("## Memory and the bandwidth bound")
+    (student_line,) = [ln for ln in table.splitlines() if ln.startswith("| student |")]
+    assert "0.0000" in student_line and "100.0%" in student_line and "1.00×" in student_line
+    assert "- teacher_text: the teacher's own text: 4 completions" in md
+    assert "- extra:notes.txt: " in md and "- generation: the teacher's mean NLL" in md
+    on_disk = json.loads((run_dir / "report.json").read_text())
+    assert on_disk["variants"][2]["fidelity"] == json.loads(json.dumps(rows["student"]["fidelity"]))
+
+
+def test_teacher_text_is_cached_and_refused_for_another_teacher(
+    corpus: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(corpus, tmp_path / "cache", teacher_text_dir=str(tmp_path / "tt"))
+    first = _evaluate(cfg, run_dir)
+    cached = tmp_path / "tt" / "samples.json"
+    stamp = cached.stat().st_mtime_ns
+    manifest = json.loads((tmp_path / "tt" / "manifest.json").read_text())
+    assert manifest["temperature"] == 1.0 and manifest["max_new_tokens"] == 6
+    # No continuation prompts need a template: without one every prompt is a continuation.
+    assert {s["kind"] for s in json.loads(cached.read_text())} == {"continuation"}
+
+    real = distill.generation.generate
+    temperatures: list[float] = []
+
+    def counting(model, prompts, **kwargs):
+        temperatures.append(kwargs["temperature"])
+        return real(model, prompts, **kwargs)
+
+    monkeypatch.setattr(distill.generation, "generate", counting)
+    second = _evaluate(cfg, run_dir)
+    # The teacher's text and greedy answers come from the caches; only the two variants answer.
+    assert temperatures == [0.0, 0.0]
+    assert cached.stat().st_mtime_ns == stamp
+    for a, b in zip(first["variants"], second["variants"], strict=True):
+        assert a["fidelity"]["teacher_text"] == pytest.approx(b["fidelity"]["teacher_text"])
+    with pytest.raises(GenerationCacheMismatch) as err:
+        _evaluate(cfg, run_dir, teacher=word_llama(5))
+    assert "teacher_weights" in err.value.mismatched
+
+
+def test_sets_can_be_turned_off_and_a_missing_extra_corpus_fails_first(
+    corpus: Path, run_dir: Path, tmp_path: Path
+) -> None:
+    report = _evaluate(config(corpus, tmp_path, fidelity=["generation"]), run_dir)
+    assert list(report["fidelity"]) == ["generation"]
+    assert all(list(v["fidelity"]) == ["generation"] for v in report["variants"])
+    off = _evaluate(config(corpus, tmp_path, fidelity=[]), run_dir)
+    assert off["fidelity"] == {} and all("fidelity" not in v for v in off["variants"])
+    assert "Fidelity to the teacher" not in (run_dir / "report.md").read_text()
+
+    def never(*args, **kwargs):
+        raise AssertionError("the teacher was used before the extra corpora were checked")
+
+    missing = config(corpus, tmp_path, extra_corpora=[str(tmp_path / "nope" / "*.txt")])
+    teacher = word_llama(0)
+    teacher.forward = never  # type: ignore[method-assign]
+    with pytest.raises(FidelityError, match="matches no file"):
+        _evaluate(missing, run_dir, teacher=teacher)
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    with pytest.raises(FidelityError, match="fewer tokens than one block"):
+        _evaluate(config(corpus, tmp_path, extra_corpora=[str(short)]), run_dir, teacher=teacher)
