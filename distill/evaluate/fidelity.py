@@ -107,6 +107,7 @@ class GenerationSet:
     description: str
     teacher_nll: float = float("nan")
     teacher_answer_tokens: int = 0
+    teacher_repeats: float = float("nan")
 
 
 @dataclass
@@ -307,6 +308,24 @@ def answers_nll(
     return sums.mean_ce, sums.num_tokens
 
 
+def repeated_ngram_share(answers: Sequence[Sequence[int]], n: int = 4) -> float:
+    """The share of the answers' token ``n``-grams that already occurred earlier in the same
+    answer: 0 for text that never repeats itself, near 1 for a loop.
+
+    Why it sits beside the teacher's NLL: once a loop starts, every further copy of it is easy
+    to predict, so a model that loops gets a flattering NLL; this figure shows the loop.
+    """
+    seen_total = repeated = 0
+    for answer in answers:
+        seen: set[tuple[int, ...]] = set()
+        for i in range(len(answer) - n + 1):
+            gram = tuple(answer[i : i + n])
+            repeated += gram in seen
+            seen.add(gram)
+            seen_total += 1
+    return repeated / seen_total if seen_total else float("nan")
+
+
 def set_fields(sums: ScoreSums) -> dict[str, Any]:
     """One scored set's figures in a report row's ``fidelity`` dict."""
     return quality_fields(sums)
@@ -333,6 +352,7 @@ class Fidelity:
         return {
             "teacher_nll": nll,
             "teacher_nll_ratio": ratio,
+            "repeated_4grams": repeated_ngram_share(answers),
             "answer_tokens": count,
             "prompts": len(answers),
         }
@@ -390,7 +410,12 @@ class Fidelity:
         out = {s.name: set_fields(ScoreSums()) for s in self.sets}
         if self.generation is not None:
             nan = float("nan")
-            out[GENERATION] = {"teacher_nll": nan, "teacher_nll_ratio": nan, "answer_tokens": 0}
+            out[GENERATION] = {
+                "teacher_nll": nan,
+                "teacher_nll_ratio": nan,
+                "repeated_4grams": nan,
+                "answer_tokens": 0,
+            }
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -498,9 +523,12 @@ def _generation(
         ev.generation_tokens,
         f"the teacher's mean NLL per token of each variant's greedy answers (up to "
         f"{ev.generation_tokens} tokens) to {len(prompts)} held-out {kind} prompts, and its "
-        f"ratio to the teacher's NLL of its own greedy answers ({nll:.3f} nats)",
+        f"ratio to the teacher's NLL of its own greedy answers ({nll:.3f} nats); repeats = "
+        "the share of an answer's 4-grams it already wrote (a loop is easy to predict, so "
+        "it flatters the NLL)",
         teacher_nll=nll,
         teacher_answer_tokens=count,
+        teacher_repeats=repeated_ngram_share([s.completion for s in own]),
     )
 
 
@@ -538,6 +566,7 @@ def build_fidelity(
         row[GENERATION] = {
             "teacher_nll": generation.teacher_nll,
             "teacher_nll_ratio": 1.0,
+            "repeated_4grams": generation.teacher_repeats,
             "answer_tokens": generation.teacher_answer_tokens,
             "prompts": len(generation.prompts),
         }

@@ -124,6 +124,8 @@ def fidelity_metrics(sets: dict[str, Any]) -> dict[str, float | None]:
         if name == "generation":
             out["generation_nll"] = figures.get("teacher_nll")
             out["generation_nll_ratio"] = figures.get("teacher_nll_ratio")
+            if "repeated_4grams" in figures:  # reports written before it had none
+                out["generation_repeats"] = figures["repeated_4grams"]
             continue
         for suffix, key in _SET_FIGURES.items():
             out[f"{name}_{suffix}"] = figures.get(key)

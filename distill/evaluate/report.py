@@ -131,7 +131,7 @@ def format_fidelity_table(report: dict[str, Any]) -> str:
     for n in scored:
         head += [f"{n} ppl", f"{n} KL", f"{n} top-1"]
     if GENERATION_SET in names:
-        head += ["answers: teacher NLL", "× teacher's own"]
+        head += ["answers: teacher NLL", "× teacher's own", "repeats"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for v in report["variants"]:
         sets = v.get("fidelity") or {}
@@ -148,9 +148,11 @@ def format_fidelity_table(report: dict[str, Any]) -> str:
             g = sets.get(GENERATION_SET) or {}
             ratio = g.get("teacher_nll_ratio")
             ratio_cell = _num(ratio, 2)
+            repeats = _num(g.get("repeated_4grams"), 0, 100.0)
             cells += [
                 _num(g.get("teacher_nll"), 3),
                 ratio_cell + ("×" if ratio_cell != "—" else ""),
+                repeats + ("%" if repeats != "—" else ""),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -238,3 +238,14 @@ def test_sets_can_be_turned_off_and_a_missing_extra_corpus_fails_first(
     short.write_text("w1 w2 w3")
     with pytest.raises(FidelityError, match="fewer tokens than one block"):
         _evaluate(config(corpus, tmp_path, extra_corpora=[str(short)]), run_dir, teacher=teacher)
+
+
+def test_repeated_ngrams_show_a_loop() -> None:
+    from distill.evaluate.fidelity import repeated_ngram_share
+
+    assert repeated_ngram_share([(1, 2, 3, 4, 5, 6)]) == 0.0
+    loop = (7, 8) * 6  # 12 tokens, 9 4-grams, only 2 distinct
+    assert repeated_ngram_share([loop]) == pytest.approx(7 / 9)
+    # Counted within each answer, pooled over answers; too-short answers add nothing.
+    assert repeated_ngram_share([loop, (1, 2, 3, 4, 5, 6), (1, 2)]) == pytest.approx(7 / 12)
+    assert math.isnan(repeated_ngram_share([(1, 2)]))
