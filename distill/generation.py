@@ -231,8 +231,7 @@ def generate(
     if any(len(p) == 0 for p in prompts):
         raise GenerationError("generate: a prompt has no tokens")
     eos = stop_ids(model)
-    pad = model.config.pad_token_id
-    pad = int(pad) if pad is not None else (eos[0] if eos else 0)
+    pad = _pad_id(model, eos)
     sample = temperature > 0
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -270,6 +269,17 @@ def generate(
     finally:
         model.train(was_training)
     return out
+
+
+def _pad_id(model: Any, eos: list[int]) -> int:
+    """An id to fill padding with. Padded positions are masked, so any id the embedding holds
+    will do: the pad id, else the first EOS id, else 0 (a config's EOS may lie outside a
+    resized vocabulary, as GPT-2's 50256 does in a small one)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    for candidate in (model.config.pad_token_id, *eos):
+        if candidate is not None and 0 <= int(candidate) < vocab:
+            return int(candidate)
+    return 0
 
 
 def _until_eos(row: list[int], eos: list[int]) -> tuple[int, ...]:

@@ -198,3 +198,13 @@ def test_an_interrupted_generation_resumes_to_the_same_samples(
     monkeypatch.setattr(generation, "generate", real)
     assert _samples(teacher, tok, prompts, tmp_path / "b", batch_size=2) == whole
     assert (folder / "COMPLETE").exists() and not list((folder / "parts").glob("*.json"))
+
+
+def test_generation_pads_with_an_id_the_embedding_holds(tok) -> None:
+    from tests.conftest import tiny_gpt2
+
+    model = tiny_gpt2(len(tok))  # its config's EOS / pad id 50256 lies outside 300 tokens
+    assert model.config.eos_token_id >= len(tok)
+    out = generate(model, [[5, 6, 7], [8]], max_new_tokens=3, temperature=0.0, seed=0, batch_size=2)
+    alone = generate(model, [[8]], max_new_tokens=3, temperature=0.0, seed=0, batch_size=1)
+    assert len(out[0]) == 3 and out[1] == alone[0]
