@@ -27,7 +27,7 @@ def default_config(overrides: list[str]) -> PipelineConfig:
     """The shipped default config (configs/pipeline.yaml) with ``overrides``."""
     from hydra import compose, initialize_config_dir
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = Path(__file__).resolve().parents[2] / "configs"  # scripts/bench/ -> checkout
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         return to_pipeline_config(compose(config_name="pipeline", overrides=overrides))
 
