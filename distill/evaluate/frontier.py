@@ -104,10 +104,21 @@ def _training(config: dict[str, Any]) -> tuple[str, str, float | None, str]:
     depth = len(student["layers"]) if student.get("layers") else student.get("num_layers")
     if student.get("init", "from_teacher") == "from_teacher" and depth:
         pair = f"{pair} ({depth} layers)"
-    loss = config.get("loss", {}).get("name", "?")
-    kd_ratio = config.get("loss", {}).get("kd_ratio")
-    mode = config.get("train", {}).get("teacher_mode", "online")
-    return pair, loss, kd_ratio, mode
+    loss_cfg, train, data = (config.get(k, {}) for k in ("loss", "train", "data"))
+    # The recipe beside the divergence: what a sweep over methods varies.
+    parts = [loss_cfg.get("name", "?")]
+    if data.get("teacher_generated_fraction"):
+        parts.append(f"teacher text {100 * data['teacher_generated_fraction']:.0f}%")
+    if train.get("on_policy_fraction"):
+        parts.append(f"on-policy λ={train['on_policy_fraction']:g}")
+    if loss_cfg.get("hidden_weight"):
+        parts.append(
+            f"hidden {loss_cfg.get('hidden_loss', 'cosine')} ×{loss_cfg['hidden_weight']:g}"
+        )
+    if train.get("max_steps"):
+        parts.append(f"{train['max_steps']} steps")
+    mode = train.get("teacher_mode", "online")
+    return pair, " · ".join(parts), loss_cfg.get("kd_ratio"), mode
 
 
 # The scored sets' figures, by the suffix their metric name takes.
@@ -270,7 +281,7 @@ def render_markdown(f: Frontier) -> str:
     lines = [
         "# Memory vs quality frontier",
         "",
-        "| run | variant | pair | loss (kd_ratio) | teacher | weight MB | bits/weight | ppl | "
+        "| run | variant | pair | recipe (kd_ratio) | teacher | weight MB | bits/weight | ppl | "
         "KL to teacher | top-1 | decode tok/s | of bound | compiled tok/s | of bound | "
         "fits budget | Pareto (ppl / KL) |",
         "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "

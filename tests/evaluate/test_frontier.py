@@ -209,3 +209,21 @@ def test_report_script_takes_a_metric(tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode == 2 and "teacher_text_kl" in bad.stderr
+
+
+def test_a_points_recipe_names_what_a_method_sweep_varies() -> None:
+    from distill.evaluate.frontier import _training
+
+    config = {
+        "pair": {"name": "p", "student": {"init": "from_teacher", "layers": [0, 1, 2]}},
+        "loss": {"name": "reverse_kl", "kd_ratio": 1.0, "hidden_weight": 0.5},
+        "train": {"on_policy_fraction": 0.5, "max_steps": 38},
+        "data": {"teacher_generated_fraction": 1.0},
+    }
+    pair, recipe, kd_ratio, mode = _training(config)
+    assert pair == "p (3 layers)" and kd_ratio == 1.0 and mode == "online"
+    assert (
+        recipe == "reverse_kl · teacher text 100% · on-policy λ=0.5 · hidden cosine ×0.5 · 38 steps"
+    )
+    plain = _training({"loss": {"name": "forward_kl"}, "train": {"max_steps": 60}})[1]
+    assert plain == "forward_kl · 60 steps"
