@@ -104,17 +104,17 @@ def _quant_notes(
         "flattened in safetensors, and `from_pretrained` rebuilds them."
     )
     checked = [
-        f"`{name}` (KL to the float student {r['parity']['kl_to_float']:.4f}, perplexity "
-        f"x{r['parity']['ppl_ratio_to_float']:.4f})"
+        f"`{name}` ({r['parity'].get('checked_in') or 'reloaded'}: KL to the float student "
+        f"{r['parity']['kl_to_float']:.4f}, perplexity x{r['parity']['ppl_ratio_to_float']:.4f})"
         for name, r in records.items()
         if isinstance(r.get("parity"), dict) and "kl_to_float" in r["parity"]
     ]
     if checked:
+        # Where each was reloaded is the record's own word: torchao folders in a fresh
+        # process with plain transformers, GGUF files in llama.cpp.
         lines.append(
-            "- Every variant was reloaded in a fresh process with plain transformers and "
-            "compared with the model it was written from on held-out blocks: "
-            + ", ".join(checked)
-            + "."
+            "- Every variant was reloaded where it deploys and compared with the model it was "
+            "written from on held-out blocks: " + ", ".join(checked) + "."
         )
     return lines
 
