@@ -170,6 +170,7 @@ def test_an_on_policy_batch_without_a_teacher_divergence_is_refused() -> None:
 
 
 ON_POLICY_RUN = [
+    "loss.kd_ratio=0.5",  # a blend, so the CE part of the off-policy steps shows
     "train.on_policy_fraction=0.5",
     "train.sample_prompt_tokens=4",
     "train.sample_tokens=6",
