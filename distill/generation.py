@@ -24,9 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.config import DataConfig, DistillError
-from distill.run_dir import process_tag
+from distill.run_dir import manifest_differences, write_json_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -322,15 +321,8 @@ def check_generation_manifest(path: Path, expected: GenerationManifest) -> None:
     file = path / MANIFEST
     if not file.exists():
         raise GenerationError(f"{path} holds no {MANIFEST}: it is not a teacher-text cache")
-    found = json.loads(file.read_text())
-    mismatched = [
-        f.name for f in fields(expected) if found.get(f.name) != getattr(expected, f.name)
-    ]
+    mismatched, detail = manifest_differences(file, expected)
     if mismatched:
-        detail = "; ".join(
-            f"{name} is {found.get(name)!r} there, {getattr(expected, name)!r} here"
-            for name in mismatched
-        )
         raise GenerationCacheMismatch(
             f"teacher-text cache {path} was generated for another teacher, prompt set or "
             f"settings ({detail}): leave the folder setting null to get one keyed by this run, "
@@ -346,12 +338,6 @@ def _read_samples(path: Path) -> list[Sample]:
     ]
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{process_tag()}")
-    tmp.write_text(json.dumps(payload) + "\n")
-    os.replace(tmp, path)
-
-
 def teacher_samples(
     teacher: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -364,8 +350,12 @@ def teacher_samples(
     cache_dir: Path,
     folder: str | Path | None = None,
     what: str = "teacher text",
+    teacher_weights: str | None = None,
 ) -> list[Sample]:
     """The teacher's completions of ``prompts``, generated once and cached.
+
+    ``teacher_weights`` is the teacher's :func:`~distill.models.footprint.weights_hash` when
+    the caller already has it (hashing reads every weight: once per run is enough).
 
     The folder is ``folder`` when given, else ``cache_dir/teacher_text/<manifest key>``. A
     folder with a manifest is read when the manifest matches and refused otherwise. Every
@@ -381,7 +371,7 @@ def teacher_samples(
     from distill.models.footprint import weights_hash
 
     manifest = GenerationManifest(
-        teacher_weights=weights_hash(teacher),
+        teacher_weights=teacher_weights or weights_hash(teacher),
         tokenizer=tokenizer_fingerprint(tokenizer),
         prompts=prompts_hash(prompts),
         num_prompts=len(prompts),
@@ -402,14 +392,14 @@ def teacher_samples(
         path,
     )
     path.mkdir(parents=True, exist_ok=True)
-    _write_json(path / MANIFEST, asdict(manifest))
+    write_json_atomic(path / MANIFEST, asdict(manifest))
     completions = _generate_in_parts(
         teacher, prompts, path / "parts", max_new_tokens, temperature, seed, batch_size, what
     )
     samples = [
         Sample(p.kind, p.source, p.tokens, c) for p, c in zip(prompts, completions, strict=True)
     ]
-    _write_json(path / SAMPLES, [asdict(s) for s in samples])
+    write_json_atomic(path / SAMPLES, [asdict(s) for s in samples])
     (path / "COMPLETE").touch()
     for part in sorted((path / "parts").glob("*.json")):
         part.unlink()
@@ -451,7 +441,7 @@ def _generate_in_parts(
                     seed=seed + start // batch_size,
                     batch_size=batch_size,
                 )
-                _write_json(file, [list(c) for c in done])
+                write_json_atomic(file, [list(c) for c in done])
             out.extend(done)
             bar.update(len(done))
     return out

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,20 @@ def process_tag() -> str:
     on two cluster nodes can have the same pid, and would then write one temporary file.
     """
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def manifest_differences(file: Path, expected: Any) -> tuple[list[str], str]:
+    """The fields of the dataclass ``expected`` that the JSON manifest ``file`` records with
+    another value, and one phrase naming each with both values (empty when they agree).
+
+    The one comparison behind every cache that refuses a folder made for another run (the
+    teacher-logit cache, the teacher's text)."""
+    found = json.loads(file.read_text())
+    names = [f.name for f in fields(expected) if found.get(f.name) != getattr(expected, f.name)]
+    detail = "; ".join(
+        f"{name} is {found.get(name)!r} there, {getattr(expected, name)!r} here" for name in names
+    )
+    return names, detail
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

@@ -467,7 +467,7 @@ def _reference(
 
 
 def _teacher_text(
-    inputs: FidelityInputs, cfg: PipelineConfig, teacher: Any, tokenizer: Any
+    inputs: FidelityInputs, cfg: PipelineConfig, teacher: Any, tokenizer: Any, weights: str
 ) -> ScoredSet:
     from distill.generation import teacher_samples
 
@@ -483,6 +483,7 @@ def _teacher_text(
         cache_dir=cache_root(cfg),
         folder=ev.teacher_text_dir,
         what="fidelity: teacher text",
+        teacher_weights=weights,
     )
     tokens, mask = pad_samples(samples)
     chat = sum(s.kind == "chat" for s in samples)
@@ -497,7 +498,7 @@ def _teacher_text(
 
 
 def _generation(
-    inputs: FidelityInputs, cfg: PipelineConfig, teacher: Any, tokenizer: Any
+    inputs: FidelityInputs, cfg: PipelineConfig, teacher: Any, tokenizer: Any, weights: str
 ) -> GenerationSet:
     from distill.generation import teacher_samples
 
@@ -512,6 +513,7 @@ def _generation(
         batch_size=ev.generation_batch_size,
         cache_dir=cache_root(cfg),
         what="fidelity: the teacher's greedy answers",
+        teacher_weights=weights,
     )
     prompts = [p.tokens for p in inputs.generation]
     kind = "chat" if any(p.kind == "chat" for p in inputs.generation) else "continuation"
@@ -547,7 +549,11 @@ def build_fidelity(
     from distill.generation import stop_ids
 
     ev = cfg.eval
-    sets = [_teacher_text(inputs, cfg, teacher, tokenizer)] if inputs.teacher_text else []
+    from distill.models.footprint import weights_hash
+
+    # Both sets' caches are keyed by the teacher's weights: hash them once.
+    weights = weights_hash(teacher) if inputs.teacher_text or inputs.generation else ""
+    sets = [_teacher_text(inputs, cfg, teacher, tokenizer, weights)] if inputs.teacher_text else []
     for corpus, blocks in inputs.extra:
         sets.append(
             ScoredSet(
@@ -561,7 +567,9 @@ def build_fidelity(
     row = {
         s.name: set_fields(_reference(teacher, s, ev.batch_size, f"teacher {s.name}")) for s in sets
     }
-    generation = _generation(inputs, cfg, teacher, tokenizer) if inputs.generation else None
+    generation = (
+        _generation(inputs, cfg, teacher, tokenizer, weights) if inputs.generation else None
+    )
     if generation is not None:
         row[GENERATION] = {
             "teacher_nll": generation.teacher_nll,

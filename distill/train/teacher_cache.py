@@ -31,7 +31,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from torch import Tensor
 from distill.config import DistillError, PipelineConfig, TrainConfig, cache_root
 from distill.data import batch_indices, blocks_hash, tokenizer_fingerprint
 from distill.models.footprint import weights_hash
-from distill.run_dir import process_tag
+from distill.run_dir import manifest_differences, process_tag
 from distill.train.chunked_loss import Head, fused_head
 from distill.train.losses import TopKTeacher
 
@@ -140,15 +140,8 @@ def check_manifest(path: Path, expected: CacheManifest) -> None:
     file = path / MANIFEST
     if not file.exists():
         raise TeacherCacheError(f"{path} holds no {MANIFEST}: it is not a teacher cache")
-    found = json.loads(file.read_text())
-    mismatched = [
-        f.name for f in fields(expected) if found.get(f.name) != getattr(expected, f.name)
-    ]
+    mismatched, detail = manifest_differences(file, expected)
     if mismatched:
-        detail = "; ".join(
-            f"{name} is {found.get(name)!r} there, {getattr(expected, name)!r} here"
-            for name in mismatched
-        )
         raise CacheMismatchError(
             f"teacher cache {path} was built for another run ({detail}): leave "
             "train.teacher_cache_dir null to get a cache keyed by this run, or point it at "
