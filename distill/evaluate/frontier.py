@@ -385,6 +385,7 @@ def plot(f: Frontier, path: Path, memory_budget_bytes: int | None = None) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = [
         ("perplexity", "pareto_ppl", "held-out perplexity"),
@@ -428,11 +429,24 @@ def plot(f: Frontier, path: Path, memory_budget_bytes: int | None = None) -> Non
                 linewidth=1.2,
                 label="Pareto front",
             )
+        for p in front:  # name the runs on the front: the points a reader compares
+            if not p.is_teacher:
+                ax.annotate(
+                    p.run,
+                    (p.weight_bytes / 1e6, metric_value(p, metric)),
+                    xytext=(5, 4),
+                    textcoords="offset points",
+                    fontsize=7,
+                )
         if memory_budget_bytes:
             ax.axvline(
                 memory_budget_bytes / 1e6, color="gray", linestyle="--", label="memory budget"
             )
         ax.set_xscale("log")
+        # Plain numbers (300, 400), not 3 × 10^2, on the log axis.
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
         if metric == "perplexity":
             ax.set_yscale("log")
         ax.set_xlabel("weight bytes as stored (MB, log scale)")
