@@ -7,6 +7,10 @@ STAMP := $(VENV)/.distill-installed
 # The CPU wheel; this machine serves it from local disk. Override for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# llama-cpp-python compiles llama.cpp on a machine's first set-up. Its multimodal library
+# (mtmd) is not used here; leaving it out shortens that build. Set CMAKE_ARGS to build
+# another backend (e.g. -DGGML_CUDA=on).
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: setup run test test-fast lint bench clean
 
