@@ -9,7 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 # llama-cpp-python compiles llama.cpp on a machine's first set-up. Its multimodal library
 # (mtmd) is not used here; leaving it out shortens that build. Set CMAKE_ARGS to build
-# another backend (e.g. -DGGML_CUDA=on).
+# another backend (e.g. -DGGML_CUDA=on). It takes effect only when pip compiles: pip reuses
+# an installed or cached wheel whatever CMAKE_ARGS says, so to rebuild run
+# CMAKE_ARGS=... .venv/bin/pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: setup run test test-fast lint bench clean
