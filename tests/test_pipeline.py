@@ -41,7 +41,7 @@ LIBRARY_NOISE = ("Failed to load", "_C_mxfp8", "_C_cutlass_90a", "register_const
 
 
 # configs/quant/default.yaml: torchao folders, then GGUF files.
-DEFAULT_METHODS = ["int8_weight_only", "int4_weight_only"]
+DEFAULT_METHODS = ["int8_weight_only"]
 DEFAULT_GGUF = ["q8_0", "q4_0"]
 
 

@@ -36,6 +36,7 @@ are written by :mod:`distill.evaluate.report`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -408,6 +409,7 @@ def run(
         tokenizer = run_tokenizer(tokenizer, run_dir)
         inputs = fidelity_inputs(cfg, tokenizer)  # prompts and extra blocks, before any pass
     reference: list[torch.Tensor] = []
+    started = time.perf_counter()
     rows = [evaluate_teacher(teacher, blocks, cfg.eval, reference)]
     fidelity = None
     if inputs is not None:
@@ -415,6 +417,7 @@ def run(
         # Holds the teacher while the generation set is on: it scores every variant's answers.
         fidelity = build_fidelity(inputs, cfg, teacher, tokenizer)
         rows[0]["fidelity"] = fidelity.teacher_row
+    log.info("teacher evaluated in %.0f s", time.perf_counter() - started)
     # The teacher's GGUF is exported while the teacher is loaded, and run after it is freed.
     gguf_rows = any(v.is_gguf for v in saved)
     llama_cpp: dict[str, Any] = {"teacher_gguf": None, "teacher_gguf_error": None}
@@ -425,15 +428,21 @@ def run(
     del teacher  # frees a teacher loaded here; a caller's own reference keeps theirs alive
     records = read_quantize_records(run_dir)
     student_config = _student_config(run_dir) if gguf_rows else None
-    rows += [
-        evaluate_saved(v, blocks, reference, cfg.eval, device, records, student_config, fidelity)
-        for v in saved
-    ]
+    for v in saved:
+        started = time.perf_counter()
+        rows.append(
+            evaluate_saved(
+                v, blocks, reference, cfg.eval, device, records, student_config, fidelity
+            )
+        )
+        log.info("%s evaluated in %.0f s", v.name, time.perf_counter() - started)
     if llama_cpp["teacher_gguf"] is not None:
         path = Path(llama_cpp["teacher_gguf"])
+        started = time.perf_counter()
         rows.append(
             gguf_row(TEACHER_ROW, path, blocks, reference, cfg.eval, teacher_config, fidelity)
         )
+        log.info("%s evaluated in %.0f s", TEACHER_ROW, time.perf_counter() - started)
     del reference
     sets = fidelity.describe() if fidelity is not None else {}
     if fidelity is not None:
