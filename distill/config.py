@@ -416,8 +416,9 @@ class EvalConfig:
     decode_tokens: int = 32
     prefill_tokens: int = 256
     repeats: int = 3
-    # Decode is also timed with this many sequences at once (1 = batch 1 only).
-    decode_batch_size: int = 4
+    # Eager decode is also timed with this many sequences at once (1 = batch 1 only): a
+    # diagnostic of how one pass over the weights serves several sequences, off by default.
+    decode_batch_size: int = 1
     # Memory model: weights + KV cache for this many sequences of this many tokens.
     memory_context_tokens: int = 2048
     memory_batch_size: int = 1
