@@ -52,6 +52,8 @@ class Variant:
     note: str = ""
     # Run under fast_cpu_kernels().
     fast_kernels: bool = False
+    # A GGUF file dequantized to fp32 by transformers: an fp32 model, not how the file deploys.
+    dequantized_gguf: bool = False
 
 
 def _int8_embedding(weight: Any, indices: torch.Tensor) -> torch.Tensor:
@@ -169,7 +171,11 @@ def load_variants(run_dir: Path, methods: list[str], gguf_types: list[str]) -> l
         if v.is_gguf:
             model = AutoModelForCausalLM.from_pretrained(v.path.parent, gguf_file=v.path.name)
             note = "dequantized to fp32 by transformers: speed is fp32's"
-            out.append(Variant(v.name, model.eval(), gguf_tensor_bytes(v.path), note))
+            out.append(
+                Variant(
+                    v.name, model.eval(), gguf_tensor_bytes(v.path), note, dequantized_gguf=True
+                )
+            )
             continue
         model = load_causal_lm(v.path).eval()
         out.append(Variant(v.name, model, weight_bytes(model)))
@@ -293,14 +299,16 @@ def compiled_rates(
     """Each variant's decode compiled (:mod:`distill.evaluate.compiled_decode`), one after another.
 
     Variants run under :func:`fast_cpu_kernels` are left out (their swapped dispatch is an
-    eager-mode device). Not paired like :func:`decode_times`: each compiled model's packed
-    weights are freed before the next compiles, so run this on a quiet machine.
+    eager-mode device), and so are dequantized GGUF files: compiled they are the fp32 student
+    again, and llama.cpp is their runtime (:func:`llama_cpp_rows`). Not paired like
+    :func:`decode_times`: each compiled model's packed weights are freed before the next
+    compiles, so run this on a quiet machine.
     """
     from distill.evaluate.compiled_decode import CompiledDecodeError, measure_compiled_decode
 
     rows = []
     for v in variants:
-        if v.fast_kernels:
+        if v.fast_kernels or v.dequantized_gguf:
             continue
         try:
             with torch.inference_mode():
@@ -346,6 +354,49 @@ def profile_decode(
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def profile_compiled_decode(
+    model: Any, prompt: torch.Tensor, new_tokens: int, top: int = 12
+) -> str:
+    """Where one compiled decode's time goes: the ``top`` kernels by self CPU time.
+
+    Compiled and timed as :func:`distill.evaluate.compiled_decode.measure_compiled_decode`
+    does (same inductor options and attention, guard checks skipped), with inductor's kernel
+    profiling on; only the compiled decode steps are profiled, not the eager prefill.
+    """
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
+
+    from distill.evaluate.compiled_decode import (
+        INDUCTOR_OPTIONS,
+        decode_attention,
+        greedy_static,
+        skip_guard_checks,
+    )
+
+    max_len = prompt.shape[1] + new_tokens
+    options = {**INDUCTOR_OPTIONS, "cpp.enable_kernel_profile": True}
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode(), inductor_config.patch(options), decode_attention(model):
+            compiled = torch.compile(model, fullgraph=True, dynamic=False)
+            cache = StaticCache(config=model.config, max_cache_len=max_len)
+            for _ in range(2):  # compile, then one warm run
+                cache.reset()
+                greedy_static(model, compiled, prompt, new_tokens, cache)
+            cache.reset()
+            prof = profile(activities=[ProfilerActivity.CPU])
+            with skip_guard_checks():  # as the timed runs
+                seconds = greedy_static(
+                    model, compiled, prompt, new_tokens, cache, steps_context=prof
+                )[2]
+    finally:
+        torch._dynamo.reset()
+    steps = new_tokens - 1
+    head = f"{steps} compiled decode steps in {seconds:.3f} s ({seconds / steps * 1e3:.2f} ms/step)"
+    return head + "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
 def prompt_ids(run_dir: Path, prompt_tokens: int) -> torch.Tensor:
@@ -450,7 +501,14 @@ def compiled_deployed_rows(
 def deployed_table(rows: list[DeployedRow], bandwidth: float) -> list[str]:
     """Decode tok/s of every row beside its bandwidth bound and, as the issue's target, the
     ratio to llama.cpp's Q8_0 rate (the speed an int8 deployment is measured against)."""
-    q8 = next((r.tokens_per_s for r in rows if r.name.endswith("gguf-q8_0")), None)
+    q8 = next(
+        (
+            r.tokens_per_s
+            for r in rows
+            if r.name.endswith("gguf-q8_0") and r.runtime.startswith("llama.cpp")
+        ),
+        None,
+    )
     lines = [
         f"{'variant':<28} {'runtime':<17} {'MB read/token':>13} {'decode tok/s':>12} "
         f"{'bound':>7} {'of bound':>8} {'x llama.cpp Q8_0':>16}"

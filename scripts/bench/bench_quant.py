@@ -47,6 +47,11 @@ def main() -> None:
     p.add_argument("--from-teacher", action="store_true", help="cut and quantize the default pair")
     p.add_argument("--profile", default=None, help="variant to profile one decode of")
     p.add_argument(
+        "--profile-compiled",
+        default=None,
+        help="variant to profile one compiled decode of (where its time goes, by kernel)",
+    )
+    p.add_argument(
         "--compiled",
         action="store_true",
         help="also time each variant compiled (torch.compile, ~30-40 s of compiling each)",
@@ -92,6 +97,17 @@ def main() -> None:
             f"{bandwidth / 1e9:.1f} GB/s / bytes read per token):"
         )
         print("\n".join(bench.deployed_table(deployed, bandwidth)))
+    if args.profile_compiled:
+        chosen = [
+            v
+            for v in variants
+            if v.name in (args.profile_compiled, f"student-{args.profile_compiled}")
+            and not (v.fast_kernels or v.dequantized_gguf)
+        ]
+        if not chosen:
+            p.error(f"--profile-compiled {args.profile_compiled}: no such torch variant")
+        print(f"\ntorch.profiler, one compiled decode of {chosen[0].name}:")
+        print(bench.profile_compiled_decode(chosen[0].model, prompt, args.new_tokens))
     if args.profile:
         chosen = [v for v in variants if v.name in (args.profile, f"student-{args.profile}")]
         if not chosen:

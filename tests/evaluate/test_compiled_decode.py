@@ -75,6 +75,26 @@ def test_compiled_logits_that_differ_are_refused(model, monkeypatch) -> None:
         measure_compiled_decode(model, prompt(), new_tokens=3, repeats=1)
 
 
+def test_compiled_decode_runs_its_attention_and_restores_the_models(model, monkeypatch) -> None:
+    seen = []
+
+    def record(m, **kwargs):
+        seen.append(m.config._attn_implementation)
+        return m
+
+    model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(torch, "compile", record)
+    with torch.no_grad():
+        measure_compiled_decode(model, prompt(), new_tokens=3, repeats=1)
+    assert seen == [compiled_decode.DECODE_ATTENTION] and compiled_decode.DECODE_ATTENTION != "sdpa"
+    assert model.config._attn_implementation == "sdpa"
+    # Restored when the check refuses the compiled logits, too.
+    monkeypatch.setattr(torch, "compile", _fake_compile(0.5))
+    with torch.no_grad(), pytest.raises(CompiledDecodeError):
+        measure_compiled_decode(model, prompt(), new_tokens=3, repeats=1)
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_report_fields_carry_rate_ratio_or_error(model, monkeypatch) -> None:
     cfg = EvalConfig(decode_tokens=3, repeats=1, compiled_decode=["student-*"])
     assert compiled_decode_fields("teacher", model, prompt(), cfg) == {}
