@@ -62,6 +62,8 @@ def test_bench_table_and_rates(tmp_path: Path, tokenizer) -> None:
 def test_deployed_table_puts_each_row_against_its_bound_and_q8_0() -> None:
     rows = [
         bench.DeployedRow("student", "torch.compile", 50.0, 4e8),
+        # The same file dequantized and compiled in PyTorch is not the llama.cpp reference.
+        bench.DeployedRow("student-gguf-q8_0", "torch.compile", 25.0, 4e8),
         bench.DeployedRow("student-gguf-q8_0", "llama.cpp 0.3.36", 100.0, 1e8),
         bench.DeployedRow("student-gguf-q4_0", "llama.cpp", None, 6e7, "not installed"),
     ]
@@ -69,6 +71,26 @@ def test_deployed_table_puts_each_row_against_its_bound_and_q8_0() -> None:
     student = lines[1].split()
     # bound 4e10 / 4e8 = 100 tok/s, so 50 tok/s is 50% of it and 0.50x the Q8_0 rate.
     assert student[-3:] == ["100.0", "50%", "0.50"]
-    q8 = lines[2].split()
+    assert lines[2].split()[-1] == "0.25"
+    q8 = lines[3].split()
     assert q8[-3:] == ["400.0", "25%", "1.00"]
-    assert "failed: not installed" in lines[3]
+    assert "failed: not installed" in lines[4]
+
+
+def test_compiled_rates_leave_out_dequantized_gguf_and_fast_kernel_rows(monkeypatch) -> None:
+    from distill.evaluate import compiled_decode
+
+    compiled = []
+
+    def fake_measure(model, prompt, new_tokens, repeats):
+        compiled.append(model)
+        return compiled_decode.CompiledDecode(10.0, 1.0, 0.0)
+
+    monkeypatch.setattr(compiled_decode, "measure_compiled_decode", fake_measure)
+    variants = [
+        bench.Variant("student (fp32)", "fp32", 4),
+        bench.Variant("student-int8_weight_only+fast", "int8", 1, fast_kernels=True),
+        bench.Variant("student-gguf-q8_0", "dequantized", 1, dequantized_gguf=True),
+    ]
+    rows = bench.compiled_rates(variants, torch.zeros(1, 2, dtype=torch.long), 2, 1)
+    assert compiled == ["fp32"] and [r.name for r in rows] == ["student (fp32)"]
