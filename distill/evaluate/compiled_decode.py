@@ -100,7 +100,7 @@ def _cache_keyword(model: Any) -> str:
 
 
 @contextlib.contextmanager
-def decode_attention(model: Any) -> Iterator[None]:
+def _decode_attention(model: Any) -> Iterator[None]:
     """Run ``model`` with :data:`DECODE_ATTENTION` inside, its own attention restored after.
 
     A model without ``set_attn_implementation`` (or already on it) is left as it is."""
@@ -116,7 +116,7 @@ def decode_attention(model: Any) -> Iterator[None]:
         setter(previous)
 
 
-def skip_guard_checks() -> Any:
+def _skip_guard_checks() -> Any:
     """``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` where torch has it (2.7+;
     the project allows 2.6), else a no-op: the timed runs then pay the guard checks."""
     import inspect
@@ -189,9 +189,16 @@ def greedy_static(
 
 
 def measure_compiled_decode(
-    model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, repeats: int
+    model: PreTrainedModel,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    repeats: int,
+    steps_context: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> CompiledDecode:
     """Tokens/s of greedy decode with the model compiled, checked against the eager model.
+
+    ``steps_context`` makes a context entered around each timed run's decode steps (e.g. a
+    profiler, with ``repeats=1``).
 
     Raises:
         CompiledDecodeError: compiling or running the compiled model failed, or its logits
@@ -203,7 +210,7 @@ def measure_compiled_decode(
     if new_tokens < 2:
         raise ValueError(f"new_tokens={new_tokens}: need >= 2 so at least one step is compiled")
     max_len = prompt.shape[1] + new_tokens
-    with torch.no_grad(), decode_attention(model):
+    with torch.no_grad(), _decode_attention(model):
         eager_cache = StaticCache(config=model.config, max_cache_len=max_len)
         tokens, eager_logits, _ = greedy_static(model, model, prompt, new_tokens, eager_cache)
         del eager_cache
@@ -234,10 +241,14 @@ def measure_compiled_decode(
                 # object), so dynamo's guards can only pass again: skipping their evaluation
                 # is what a deployed decode loop does, and it was ~1 ms of an 8 ms int8 step
                 # here (int8 student: 113 -> 123 tok/s, measured twice).
-                with skip_guard_checks():
+                with _skip_guard_checks():
                     for _ in range(repeats):
                         cache.reset()
-                        times.append(greedy_static(model, compiled, prompt, new_tokens, cache)[2])
+                        context = steps_context() if steps_context is not None else None
+                        run = greedy_static(
+                            model, compiled, prompt, new_tokens, cache, steps_context=context
+                        )
+                        times.append(run[2])
         except CompiledDecodeError:
             raise
         except Exception as err:  # inductor/dynamo failures come in many types

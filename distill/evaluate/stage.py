@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -366,6 +367,14 @@ def _llama_cpp_machine(cfg: EvalConfig) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _log_time(name: str) -> Iterator[None]:
+    """Logs how long one row's evaluation took (where the stage's minutes go)."""
+    started = time.perf_counter()
+    yield
+    log.info("%s evaluated in %.0f s", name, time.perf_counter() - started)
+
+
 def run(
     cfg: PipelineConfig,
     run_dir: Path,
@@ -409,15 +418,15 @@ def run(
         tokenizer = run_tokenizer(tokenizer, run_dir)
         inputs = fidelity_inputs(cfg, tokenizer)  # prompts and extra blocks, before any pass
     reference: list[torch.Tensor] = []
-    started = time.perf_counter()
-    rows = [evaluate_teacher(teacher, blocks, cfg.eval, reference)]
     fidelity = None
-    if inputs is not None:
-        assert tokenizer is not None
-        # Holds the teacher while the generation set is on: it scores every variant's answers.
-        fidelity = build_fidelity(inputs, cfg, teacher, tokenizer)
-        rows[0]["fidelity"] = fidelity.teacher_row
-    log.info("teacher evaluated in %.0f s", time.perf_counter() - started)
+    with _log_time("teacher"):
+        rows = [evaluate_teacher(teacher, blocks, cfg.eval, reference)]
+        if inputs is not None:
+            assert tokenizer is not None
+            # Holds the teacher while the generation set is on: it scores every variant's
+            # answers.
+            fidelity = build_fidelity(inputs, cfg, teacher, tokenizer)
+            rows[0]["fidelity"] = fidelity.teacher_row
     # The teacher's GGUF is exported while the teacher is loaded, and run after it is freed.
     gguf_rows = any(v.is_gguf for v in saved)
     llama_cpp: dict[str, Any] = {"teacher_gguf": None, "teacher_gguf_error": None}
@@ -429,20 +438,18 @@ def run(
     records = read_quantize_records(run_dir)
     student_config = _student_config(run_dir) if gguf_rows else None
     for v in saved:
-        started = time.perf_counter()
-        rows.append(
-            evaluate_saved(
-                v, blocks, reference, cfg.eval, device, records, student_config, fidelity
+        with _log_time(v.name):
+            rows.append(
+                evaluate_saved(
+                    v, blocks, reference, cfg.eval, device, records, student_config, fidelity
+                )
             )
-        )
-        log.info("%s evaluated in %.0f s", v.name, time.perf_counter() - started)
     if llama_cpp["teacher_gguf"] is not None:
         path = Path(llama_cpp["teacher_gguf"])
-        started = time.perf_counter()
-        rows.append(
-            gguf_row(TEACHER_ROW, path, blocks, reference, cfg.eval, teacher_config, fidelity)
-        )
-        log.info("%s evaluated in %.0f s", TEACHER_ROW, time.perf_counter() - started)
+        with _log_time(TEACHER_ROW):
+            rows.append(
+                gguf_row(TEACHER_ROW, path, blocks, reference, cfg.eval, teacher_config, fidelity)
+            )
     del reference
     sets = fidelity.describe() if fidelity is not None else {}
     if fidelity is not None:

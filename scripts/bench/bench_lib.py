@@ -361,41 +361,23 @@ def profile_compiled_decode(
 ) -> str:
     """Where one compiled decode's time goes: the ``top`` kernels by self CPU time.
 
-    Compiled and timed as :func:`distill.evaluate.compiled_decode.measure_compiled_decode`
-    does (same inductor options and attention, guard checks skipped), with inductor's kernel
-    profiling on; only the compiled decode steps are profiled, not the eager prefill.
+    One timed run of :func:`distill.evaluate.compiled_decode.measure_compiled_decode` (so
+    compiled, checked and timed as the report's rows are), its decode steps profiled with
+    inductor's kernel profiling on, so each generated kernel shows up under its own name.
     """
     import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity, profile
-    from transformers import StaticCache
 
-    from distill.evaluate.compiled_decode import (
-        INDUCTOR_OPTIONS,
-        decode_attention,
-        greedy_static,
-        skip_guard_checks,
-    )
+    from distill.evaluate.compiled_decode import measure_compiled_decode
 
-    max_len = prompt.shape[1] + new_tokens
-    options = {**INDUCTOR_OPTIONS, "cpp.enable_kernel_profile": True}
-    torch._dynamo.reset()
-    try:
-        with torch.inference_mode(), inductor_config.patch(options), decode_attention(model):
-            compiled = torch.compile(model, fullgraph=True, dynamic=False)
-            cache = StaticCache(config=model.config, max_cache_len=max_len)
-            for _ in range(2):  # compile, then one warm run
-                cache.reset()
-                greedy_static(model, compiled, prompt, new_tokens, cache)
-            cache.reset()
-            prof = profile(activities=[ProfilerActivity.CPU])
-            with skip_guard_checks():  # as the timed runs
-                seconds = greedy_static(
-                    model, compiled, prompt, new_tokens, cache, steps_context=prof
-                )[2]
-    finally:
-        torch._dynamo.reset()
+    prof = profile(activities=[ProfilerActivity.CPU])
+    # measure_compiled_decode's own inductor patch leaves this key as set here.
+    with torch.inference_mode(), inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        rate = measure_compiled_decode(
+            model, prompt, new_tokens, repeats=1, steps_context=lambda: prof
+        ).tokens_per_s
     steps = new_tokens - 1
-    head = f"{steps} compiled decode steps in {seconds:.3f} s ({seconds / steps * 1e3:.2f} ms/step)"
+    head = f"{steps} compiled decode steps at {rate:.1f} tok/s ({1e3 / rate:.2f} ms/step)"
     return head + "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 

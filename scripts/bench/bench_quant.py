@@ -97,27 +97,24 @@ def main() -> None:
             f"{bandwidth / 1e9:.1f} GB/s / bytes read per token):"
         )
         print("\n".join(bench.deployed_table(deployed, bandwidth)))
+
+    def pick(flag: str, name: str, torch_only: bool = False) -> bench.Variant:
+        """The variant a --profile flag names (with or without the student- prefix)."""
+        for v in variants:
+            if v.name in (name, f"student-{name}") and not (
+                torch_only and (v.fast_kernels or v.dequantized_gguf)
+            ):
+                return v
+        p.error(f"{flag} {name}: no such {'torch ' if torch_only else ''}variant")
+
     if args.profile_compiled:
-        chosen = [
-            v
-            for v in variants
-            if v.name in (args.profile_compiled, f"student-{args.profile_compiled}")
-            and not (v.fast_kernels or v.dequantized_gguf)
-        ]
-        if not chosen:
-            p.error(f"--profile-compiled {args.profile_compiled}: no such torch variant")
-        print(f"\ntorch.profiler, one compiled decode of {chosen[0].name}:")
-        print(bench.profile_compiled_decode(chosen[0].model, prompt, args.new_tokens))
+        chosen = pick("--profile-compiled", args.profile_compiled, torch_only=True)
+        print(f"\ntorch.profiler, one compiled decode of {chosen.name}:")
+        print(bench.profile_compiled_decode(chosen.model, prompt, args.new_tokens))
     if args.profile:
-        chosen = [v for v in variants if v.name in (args.profile, f"student-{args.profile}")]
-        if not chosen:
-            p.error(f"--profile {args.profile}: no such variant")
-        print(f"\ntorch.profiler, one decode of {chosen[0].name}:")
-        print(
-            bench.profile_decode(
-                chosen[0].model, prompt, args.new_tokens, fast=chosen[0].fast_kernels
-            )
-        )
+        chosen = pick("--profile", args.profile)
+        print(f"\ntorch.profiler, one decode of {chosen.name}:")
+        print(bench.profile_decode(chosen.model, prompt, args.new_tokens, fast=chosen.fast_kernels))
 
 
 if __name__ == "__main__":
