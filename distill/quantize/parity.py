@@ -155,9 +155,15 @@ for a in manifest["artifacts"]:
         model = load_causal_lm(a["folder"], **kwargs).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(a["folder"], **kwargs).eval()
+    # One block at a time, as the in-memory reference was computed: CPU kernels pick their
+    # path by the number of rows (on AMX Xeons int8 weight-only at 512 rows differed from 256
+    # rows by 0.8 in a logit), so the same shapes are what make the comparison exact.
     with torch.inference_mode():
-        logits = model(input_ids=ids.to(model.device), use_cache=False).logits
-    save_file({"logits": logits.float().cpu().contiguous()}, a["out"])
+        logits = torch.cat([
+            model(input_ids=ids[i : i + 1].to(model.device), use_cache=False).logits.float().cpu()
+            for i in range(ids.shape[0])
+        ])
+    save_file({"logits": logits.contiguous()}, a["out"])
     del model, logits
 used = [k for k in sys.modules if k == "distill" or k.startswith("distill.")]
 assert set(used) <= allowed, f"imported {used}"
@@ -188,6 +194,8 @@ def reload_logits(
 
     if any(a.gguf_file for a in artifacts):
         raise ValueError("GGUF files are checked in llama.cpp (llama_cpp_logits), not reloaded")
+    # Absolute: the child runs with workdir as its cwd, so a relative run_dir would not resolve.
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     blocks = workdir / "blocks.safetensors"
     save_file({"ids": ids.contiguous()}, str(blocks))
@@ -196,7 +204,7 @@ def reload_logits(
         "artifacts": [
             {
                 "name": a.name,
-                "folder": str(a.folder),
+                "folder": str(Path(a.folder).resolve()),
                 "device": a.device,
                 "out": str(workdir / f"{a.name}.safetensors"),
             }

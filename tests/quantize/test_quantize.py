@@ -439,3 +439,21 @@ def test_bf16_compute_dtype_reloads_in_bf16(llama_src: Path, tmp_path: Path) -> 
     float_logits = _logits(AutoModelForCausalLM.from_pretrained(llama_src))
     torch.testing.assert_close(_logits(reloaded).float(), float_logits, atol=0.1, rtol=0)
     assert 0.2 < result["weight_bytes_ratio"] < 0.3
+
+
+def test_fresh_process_reload_takes_relative_paths(
+    llama_q: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_dir=outputs/<run> is relative; the child runs in its work folder, so reload_logits
+    must hand it absolute paths, and it computes block by block, as the in-memory reference."""
+    from distill.models.conv1d import load_causal_lm
+    from distill.quantize.parity import Artifact, reload_logits
+
+    folder, _ = llama_q
+    monkeypatch.chdir(folder.parent)
+    ids = torch.arange(32).reshape(2, 16) * 7 % VOCAB
+    fresh = reload_logits([Artifact("q", Path(folder.name))], ids, Path("parity"))["q"]
+    q = load_causal_lm(folder)
+    with torch.inference_mode():
+        rows = [q(ids[i : i + 1]).logits for i in range(2)]
+    torch.testing.assert_close(fresh["logits"], torch.cat(rows), atol=0, rtol=0)
