@@ -12,7 +12,10 @@ ARGS ?=
 # another backend (e.g. -DGGML_CUDA=on). It takes effect only when pip compiles: pip reuses
 # an installed or cached wheel whatever CMAKE_ARGS says, so to rebuild run
 # CMAKE_ARGS=... .venv/bin/pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# GGML_NATIVE is off with AVX2/FMA/F16C set by hand: a native build on an AMX Xeon (Sapphire
+# Rapids) segfaulted in llama_decode at any batch above 1, on our GGUFs and on upstream ones
+# alike; this portable build ran them at batch 16 and 512 on that host.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: setup run test test-fast lint bench clean
 
