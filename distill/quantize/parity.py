@@ -155,15 +155,16 @@ for a in manifest["artifacts"]:
         model = load_causal_lm(a["folder"], **kwargs).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(a["folder"], **kwargs).eval()
-    # One block at a time, as the in-memory reference was computed: CPU kernels pick their
-    # path by the number of rows (on AMX Xeons int8 weight-only at 512 rows differed from 256
-    # rows by 0.8 in a logit), so the same shapes are what make the comparison exact.
+    # One block at a time, as the in-memory reference was computed (quantize/stage.py's
+    # _logits; this child may not import distill): CPU kernels pick their path by the number
+    # of rows (on AMX Xeons int8 weight-only at 512 rows differed from 256 rows by 0.8 in a
+    # logit), so the same shapes are what make the comparison exact.
     with torch.inference_mode():
         logits = torch.cat([
             model(input_ids=ids[i : i + 1].to(model.device), use_cache=False).logits.float().cpu()
             for i in range(ids.shape[0])
         ])
-    save_file({"logits": logits.contiguous()}, a["out"])
+    save_file({"logits": logits}, a["out"])
     del model, logits
 used = [k for k in sys.modules if k == "distill" or k.startswith("distill.")]
 assert set(used) <= allowed, f"imported {used}"
@@ -204,7 +205,7 @@ def reload_logits(
         "artifacts": [
             {
                 "name": a.name,
-                "folder": str(Path(a.folder).resolve()),
+                "folder": str(a.folder.resolve()),
                 "device": a.device,
                 "out": str(workdir / f"{a.name}.safetensors"),
             }

@@ -7,6 +7,7 @@ user would, and compared with the float model it came from.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -450,9 +451,10 @@ def test_fresh_process_reload_takes_relative_paths(
     from distill.quantize.parity import Artifact, reload_logits
 
     folder, _ = llama_q
-    monkeypatch.chdir(folder.parent)
+    monkeypatch.chdir(tmp_path)  # not the shared fixture's folder: the work folder lands here
     ids = torch.arange(32).reshape(2, 16) * 7 % VOCAB
-    fresh = reload_logits([Artifact("q", Path(folder.name))], ids, Path("parity"))["q"]
+    relative = Path(os.path.relpath(folder, tmp_path))
+    fresh = reload_logits([Artifact("q", relative)], ids, Path("parity"))["q"]
     q = load_causal_lm(folder)
     with torch.inference_mode():
         rows = [q(ids[i : i + 1]).logits for i in range(2)]
