@@ -20,6 +20,8 @@ ARGS ?=
 # The version is pyproject.toml's pin, read from there so the two cannot drift.
 LLAMA_CPP_SPEC := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# cmake builds with one job under the Makefile generator unless told otherwise.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/distill/wheels
 LLAMA_CPP_WHEELS := $(WHEEL_CACHE)/$(shell printf '%s %s' '$(LLAMA_CPP_SPEC)' '$(CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
