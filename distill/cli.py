@@ -137,6 +137,9 @@ def main_guard(
 ) -> None:
     """Run ``stage`` with user errors printed as one line (exit 2), not a traceback."""
     logging.getLogger("distill").setLevel(logging.INFO)
+    # Hydra puts the root logger at INFO, where matplotlib announces the font cache it builds
+    # on a fresh machine ("generated new fontManager"), in the middle of the evaluate stage.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     run_dir: Path | None = None
     try:
         pcfg, run_dir = resolve(cfg)

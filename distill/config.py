@@ -428,7 +428,8 @@ class EvalConfig:
     measure_bandwidth: bool = True
     # Variants (names or fnmatch patterns: "student", "student-*", "*") whose batch-1 decode
     # is also timed compiled (torch.compile, inductor freezing + C++ GEMMs, static cache;
-    # distill/evaluate/compiled_decode.py). 30-40 s of compiling per 14-layer student on 2 cores.
+    # distill/evaluate/compiled_decode.py). 30-40 s of compiling per 14-layer student on 2 cores
+    # (configs/eval/default.yaml compiles the teacher too, for a like-for-like "x teacher").
     compiled_decode: list[str] = field(default_factory=list)
     # GGUF rows are scored and timed in llama.cpp (llama-cpp-python) with this many threads
     # (null: the cores this process may run on, as llama-bench is run).

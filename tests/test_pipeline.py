@@ -156,10 +156,14 @@ def test_pipeline_on_tiny_teacher(
     proc = run_pipeline(
         tiny_overrides(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache")
         + [f"hydra.run.dir={run_dir}"],
+        # An empty matplotlib cache, as on a fresh machine: building its font list must not
+        # be announced in the run's log.
+        env={"MPLCONFIGDIR": str(tmp_path / "matplotlib")},
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not [n for n in LIBRARY_NOISE if n in proc.stderr], proc.stderr[-3000:]
+    assert "fontManager" not in proc.stderr + proc.stdout
     report = check_run_dir(run_dir, DEFAULT_METHODS, parity=False)
     assert "publish folder:" in proc.stdout and "student-int8_weight_only" in proc.stdout
     by_name = {v["name"]: v for v in report["variants"]}

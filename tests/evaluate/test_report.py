@@ -77,3 +77,25 @@ def test_plot_has_two_panels_and_a_legend_entry_per_variant(tmp_path: Path) -> N
     report_files.plot_memory_vs_quality(rep, path)
     image = matplotlib.image.imread(str(path))
     assert image.shape[1] > image.shape[0] * 1.8  # two panels side by side
+
+
+def test_rows_above_the_bandwidth_bound_are_named_with_why() -> None:
+    memory_model = {"batch_size": 1, "context_tokens": 8, "total_bytes": 10}
+    memory_model |= {"budget_bytes": None, "fits_budget": None}
+    rows = [
+        _row(
+            name,
+            decode_tokens_per_s=rate,
+            decode_bound_tokens_per_s=100.0,
+            kv_cache_bytes_per_token=1,
+            memory_model=memory_model,
+        )
+        for name, rate in [("teacher", 50.0), ("student", 114.0)]
+    ]
+    lines = report_files._memory_section({"variants": rows, "machine": {}})
+    (note,) = [ln for ln in lines if "Above 100% of the bound" in ln]
+    assert "student" in note and "teacher" not in note.split(".")[0]
+    assert "114%" in report_files.format_memory_table({"variants": rows})
+    below = [{**r, "decode_tokens_per_s": 50.0} for r in rows]
+    sections = report_files._memory_section({"variants": below, "machine": {}})
+    assert not [ln for ln in sections if "Above 100%" in ln]
