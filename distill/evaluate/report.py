@@ -69,11 +69,16 @@ def teacher_speed(report: dict[str, Any], runtime: str) -> float | None:
     """The teacher's deployed decode rate in ``runtime`` (its llama.cpp F16 row for llama.cpp),
     or None when the teacher was not measured there: a ratio across runtimes would say more
     about the runtimes than about the student."""
+    family = _runtime_family(runtime)
     for v in report["variants"]:
         if v["name"].startswith("teacher"):
             rt, decode, _ = deployed(v)
-            if _runtime_family(rt) == _runtime_family(runtime) and decode:
+            if _runtime_family(rt) == family and decode:
                 return decode
+            # Every torch row is also timed eager (the diagnostics table), so an eager row
+            # still has its like-for-like teacher when the teacher's headline is compiled.
+            if family == "eager" and _runtime_family(rt) == "torch.compile":
+                return v.get("decode_tokens_per_s") or None
     return None
 
 

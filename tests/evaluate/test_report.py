@@ -57,9 +57,12 @@ def test_speed_is_compared_with_the_teacher_in_the_same_runtime() -> None:
     assert student[1] == "torch.compile" and student[6] == "80.0" and student[7] == "2.00×"
     q4 = _line(table, "student-gguf-q4_0")
     assert q4[1].startswith("llama.cpp") and q4[6] == "150.0" and q4[7] == "3.00×"
-    # Eager int4: the teacher was not measured eager-only, so no ratio across runtimes.
+    # Eager int4 against the compiled teacher's own eager timing, not its compiled rate.
     int4 = _line(table, "student-int4_weight_only")
-    assert int4[1] == "eager" and int4[7] == "—"
+    assert int4[1] == "eager" and int4[7] == "0.30×"
+    # A teacher timed only in llama.cpp: an eager row has nothing like-for-like to divide by.
+    gguf_only = {"variants": [v for v in _report()["variants"] if v["name"] != "teacher"]}
+    assert _line(report_files.format_table(gguf_only), "student-int4_weight_only")[7] == "—"
 
 
 def test_a_gguf_row_llama_cpp_could_not_run_says_so() -> None:
