@@ -289,10 +289,9 @@ def test_smoke_on_embedded_default(tmp_path: Path) -> None:
         by_name["student-int8_weight_only"]["weight_bytes"]
         <= 0.3 * by_name["student"]["weight_bytes"]
     )
-    # eval.compiled_decode=[student] by default: compiled, checked against eager, timed.
-    assert by_name["student"]["decode_compiled_error"] is None
-    assert by_name["student"]["decode_compiled_tokens_per_s"] > 0
-    assert by_name["student"]["decode_compiled_max_abs_logit_diff"] < 0.1
+    # experiment=quick compiles nothing (see its comment): the torch rows deploy eager, and
+    # say so.
+    assert "not in eval.compiled_decode" in by_name["student"]["deployed_runtime"]
     # The published folder loads with plain transformers (no distill import) and generates.
     code = (
         "import sys, transformers as t; p=sys.argv[1]; tok=t.AutoTokenizer.from_pretrained(p); "

@@ -57,6 +57,21 @@ def test_compiled_decode_matches_eager_and_times(model) -> None:
     assert result.max_abs_logit_diff <= 1e-3
 
 
+def test_torchao_int8_model_compiles_and_matches_eager() -> None:
+    """The int8 weight-only path the default run compiles (bf16 compute, torchao tensors with
+    inductor freezing), here on a tiny model so the smoke run need not compile it."""
+    from distill.quantize.plan import quantize_model
+
+    int8 = tiny_llama(VOCAB, layers=2).to(torch.bfloat16)
+    plan, _ = quantize_model(int8, "int8_weight_only", include_embeddings=True)
+    assert plan.quantize  # torchao tensors, not a float model under another name
+    assert type(int8.model.layers[0].mlp.up_proj.weight).__module__.startswith("torchao")
+    with torch.inference_mode():
+        # Raises when the compiled logits are off the eager ones by more than bf16's margin.
+        result = measure_compiled_decode(int8, prompt(), new_tokens=4, repeats=1)
+    assert result.tokens_per_s > 0 and result.compile_s > 0
+
+
 def _fake_compile(shift: float):
     def fake(model, **kwargs):
         def step(**inputs):
