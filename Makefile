@@ -3,7 +3,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.distill-installed
 # The CPU wheel; this machine serves it from local disk. Override for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
@@ -23,7 +22,10 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AV
 # cmake builds with one job under the Makefile generator unless told otherwise.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/distill/wheels
-LLAMA_CPP_WHEELS := $(WHEEL_CACHE)/$(shell printf '%s %s' '$(LLAMA_CPP_SPEC)' '$(CMAKE_ARGS)' | sha1sum | cut -c1-12)
+LLAMA_CPP_KEY := $(shell printf '%s %s' '$(LLAMA_CPP_SPEC)' '$(CMAKE_ARGS)' | sha1sum | cut -c1-12)
+LLAMA_CPP_WHEELS := $(WHEEL_CACHE)/$(LLAMA_CPP_KEY)
+# Keyed the same way, so that set-up with other CMAKE_ARGS installs that build into the venv.
+STAMP := $(VENV)/.distill-installed-$(LLAMA_CPP_KEY)
 
 .PHONY: setup run test test-fast lint bench clean
 
