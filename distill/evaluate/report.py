@@ -204,10 +204,15 @@ def format_diagnostics_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _deployed_bound(v: dict[str, Any]) -> float | None:
+    """The bandwidth bound of the runtime a row deploys to (older reports: the eager one)."""
+    return v.get("deployed_bound_tokens_per_s", v.get("decode_bound_tokens_per_s"))
+
+
 def _bound_ratio(v: dict[str, Any]) -> float | None:
     """Deployed batch-1 decode as a fraction of its bandwidth bound (None if either is missing)."""
     _, decode, _ = deployed(v)
-    bound = v.get("deployed_bound_tokens_per_s", v.get("decode_bound_tokens_per_s"))
+    bound = _deployed_bound(v)
     return decode / bound if decode is not None and bound else None
 
 
@@ -228,7 +233,7 @@ def format_memory_table(report: dict[str, Any]) -> str:
         mm = v["memory_model"]
         fits = {None: "-", True: "yes", False: "**no**"}[mm["fits_budget"]]
         runtime, decode, _ = deployed(v)
-        bound = v.get("deployed_bound_tokens_per_s", v.get("decode_bound_tokens_per_s"))
+        bound = _deployed_bound(v)
         read = v.get("deployed_bytes_per_token", v.get("decode_bytes_per_token"))
         ratio = _bound_ratio(v)
         lines.append(
@@ -279,7 +284,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
         f"Decode: {last.get('decode_tokens', 'n/a')} greedy tokens after a "
         f"{last.get('prompt_tokens', 'n/a')}-token prompt, median of the repeats; "
         "× teacher divides by the teacher's rate in the same runtime (its F16 GGUF in "
-        "llama.cpp), and is left empty where the teacher was not measured there.",
+        "llama.cpp; for an eager row its eager rate, in the diagnostics), and is left empty "
+        "where the teacher was not measured there.",
     ]
     described = {}
     for v in variants:  # the short runtime column, spelled out once per runtime
