@@ -1,5 +1,6 @@
 # make run   set up .venv (once) and run the whole pipeline on the embedded default
 # make test  set up .venv (once) and run the test suite, including one real end-to-end smoke run
+# make bench the pipeline with the PyTorch rows' decode compiled (experiment=compiled: minutes more)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -62,6 +63,9 @@ $(STAMP): pyproject.toml Makefile
 
 run: setup
 	$(PY) scripts/pipeline.py $(ARGS)
+
+bench: setup
+	$(PY) scripts/pipeline.py experiment=compiled $(ARGS)
 
 test: setup
 	$(PY) -m pytest -m "not gpu" -q $(ARGS)

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from distill.config import DistillError, PipelineConfig, register_configs, to_pipeline_config
-from distill.evaluate.frontier import FAILED_FILE
+from distill.config import PipelineConfig, register_configs, to_pipeline_config
+from distill.errors import DistillError
+from distill.evaluate import FAILED_FILE
 
 log = logging.getLogger("distill")
 

@@ -1,46 +1,82 @@
-"""Typed configuration schema for every stage of the pipeline.
+"""Typed configuration schema for every stage of the pipeline, and nothing else.
 
 The dataclasses below are registered in Hydra's ConfigStore as ``pipeline_schema``;
 ``configs/pipeline.yaml`` lists it first in its defaults so every YAML value is type-checked
-against them on composition. Range checks that OmegaConf cannot express live in
-``PipelineConfig.__post_init__``: it gathers the problems of every section and raises one
-:class:`ConfigError` naming all of them, so a user fixes a bad command line in one go.
+against them on composition. Range checks that OmegaConf cannot express live in each
+section's ``problems()``; ``PipelineConfig.__post_init__`` gathers the problems of every
+section and raises one :class:`~distill.errors.ConfigError` naming all of them, so a user
+fixes a bad command line in one go. The values enumerated fields accept are listed in
+:mod:`distill.names`.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from distill.errors import ConfigError
+from distill.extra_corpus import ExtraCorpus
+from distill.names import (
+    CALIBRATIONS,
+    COMPUTE_DTYPES,
+    DATA_SOURCES,
+    FIDELITY_SETS,
+    GGUF_TYPES,
+    HIDDEN_LOSSES,
+    LOSSES,
+    MIXED_PRECISION,
+    QUANT_METHODS,
+    SELECT_CHECKPOINT,
+    STUDENT_INITS,
+    TEACHER_MODES,
+    TEACHER_PLACEMENTS,
+)
 
-class DistillError(Exception):
-    """A problem the user can fix (bad input, bad config). Scripts print it as one line."""
+# --------------------------------------------------------------------------------------------
+# The checks every section repeats, each phrased once
+# --------------------------------------------------------------------------------------------
 
 
-class ConfigError(DistillError):
-    """One or more configuration fields are invalid."""
+def _at_least(
+    section: str, obj: Any, names: Sequence[str], minimum: int = 1, fix: str = ""
+) -> list[str]:
+    return [
+        f"{section}.{n}={getattr(obj, n)}: must be >= {minimum}{fix}"
+        for n in names
+        if getattr(obj, n) < minimum
+    ]
 
 
-STUDENT_INITS = ("from_teacher", "from_config", "pretrained")
-DATA_SOURCES = ("pydoc", "text_files", "hf")
-# The values loss.name accepts: the one list of divergence names. distill/train/losses.py
-# implements each (its DIVERGENCES must list exactly these, checked when it is imported);
-# the list lives here so validating a config never imports torch.
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
-# torchao methods (see distill/quantize/torchao.py for what each stores on which device) and the
-# GGUF tensor types the ``gguf`` package quantizes in numpy (no k-quants there).
-QUANT_METHODS = ("bf16", "fp16", "int8_weight_only", "int8_dynamic", "int4_weight_only")
-GGUF_TYPES = ("f16", "q8_0", "q4_1", "q4_0")
-TEACHER_MODES = ("online", "cached")
-HIDDEN_LOSSES = ("cosine", "mse")
-# Fidelity sets eval.fidelity may list (distill/evaluate/fidelity.py); each eval.extra_corpora
-# entry adds an "extra:<name>" set besides them.
-FIDELITY_SETS = ("teacher_text", "generation")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+def _in_unit(section: str, obj: Any, names: Sequence[str]) -> list[str]:
+    """Fields that must lie in [0, 1] (a NaN fails too)."""
+    return [
+        f"{section}.{n}={getattr(obj, n)}: must be in [0, 1]"
+        for n in names
+        if not 0.0 <= getattr(obj, n) <= 1.0
+    ]
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> list[str]:
+    return [] if value in choices else [f"{key}={value!r}: choose one of {', '.join(choices)}"]
+
+
+def _listed(key: str, values: Sequence[str], choices: Sequence[str], what: str) -> list[str]:
+    """A list field: unknown entries, and an entry given twice."""
+    out = []
+    bad = [v for v in values if v not in choices]
+    if bad:
+        out.append(f"{key} has unknown {bad}: choose from {', '.join(choices)}")
+    if len(set(values)) != len(values):
+        out.append(f"{key}={list(values)} lists a {what} twice")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -78,50 +114,50 @@ class StudentConfig:
     trust_remote_code: bool = False
 
     def problems(self) -> list[str]:
-        out = []
-        if self.init not in STUDENT_INITS:
-            out.append(f"pair.student.init={self.init!r}: choose one of {', '.join(STUDENT_INITS)}")
+        out = _choice("pair.student.init", self.init, STUDENT_INITS)
         if self.init == "from_teacher":
-            if self.layers is None and self.num_layers is None:
-                out.append(
-                    "pair.student.init=from_teacher needs pair.student.num_layers or "
-                    "pair.student.layers"
-                )
-            if self.num_layers is not None and self.num_layers < 1:
-                out.append(f"pair.student.num_layers={self.num_layers}: must be >= 1")
-            if self.layers is not None:
-                if len(self.layers) == 0:
-                    out.append("pair.student.layers is empty: list at least one teacher layer")
-                if any(i < 0 for i in self.layers):
-                    out.append(f"pair.student.layers={list(self.layers)}: indices must be >= 0")
-                if len(set(self.layers)) != len(self.layers):
-                    out.append(f"pair.student.layers={list(self.layers)}: indices repeat")
-            if (
-                self.layers is not None
-                and self.num_layers is not None
-                and len(self.layers) != self.num_layers
-            ):
+            out += self._depth_problems()
+        elif self.init in STUDENT_INITS:
+            for key in ("num_layers", "layers"):
+                if getattr(self, key) is not None:
+                    also = (
+                        " and set pair.student.config_overrides.num_hidden_layers instead"
+                        if self.init == "from_config"
+                        else ""
+                    )
+                    out.append(
+                        f"pair.student.{key} applies to pair.student.init=from_teacher only, "
+                        f"not {self.init}: set pair.student.{key}=null{also}"
+                    )
+        if self.init == "pretrained" and not self.name_or_path:
+            out.append("pair.student.init=pretrained needs pair.student.name_or_path")
+        return out
+
+    def _depth_problems(self) -> list[str]:
+        out = []
+        if self.layers is None and self.num_layers is None:
+            out.append(
+                "pair.student.init=from_teacher needs pair.student.num_layers or "
+                "pair.student.layers"
+            )
+        if self.num_layers is not None and self.num_layers < 1:
+            out.append(f"pair.student.num_layers={self.num_layers}: must be >= 1")
+        if self.layers is not None:
+            layers = list(self.layers)
+            if not layers:
+                out.append("pair.student.layers is empty: list at least one teacher layer")
+            if any(i < 0 for i in layers):
+                out.append(f"pair.student.layers={layers}: indices must be >= 0")
+            if len(set(layers)) != len(layers):
+                out.append(f"pair.student.layers={layers}: indices repeat")
+            if self.num_layers is not None and len(layers) != self.num_layers:
                 out.append(
                     f"pair.student.num_layers={self.num_layers} disagrees with "
-                    f"pair.student.layers={list(self.layers)} ({len(self.layers)} layers): "
+                    f"pair.student.layers={layers} ({len(layers)} layers): "
                     "give one of them, e.g. pair.student.num_layers alone on the command line "
                     "(it replaces the pair file's list; layers chosen by greedy search) or "
                     "pair.student.layers=null"
                 )
-        elif self.init in STUDENT_INITS:
-            for key in ("num_layers", "layers"):
-                if getattr(self, key) is not None:
-                    out.append(
-                        f"pair.student.{key} applies to pair.student.init=from_teacher only, "
-                        f"not {self.init}: set pair.student.{key}=null"
-                        + (
-                            " and set pair.student.config_overrides.num_hidden_layers instead"
-                            if self.init == "from_config"
-                            else ""
-                        )
-                    )
-        if self.init == "pretrained" and not self.name_or_path:
-            out.append("pair.student.init=pretrained needs pair.student.name_or_path")
         return out
 
 
@@ -154,7 +190,7 @@ class DataConfig:
     split_seed: int = 0
     max_documents: int | None = None
     # Sequence-level KD: this share of the training blocks is text the teacher writes itself
-    # (distill/generation.py), for prompts drawn from the training documents: chat turns
+    # (distill/teacher_text.py), for prompts drawn from the training documents: chat turns
     # through its chat template (``generated_chat_share`` of them, when it has one) and
     # continuations of ``generated_prompt_tokens``-token windows. 0: the corpus alone; 1: the
     # teacher's text alone (configs/data/teacher_generated.yaml). Generated once per teacher,
@@ -177,28 +213,19 @@ class DataConfig:
                 f"data.teacher_generated_fraction={self.teacher_generated_fraction}: must be "
                 "in [0, 1] (0: corpus only, 1: teacher-generated text only)"
             )
-        for name in (
-            "generated_prompts",
-            "generated_tokens",
-            "generated_prompt_tokens",
-            "generated_batch_size",
-        ):
-            if getattr(self, name) < 1:
-                out.append(f"data.{name}={getattr(self, name)}: must be >= 1")
-        if not 0.0 <= self.generated_chat_share <= 1.0:
-            out.append(f"data.generated_chat_share={self.generated_chat_share}: must be in [0, 1]")
+        counts = ("generated_prompts", "generated_tokens", "generated_prompt_tokens")
+        out += _at_least("data", self, (*counts, "generated_batch_size"))
+        out += _in_unit("data", self, ("generated_chat_share",))
         if self.generated_temperature < 0:
             out.append(
                 f"data.generated_temperature={self.generated_temperature}: must be >= 0 (0: greedy)"
             )
-        if self.source not in DATA_SOURCES:
-            out.append(f"data.source={self.source!r}: choose one of {', '.join(DATA_SOURCES)}")
+        out += _choice("data.source", self.source, DATA_SOURCES)
         if self.source == "text_files" and not self.paths:
             out.append("data=text_files needs data.paths=[file_or_glob,...]")
         if self.source == "hf" and not self.path:
             out.append("data=hf needs data.path (a datasets name or folder)")
-        if self.block_size < 2:
-            out.append(f"data.block_size={self.block_size}: must be >= 2")
+        out += _at_least("data", self, ("block_size",), 2)
         if not 0.0 < self.val_fraction < 1.0:
             out.append(f"data.val_fraction={self.val_fraction}: must be in (0, 1)")
         if self.max_documents is not None and self.max_documents < 2:
@@ -232,26 +259,17 @@ class LossConfig:
     hidden_loss: str = "cosine"
 
     def problems(self) -> list[str]:
-        out = []
-        if self.name not in LOSSES:
-            out.append(f"loss.name={self.name!r}: choose one of {', '.join(LOSSES)}")
-        if not 0.0 <= self.kd_ratio <= 1.0:
-            out.append(f"loss.kd_ratio={self.kd_ratio}: must be in [0, 1]")
+        out = _choice("loss.name", self.name, LOSSES)
+        out += _in_unit("loss", self, ("kd_ratio", "beta"))
         if not self.temperature > 0.0:
             out.append(f"loss.temperature={self.temperature}: must be > 0")
-        if not 0.0 <= self.beta <= 1.0:
-            out.append(f"loss.beta={self.beta}: must be in [0, 1]")
         if not 0.0 <= self.alpha < 1.0:
             out.append(f"loss.alpha={self.alpha}: must be in [0, 1)")
         if self.chunk_size is not None and self.chunk_size < 1:
             out.append(f"loss.chunk_size={self.chunk_size}: must be >= 1 or null")
         if not self.hidden_weight >= 0.0:
             out.append(f"loss.hidden_weight={self.hidden_weight}: must be >= 0")
-        if self.hidden_loss not in HIDDEN_LOSSES:
-            out.append(
-                f"loss.hidden_loss={self.hidden_loss!r}: choose one of {', '.join(HIDDEN_LOSSES)}"
-            )
-        return out
+        return out + _choice("loss.hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
 
 
 @dataclass
@@ -278,12 +296,14 @@ class TrainConfig:
     # null: cache_root/teacher_logits/<key>; or a folder (e.g. built elsewhere) whose
     # manifest must match this run.
     teacher_cache_dir: str | None = None
-    # null: start fresh; "auto": newest complete checkpoint in the run dir (fresh if none);
-    # or the path of one checkpoint folder.
-    resume: str | None = None
+    # "auto": continue from the newest complete checkpoint in the run dir (fresh if none), so
+    # a pipeline killed mid-training resumes on rerun; null: start fresh, ignoring
+    # checkpoints; or the path of one checkpoint folder.
+    resume: str | None = "auto"
     mixed_precision: str = "no"
     # Where the frozen teacher lives under FSDP / DeepSpeed ZeRO-3: a full copy per device
-    # (replicate: fastest when it fits) or sharded like the student (shard).
+    # (replicate: fastest when it fits) or sharded like the student (shard; refused before
+    # any weights load when the launch shards nothing).
     teacher_placement: str = "replicate"
     log_every_n_steps: int = 1
     # last: final/ is the last step. best_quantized: each kept checkpoint is quantized with
@@ -300,57 +320,39 @@ class TrainConfig:
     sample_prompt_tokens: int = 64
 
     def problems(self) -> list[str]:
-        out = []
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_every_n_steps"):
-            value = getattr(self, name)
-            if value < 1:
-                out.append(f"train.{name}={value}: must be >= 1")
-        for name in ("save_every_n_steps", "keep_last_n_checkpoints", "log_every_n_steps"):
-            value = getattr(self, name)
-            if value < 1:
-                out.append(f"train.{name}={value}: must be >= 1")
+        out = _at_least(
+            "train",
+            self,
+            (
+                "max_steps",
+                "batch_size",
+                "grad_accum_steps",
+                "eval_every_n_steps",
+                "save_every_n_steps",
+                "keep_last_n_checkpoints",
+                "log_every_n_steps",
+                "eval_max_blocks",
+                "teacher_top_k",
+                "sample_tokens",
+                "sample_prompt_tokens",
+            ),
+        )
+        out += _at_least("train", self, ("warmup_steps",), 0)
         if not self.lr > 0:
             out.append(f"train.lr={self.lr}: must be > 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            out.append(f"train.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
-        if self.warmup_steps < 0:
-            out.append(f"train.warmup_steps={self.warmup_steps}: must be >= 0")
+        out += _in_unit("train", self, ("min_lr_ratio", "on_policy_fraction"))
         if self.weight_decay < 0:
             out.append(f"train.weight_decay={self.weight_decay}: must be >= 0")
         if not self.max_grad_norm > 0:
             out.append(f"train.max_grad_norm={self.max_grad_norm}: must be > 0")
-        if self.eval_max_blocks < 1:
-            out.append(f"train.eval_max_blocks={self.eval_max_blocks}: must be >= 1")
-        if self.teacher_top_k < 1:
-            out.append(f"train.teacher_top_k={self.teacher_top_k}: must be >= 1")
-        if self.teacher_mode not in TEACHER_MODES:
-            out.append(
-                f"train.teacher_mode={self.teacher_mode!r}: choose one of "
-                f"{', '.join(TEACHER_MODES)}"
-            )
-        if self.select_checkpoint not in ("last", "best_quantized"):
-            out.append(
-                f"train.select_checkpoint={self.select_checkpoint!r}: choose last or best_quantized"
-            )
-        if self.teacher_placement not in ("replicate", "shard"):
-            out.append(
-                f"train.teacher_placement={self.teacher_placement!r}: choose replicate or shard"
-            )
-        if self.mixed_precision not in MIXED_PRECISION:
-            out.append(
-                f"train.mixed_precision={self.mixed_precision!r}: choose one of "
-                f"{', '.join(MIXED_PRECISION)}"
-            )
-        if not 0.0 <= self.on_policy_fraction <= 1.0:
-            out.append(f"train.on_policy_fraction={self.on_policy_fraction}: must be in [0, 1]")
+        out += _choice("train.teacher_mode", self.teacher_mode, TEACHER_MODES)
+        out += _choice("train.select_checkpoint", self.select_checkpoint, SELECT_CHECKPOINT)
+        out += _choice("train.teacher_placement", self.teacher_placement, TEACHER_PLACEMENTS)
+        out += _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         if not self.sample_temperature >= 0.0:
             out.append(
                 f"train.sample_temperature={self.sample_temperature}: must be >= 0 (0: greedy)"
             )
-        for name in ("sample_tokens", "sample_prompt_tokens"):
-            value = getattr(self, name)
-            if value < 1:
-                out.append(f"train.{name}={value}: must be >= 1")
         return out
 
 
@@ -381,25 +383,13 @@ class QuantConfig:
     compute_dtype: str = "bfloat16"
 
     def problems(self) -> list[str]:
-        out = []
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            out.append(f"quant.compute_dtype={self.compute_dtype!r}: choose float32 or bfloat16")
-        bad = [m for m in self.methods if m not in QUANT_METHODS]
-        if bad:
-            out.append(f"quant.methods has unknown {bad}: choose from {', '.join(QUANT_METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            out.append(f"quant.methods={list(self.methods)} lists a method twice")
+        out = _choice("quant.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        out += _listed("quant.methods", self.methods, QUANT_METHODS, "method")
         if self.group_size not in (32, 64, 128, 256):
             out.append(f"quant.group_size={self.group_size}: choose one of 32, 64, 128, 256")
-        bad = [t for t in self.gguf if t not in GGUF_TYPES]
-        if bad:
-            out.append(f"quant.gguf has unknown {bad}: choose from {', '.join(GGUF_TYPES)}")
-        if len(set(self.gguf)) != len(self.gguf):
-            out.append(f"quant.gguf={list(self.gguf)} lists a type twice")
-        if self.calibration not in ("gptq", "none"):
-            out.append(f"quant.calibration={self.calibration!r}: choose gptq or none")
-        if self.calibration_blocks < 1:
-            out.append(f"quant.calibration_blocks={self.calibration_blocks}: must be >= 1")
+        out += _listed("quant.gguf", self.gguf, GGUF_TYPES, "type")
+        out += _choice("quant.calibration", self.calibration, CALIBRATIONS)
+        out += _at_least("quant", self, ("calibration_blocks",))
         if self.embedding_bits not in (4, 8):
             out.append(f"quant.embedding_bits={self.embedding_bits}: choose 4 or 8")
         return out
@@ -428,14 +418,15 @@ class EvalConfig:
     measure_bandwidth: bool = True
     # Variants (names or fnmatch patterns: "student", "student-*", "*") whose batch-1 decode
     # is also timed compiled (torch.compile, inductor freezing + C++ GEMMs, static cache;
-    # distill/evaluate/compiled_decode.py). 30-40 s of compiling per 14-layer student on 2 cores
-    # (configs/eval/default.yaml compiles the teacher too, for a like-for-like "x teacher").
+    # distill/evaluate/compiled_decode.py): their deployed PyTorch speed. Off by default: on
+    # CPU the GGUF rows in llama.cpp are the deployed speed, and compiling costs 30-150 s a
+    # model (configs/experiment/compiled.yaml turns it on; `make bench` runs that).
     compiled_decode: list[str] = field(default_factory=list)
     # GGUF rows are scored and timed in llama.cpp (llama-cpp-python) with this many threads
     # (null: the cores this process may run on, as llama-bench is run).
     llama_cpp_threads: int | None = None
-    # Also export the teacher to a GGUF F16 (cached) and measure it in llama.cpp: the
-    # "teacher-gguf-f16" row, the like-for-like reference of the GGUF rows' speed.
+    # Measure the teacher in llama.cpp too: the quantize stage exports it to GGUF F16 once
+    # (cached), and it is the "teacher-gguf-f16" row, the reference of the GGUF rows' speed.
     teacher_gguf: bool = True
     # Fidelity to the teacher beyond the held-out blocks (distill/evaluate/fidelity.py), each
     # set scored for every variant: "teacher_text" = the teacher's own sampled text after
@@ -475,26 +466,18 @@ class EvalConfig:
             )
         if self.memory_budget_bytes is not None and self.memory_budget_bytes < 1:
             out.append(f"eval.memory_budget_bytes={self.memory_budget_bytes}: must be >= 1 or null")
-        for name in (
-            "batch_size",
-            "prompt_tokens",
-            "decode_tokens",
-            "prefill_tokens",
-            "repeats",
-            "decode_batch_size",
-            "memory_context_tokens",
-            "memory_batch_size",
-        ):
-            value = getattr(self, name)
-            if value < 1:
-                out.append(f"eval.{name}={value}: must be >= 1")
+        sizes = ("batch_size", "prompt_tokens", "decode_tokens", "prefill_tokens", "repeats")
+        out += _at_least(
+            "eval",
+            self,
+            (*sizes, "decode_batch_size", "memory_context_tokens", "memory_batch_size"),
+        )
         if self.compiled_decode and self.decode_tokens < 2:
             out.append(
                 f"eval.decode_tokens={self.decode_tokens}: eval.compiled_decode needs >= 2 "
                 "(the first token comes from the eager prefill)"
             )
-        bad = [p for p in self.compiled_decode if not isinstance(p, str) or not p]
-        if bad:
+        if any(not isinstance(p, str) or not p for p in self.compiled_decode):
             out.append(
                 f"eval.compiled_decode={self.compiled_decode!r}: give variant names or patterns"
             )
@@ -509,18 +492,19 @@ class EvalConfig:
                 f"{', '.join(FIDELITY_SETS)} ([] turns them off; extra corpora come from "
                 "eval.extra_corpora)"
             )
-        for name in (
-            "teacher_text_prompts",
-            "teacher_text_tokens",
-            "generation_prompts",
-            "generation_tokens",
-            "fidelity_prompt_tokens",
-            "generation_batch_size",
-            "extra_corpus_blocks",
-        ):
-            value = getattr(self, name)
-            if value < 1:
-                out.append(f"eval.{name}={value}: must be >= 1 (eval.fidelity=[] turns sets off)")
+        counts = ("teacher_text_prompts", "teacher_text_tokens", "generation_prompts")
+        out += _at_least(
+            "eval",
+            self,
+            (
+                *counts,
+                "generation_tokens",
+                "fidelity_prompt_tokens",
+                "generation_batch_size",
+                "extra_corpus_blocks",
+            ),
+            fix=" (eval.fidelity=[] turns sets off)",
+        )
         if self.teacher_text_temperature < 0:
             out.append(
                 f"eval.teacher_text_temperature={self.teacher_text_temperature}: must be >= 0 "
@@ -539,42 +523,6 @@ class EvalConfig:
                 "files with different names"
             )
         return out
-
-
-@dataclass(frozen=True)
-class ExtraCorpus:
-    """One ``eval.extra_corpora`` entry, parsed: a file/glob or a ``datasets`` name."""
-
-    entry: str
-    name: str
-    # "text_files" or "hf", as data.source names them.
-    source: str
-    path: str
-    config: str | None = None
-    split: str = "test"
-    text_column: str | None = None
-
-    @staticmethod
-    def parse(entry: str) -> ExtraCorpus:
-        """``"notes/*.md"`` or ``"hf:<dataset>[:<config>][@<split>][#<column>]"``.
-
-        Raises:
-            ValueError: an empty entry or dataset name (the message says the syntax).
-        """
-        if not isinstance(entry, str) or not entry.strip():
-            raise ValueError("empty: give a file, a glob or hf:<dataset>[:<config>][@<split>]")
-        if not entry.startswith("hf:"):
-            return ExtraCorpus(entry, Path(entry).name or entry, "text_files", entry)
-        rest, _, column = entry[3:].partition("#")
-        rest, at, split = rest.partition("@")
-        path, colon, config = rest.partition(":")
-        if not path or (colon and not config) or (at and not split):
-            raise ValueError(
-                "write hf:<dataset>[:<config>][@<split>][#<text column>], e.g. "
-                "hf:wikitext:wikitext-2-raw-v1@test"
-            )
-        name = path.rstrip("/").split("/")[-1] + (f":{config}" if config else "")
-        return ExtraCorpus(entry, name, "hf", path, config or None, split or "test", column or None)
 
 
 @dataclass
@@ -597,7 +545,8 @@ class PipelineConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
-    # Converted teachers and tokenized corpora are cached here and shared by runs.
+    # Converted teachers and tokenized corpora are cached here and shared by runs
+    # (DISTILL_CACHE in the environment wins: distill.caches.cache_root).
     cache_dir: str = "~/.cache/distill"
     # Stage scripts (quantize, evaluate, publish) given a previous run dir work on it.
     run_dir: str | None = None
@@ -671,9 +620,7 @@ def to_pipeline_config(cfg: DictConfig) -> PipelineConfig:
     Raises:
         ConfigError: naming every invalid or missing field.
     """
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    hydra_keys = [k for k in missing if k.startswith("hydra")]
-    missing = [k for k in missing if k not in hydra_keys]
+    missing = [k for k in sorted(OmegaConf.missing_keys(cfg)) if not k.startswith("hydra")]
     if missing:
         raise ConfigError(
             "missing required value(s): "
@@ -692,8 +639,3 @@ def to_pipeline_config(cfg: DictConfig) -> PipelineConfig:
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, PipelineConfig)
     return obj
-
-
-def cache_root(cfg: PipelineConfig) -> Path:
-    """The shared cache folder; ``DISTILL_CACHE`` in the environment wins over the config."""
-    return Path(os.environ.get("DISTILL_CACHE", cfg.cache_dir)).expanduser()

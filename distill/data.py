@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from distill.config import DataConfig, DistillError
+from distill.errors import DistillError
 from distill.run_dir import process_tag
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from distill.config import DataConfig, PipelineConfig
 
 
 class DataError(DistillError):
@@ -51,15 +53,39 @@ class PackedSplits:
 
 
 def check_data_inputs(cfg: DataConfig) -> None:
-    """Cheap checks run before any model loads: files exist and are not empty.
+    """Checks run before any model loads: every data file exists, is not empty and reads as
+    what its suffix says (UTF-8 text, JSON or JSONL records, a Parquet file with the text
+    column), so an unreadable file is named in one line before any other work.
 
     Raises:
-        DataError: naming the path and the fix.
+        DataError: naming the path, what is wrong with it and the fix.
     """
-    if cfg.source == "text_files":
-        for path in expand_paths(cfg.paths):
-            if os.path.getsize(path) == 0:
-                raise DataError(f"data file {path} is empty: remove it from data.paths")
+    if cfg.source != "text_files":
+        return
+    for path in expand_paths(cfg.paths):
+        if os.path.getsize(path) == 0:
+            raise DataError(f"data file {path} is empty: remove it from data.paths")
+        suffix = Path(path).suffix.lower()
+        if suffix == ".parquet":
+            _check_parquet(path, cfg.text_column)
+        else:  # text and JSON: reading them whole is what loading does anyway
+            _file_documents(path, cfg.text_column)
+
+
+def _check_parquet(path: str, text_column: str) -> None:
+    """The footer and schema only: a truncated or foreign file fails here, in one line."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception as err:  # ArrowInvalid and friends: the cause, not the trace
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data file {path} is not a readable Parquet file: {first}") from None
+    if text_column not in names:
+        raise DataError(
+            f"data file {path} has no column {text_column!r} (columns: {names}): "
+            "set data.text_column"
+        )
 
 
 def expand_paths(patterns: list[str]) -> list[str]:
@@ -141,7 +167,8 @@ def _record_documents(path: str, builder: str, text_column: str) -> list[Documen
         ]
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    _check_parquet(path, text_column)
+    table = pq.read_table(path, columns=[text_column])
     if text_column not in table.column_names:
         raise DataError(
             f"data file {path} has no column {text_column!r} (columns: {table.column_names}): "
@@ -152,7 +179,10 @@ def _record_documents(path: str, builder: str, text_column: str) -> list[Documen
 
 
 def _read_json_records(path: str) -> list[dict]:
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"data file {path} is not UTF-8 JSON: convert it or remove it") from None
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
@@ -401,3 +431,17 @@ def mix_blocks(corpus: torch.Tensor, generated: torch.Tensor, fraction: float) -
 def _repeat_to(blocks: torch.Tensor, count: int) -> torch.Tensor:
     reps = -(-count // blocks.shape[0])
     return blocks.repeat(reps, 1)[:count]
+
+
+def splits_for(
+    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, splits: PackedSplits | None
+) -> PackedSplits:
+    """The run's packed splits: ``splits`` when the caller already holds them (the pipeline
+    prepares them once for every stage), else :func:`prepare_data` of ``cfg.data`` (cached).
+    Held-out blocks come from ``val``; calibration and search blocks from ``train``, so the
+    blocks that score a variant never shape it."""
+    if splits is not None:
+        return splits
+    from distill.caches import cache_root
+
+    return prepare_data(cfg.data, tokenizer, cache_root(cfg))

@@ -3,9 +3,10 @@
 A problem found after training costs the whole run (e.g. a GPT-2 teacher with the default
 ``quant.gguf``, which only the quantize stage used to reject), so everything that follows
 from the config, the teacher's ``config.json`` and its tokenizer is checked here: paths and
-data files exist, the student's layers exist in the teacher, a pretrained student shares the
-teacher's vocabulary, and every requested output can be written for the student the run will
-train. Each failure names the key to change and how.
+data files exist and can be read, the teacher's and a pretrained student's weight files are
+whole, the student's layers exist in the teacher, a pretrained student shares the teacher's
+vocabulary, and every requested output can be written for the student the run will train.
+Each failure names the file or key to change and how.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ from typing import Any
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from distill.config import PipelineConfig, QuantConfig, cache_root
+from distill.config import PipelineConfig, QuantConfig
 from distill.data import check_data_inputs
-from distill.models.load import check_source, load_teacher_config, preflight_pretrained_student
-from distill.models.student import planned_config
+from distill.models import (
+    Teacher,
+    check_model_files,
+    check_source,
+    planned_config,
+    preflight_pretrained_student,
+)
 
 
 def check_outputs(
@@ -27,18 +33,17 @@ def check_outputs(
 
     GGUF needs a student llama.cpp computes as transformers does (llama with default or
     ``llama3`` RoPE, qwen2 and qwen3 without a sliding window, gpt2 with the tanh GELU) and a
-    byte-level BPE tokenizer (:func:`distill.quantize.gguf.check_exportable`,
-    :func:`~distill.quantize.gguf.tokenizer_metadata`). The torchao methods have no such
-    limit: they quantize every ``nn.Linear`` and ``nn.Embedding`` (GPT-2's ``Conv1D`` is
-    rewritten as ``Linear`` first) and keep any other module in float, reported in
-    ``quantize.json``.
+    byte-level BPE tokenizer (:func:`distill.quantize.check_exportable`,
+    :func:`~distill.quantize.tokenizer_metadata`). The torchao methods have no such limit:
+    they quantize every ``nn.Linear`` and ``nn.Embedding`` (GPT-2's ``Conv1D`` is rewritten as
+    ``Linear`` first) and keep any other module in float, reported in ``quantize.json``.
 
     Raises:
         GGUFExportError: naming ``quant.gguf`` and the fix (``quant.gguf=[]``).
     """
     if not quant.gguf:
         return
-    from distill.quantize.gguf import GGUFExportError, check_exportable, tokenizer_metadata
+    from distill.quantize import GGUFExportError, check_exportable, tokenizer_metadata
 
     try:
         check_exportable(student_config)
@@ -48,16 +53,17 @@ def check_outputs(
         raise GGUFExportError(f"quant.gguf={list(quant.gguf)}: {err}{fix}") from None
 
 
-def preflight(cfg: PipelineConfig) -> None:
+def preflight(cfg: PipelineConfig, teacher: Teacher) -> None:
     """Checks that need no model weights, run before the teacher loads.
 
-    Reads the teacher's config and tokenizer (a GGUF teacher is converted here, once, as
-    loading it would anyway) and the pretrained student's, never their weights.
+    Reads the teacher's config and tokenizer (a GGUF teacher is checked, then converted here,
+    once, as loading it would anyway) and the pretrained student's, never their weights.
 
     Raises:
-        DistillError: a missing path or data file (``ModelError``, ``DataError``), layers the
-            teacher lacks, a vocabulary mismatch, or an output the student cannot be
-            written as (``GGUFExportError``); each names the key and the fix.
+        DistillError: a missing path, or an unreadable weight or data file (``ModelError``,
+            ``DataError``, each naming the file), layers the teacher lacks, a vocabulary
+            mismatch, or an output the student cannot be written as (``GGUFExportError``);
+            each names the key and the fix.
     """
     pair = cfg.pair
     check_source(pair.teacher.name_or_path, "pair.teacher.name_or_path", pair.teacher.gguf_file)
@@ -65,7 +71,10 @@ def preflight(cfg: PipelineConfig) -> None:
         assert pair.student.name_or_path is not None
         check_source(pair.student.name_or_path, "pair.student.name_or_path")
     check_data_inputs(cfg.data)
-    teacher_config, tokenizer = load_teacher_config(pair.teacher, cache_root(cfg))
+    check_model_files(teacher.source, "teacher")
+    tokenizer = teacher.tokenizer
     if pair.student.init == "pretrained":
-        preflight_pretrained_student(pair.student, tokenizer, int(teacher_config.vocab_size))
-    check_outputs(cfg.quant, planned_config(pair.student, teacher_config), tokenizer)
+        assert pair.student.name_or_path is not None
+        check_model_files(pair.student.name_or_path, "student")
+        preflight_pretrained_student(pair.student, tokenizer, int(teacher.config.vocab_size))
+    check_outputs(cfg.quant, planned_config(pair.student, teacher.config), tokenizer)

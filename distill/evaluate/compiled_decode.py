@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -43,10 +44,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distill.evaluate.speed import median_rate
+from distill.config import EvalConfig
+from distill.evaluate.timing import median_rate
+from distill.metrics import model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 # inductor settings for CPU decode: freeze weights as constants (lets the GEMM template
 # pre-pack them) and autotune GEMMs between the C++ template and ATen's kernels. Applied with
@@ -66,10 +71,11 @@ INDUCTOR_OPTIONS: dict[str, Any] = {
 # kernels, while "sdpa" stays one ATen flash-attention call per layer, ~1.5 ms of an 8.6 ms
 # int8 step here (profiled); the int8 student decoded 176-184 tok/s with it against 143.
 DECODE_ATTENTION = "eager"
-METHOD = (
+# What every compiled decode does; the attention and guard steps are added by
+# measure_compiled_decode only where they ran (CompiledDecode.method).
+BASE_METHOD = (
     "torch.compile(fullgraph, static shapes), inductor freezing + max_autotune (CPP,ATEN "
-    f"GEMMs), {DECODE_ATTENTION} attention, transformers StaticCache, eager prefill not "
-    "timed, guard checks skipped in timed runs, greedy"
+    "GEMMs), transformers StaticCache, eager prefill not timed, greedy"
 )
 # Compiled and eager logits on the same tokens must agree to this fraction of the largest
 # |logit|: fp32 GEMMs with another summation order differ by ~1e-5 of it (8.8e-5 absolute
@@ -86,6 +92,8 @@ class CompiledDecode:
     tokens_per_s: float
     compile_s: float
     max_abs_logit_diff: float
+    # How it was measured: BASE_METHOD plus the optional steps that ran.
+    method: str = BASE_METHOD
 
 
 Forward = Callable[..., Any]
@@ -100,31 +108,39 @@ def _cache_keyword(model: Any) -> str:
 
 
 @contextlib.contextmanager
-def _decode_attention(model: Any) -> Iterator[None]:
-    """Run ``model`` with :data:`DECODE_ATTENTION` inside, its own attention restored after.
+def _decode_attention(model: Any) -> Iterator[str]:
+    """Run ``model`` with :data:`DECODE_ATTENTION` inside, its own attention restored after;
+    yields the attention the decode ran with, as the method text states it.
 
     A model without ``set_attn_implementation`` (or already on it) is left as it is."""
     setter = getattr(model, "set_attn_implementation", None)
     previous = getattr(model.config, "_attn_implementation", None)
-    if setter is None or previous in (None, DECODE_ATTENTION):
-        yield
+    if previous == DECODE_ATTENTION:
+        yield f"{DECODE_ATTENTION} attention"
+        return
+    if setter is None or previous is None:
+        yield f"the model's own attention ({previous or 'unknown'})"
         return
     setter(DECODE_ATTENTION)
     try:
-        yield
+        yield f"{DECODE_ATTENTION} attention (switched from {previous} for the decode)"
     finally:
         setter(previous)
 
 
-def _skip_guard_checks() -> Any:
+def _skip_guard_checks() -> tuple[Any, str]:
     """``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` where torch has it (2.7+;
-    the project allows 2.6), else a no-op: the timed runs then pay the guard checks."""
+    the project allows 2.6), else a no-op: the timed runs then pay the guard checks. With
+    the phrase the method text states."""
     import inspect
 
     stance = getattr(torch.compiler, "set_stance", None)
     if stance is None or "skip_guard_eval_unsafe" not in inspect.signature(stance).parameters:
-        return contextlib.nullcontext()
-    return stance("default", skip_guard_eval_unsafe=True)
+        return contextlib.nullcontext(), "dynamo's guard checks run in timed runs"
+    return (
+        stance("default", skip_guard_eval_unsafe=True),
+        "guard checks skipped in timed runs",
+    )
 
 
 def greedy_static(
@@ -210,7 +226,7 @@ def measure_compiled_decode(
     if new_tokens < 2:
         raise ValueError(f"new_tokens={new_tokens}: need >= 2 so at least one step is compiled")
     max_len = prompt.shape[1] + new_tokens
-    with torch.no_grad(), _decode_attention(model):
+    with torch.no_grad(), _decode_attention(model) as attention:
         eager_cache = StaticCache(config=model.config, max_cache_len=max_len)
         tokens, eager_logits, _ = greedy_static(model, model, prompt, new_tokens, eager_cache)
         del eager_cache
@@ -241,7 +257,8 @@ def measure_compiled_decode(
                 # object), so dynamo's guards can only pass again: skipping their evaluation
                 # is what a deployed decode loop does, and it was ~1 ms of an 8 ms int8 step
                 # here (int8 student: 113 -> 123 tok/s, measured twice).
-                with _skip_guard_checks():
+                skip, guards = _skip_guard_checks()
+                with skip:
                     for _ in range(repeats):
                         cache.reset()
                         context = steps_context() if steps_context is not None else None
@@ -257,4 +274,42 @@ def measure_compiled_decode(
             torch._dynamo.reset()
             gc.collect()
     rate = median_rate(prompt.shape[0] * (new_tokens - 1), times)
-    return CompiledDecode(tokens_per_s=rate, compile_s=compile_s, max_abs_logit_diff=diff)
+    method = f"{BASE_METHOD}, {attention}, {guards}"
+    return CompiledDecode(rate, compile_s, diff, method)
+
+
+def compiled_decode_fields(
+    name: str, model: PreTrainedModel, prompt: torch.Tensor, cfg: EvalConfig
+) -> dict[str, Any]:
+    """Batch-1 compiled decode (:func:`measure_compiled_decode`) as report row fields.
+
+    Empty when ``name`` matches no ``eval.compiled_decode`` pattern. A variant that fails
+    to compile, or whose compiled logits differ from its eager ones, gets its error in
+    ``decode_compiled_error`` and no rate: the other variants' figures still stand.
+    """
+    from fnmatch import fnmatchcase
+
+    if not any(fnmatchcase(name, pattern) for pattern in cfg.compiled_decode):
+        return {}
+    fields: dict[str, Any] = {
+        "decode_compiled_method": None,
+        "decode_compiled_tokens_per_s": None,
+        "decode_compiled_compile_s": None,
+        "decode_compiled_max_abs_logit_diff": None,
+        "decode_compiled_error": None,
+    }
+    log.info("%s: compiling for decode (tens of seconds on CPU)", name)
+    try:
+        with torch.inference_mode():
+            result = measure_compiled_decode(
+                model, prompt.to(model_device(model)), cfg.decode_tokens, cfg.repeats
+            )
+    except CompiledDecodeError as err:
+        log.warning("%s: compiled decode not measured: %s", name, err)
+        fields["decode_compiled_error"] = str(err)
+        return fields
+    fields["decode_compiled_method"] = result.method
+    fields["decode_compiled_tokens_per_s"] = result.tokens_per_s
+    fields["decode_compiled_compile_s"] = result.compile_s
+    fields["decode_compiled_max_abs_logit_diff"] = result.max_abs_logit_diff
+    return fields

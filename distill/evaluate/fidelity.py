@@ -7,23 +7,26 @@ stand in for its teacher, so every variant is also scored on (``eval.fidelity``,
 * ``teacher_text``: the teacher's own text, sampled at ``eval.teacher_text_temperature`` after
   ``eval.teacher_text_prompts`` prompts drawn from the *validation* documents (half of them
   chat turns through the tokenizer's chat template, when it has one), generated once and
-  cached with a manifest (:func:`distill.generation.teacher_samples`). Only the completion
-  tokens are scored (prompt and padding masked): perplexity, KL(teacher || variant), top-1
-  agreement, as :mod:`distill.evaluate.metrics` defines them. Never trained on.
+  cached (:func:`distill.teacher_text.teacher_samples`). Only the completion tokens are
+  scored (prompt and padding masked): perplexity, KL(teacher || variant), top-1 agreement, as
+  :mod:`distill.metrics` defines them. Never trained on.
 * ``extra:<name>``: the first ``eval.extra_corpus_blocks`` blocks of ``data.block_size``
-  tokens of each extra corpus, scored like the held-out blocks.
+  tokens of each extra corpus (:mod:`distill.evaluate.extra_corpora`), scored like the
+  held-out blocks.
 * ``generation``: each variant answers ``eval.generation_prompts`` held-out prompts greedily
   (chat turns when there is a chat template, continuations otherwise), and the teacher scores
   the answer tokens given the prompt: ``teacher_nll`` is its mean per-token NLL (how likely
   the teacher finds what the variant writes), ``teacher_nll_ratio`` that over the teacher's
-  NLL of its own greedy answers (1 for the teacher; cached like the teacher text).
+  NLL of its own greedy answers (1 for the teacher). The teacher's answers and its NLL of
+  them are computed once and cached together.
 
 The teacher's log-probabilities on the scored sets are computed once, during the build, and
 kept on the CPU in fp32 at the scored positions only (``positions * vocab * 4`` bytes: 32
 completions of 96 tokens over SmolLM2's 49,152 tokens are 0.6 GB; each extra corpus of 16
 blocks of 256 tokens 0.8 GB). The teacher itself is kept loaded while the ``generation`` set
-is on, to score every variant's answers. GGUF rows get the same sets through llama.cpp: its
-logits for the scored sets, its own greedy decoding for the answers.
+is on, to score every variant's answers. GGUF rows get the same sets through llama.cpp
+(:meth:`Fidelity.score_gguf`): its logits for the scored sets, its own greedy decoding for
+the answers, in the file opened once for the row.
 """
 
 from __future__ import annotations
@@ -31,49 +34,31 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from distill.config import (
-    DataConfig,
-    DistillError,
-    EvalConfig,
-    ExtraCorpus,
-    PipelineConfig,
-    cache_root,
-)
-from distill.evaluate.metrics import (
-    ScoreSums,
-    batches_of,
-    quality_fields,
-    score_blocks,
-    score_positions,
-    target_mask,
-)
+from distill.config import PipelineConfig
+from distill.evaluate.answers import answers_nll, pad_samples, repeated_ngram_share
+from distill.evaluate.extra_corpora import extra_blocks
+from distill.extra_corpus import ExtraCorpus
+from distill.metrics import ScoreSums, batches_of, quality_fields, score_blocks, score_positions
+from distill.metrics import target_mask as scored_mask
+from distill.prompts import GENERATION_SEED, TEACHER_TEXT_SEED, Prompt, make_prompts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from distill.generation import Prompt, Sample
+    from distill.models import LlamaRuntime, Teacher
 
 log = logging.getLogger(__name__)
 
 TEACHER_TEXT = "teacher_text"
 GENERATION = "generation"
 EXTRA = "extra:"
-# Prompt seeds: fixed offsets from data.split_seed, so the evaluation's prompts are drawn in
-# their own order, never the one a training prompt set uses (and from validation documents).
-TEACHER_TEXT_SEED_OFFSET = 1_000_003
-GENERATION_SEED_OFFSET = 2_000_003
 # A chat teacher's teacher text: half continuations, half answers through its chat template.
 TEACHER_TEXT_CHAT_SHARE = 0.5
-
-
-class FidelityError(DistillError):
-    """A fidelity set cannot be built from what the config names."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +73,7 @@ class ScoredSet:
     ``tokens`` ``(N, T)`` are packed blocks (``mask`` None) or prompts with what was written
     after them, right-padded, ``mask`` ``(N, T)`` marking the completion tokens scored.
     ``reference`` is the teacher's fp32 log-probs per batch of ``batch_size`` rows, on the
-    CPU, as :func:`distill.evaluate.metrics.score_blocks` takes them.
+    CPU, as :func:`distill.metrics.score_blocks` takes them.
     """
 
     name: str
@@ -120,22 +105,6 @@ class FidelityInputs:
     extra: list[tuple[ExtraCorpus, torch.Tensor]]
 
 
-def pad_samples(samples: Sequence[Sample], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt + completion of each sample as right-padded rows ``(N, T)`` and the mask ``(N,
-    T)`` of the completion tokens: what :func:`score_blocks` scores with ``mask``.
-
-    Right padding sits after every scored position, so causal attention never sees it.
-    """
-    width = max(len(s.prompt) + len(s.completion) for s in samples)
-    tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for r, s in enumerate(samples):
-        row = list(s.prompt) + list(s.completion)
-        tokens[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[r, len(s.prompt) : len(row)] = 1
-    return tokens, mask
-
-
 def val_documents(cfg: PipelineConfig) -> list[Any]:
     """The held-out documents of ``cfg.data`` (never trained on): the prompts' source."""
     from distill.data import load_documents, split_documents
@@ -144,73 +113,16 @@ def val_documents(cfg: PipelineConfig) -> list[Any]:
     return split_documents(docs, cfg.data.val_fraction, cfg.data.split_seed)[1]
 
 
-def check_extra_corpora(ev: EvalConfig) -> None:
-    """Cheap check before any model loads: every file entry of ``eval.extra_corpora`` names
-    at least one file (``datasets`` names are only resolved when read).
-
-    Raises:
-        FidelityError: naming the entry that matches no file.
-    """
-    from distill.data import DataError, expand_paths
-
-    for corpus in map(ExtraCorpus.parse, ev.extra_corpora):
-        if corpus.source == "text_files":
-            try:
-                expand_paths([corpus.path])
-            except DataError:
-                raise FidelityError(
-                    f"eval.extra_corpora entry {corpus.entry!r} matches no file: check the path "
-                    "or glob (or write hf:<dataset> for a datasets name)"
-                ) from None
-
-
-def extra_blocks(
-    corpus: ExtraCorpus, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase
-) -> torch.Tensor:
-    """The first ``eval.extra_corpus_blocks`` blocks ``(n, data.block_size)`` of ``corpus``,
-    read by the corpus loaders of :mod:`distill.data`.
-
-    Raises:
-        FidelityError: naming the entry, when it cannot be read or fills no block.
-    """
-    from distill.data import DataError, load_documents, pack_documents
-
-    column = corpus.text_column or cfg.data.text_column
-    if corpus.source == "hf":
-        data = DataConfig(
-            source="hf",
-            path=corpus.path,
-            name=corpus.config,
-            split=corpus.split,
-            text_column=column,
-        )
-    else:
-        data = DataConfig(source="text_files", paths=[corpus.path], text_column=column)
-    try:
-        docs = load_documents(data)
-    except DataError as err:
-        raise FidelityError(f"eval.extra_corpora entry {corpus.entry!r}: {err}") from None
-    blocks = pack_documents(docs, tokenizer, cfg.data.block_size)[: cfg.eval.extra_corpus_blocks]
-    if blocks.shape[0] == 0:
-        raise FidelityError(
-            f"eval.extra_corpora entry {corpus.entry!r} holds fewer tokens than one block of "
-            f"data.block_size={cfg.data.block_size}: add text or drop the entry"
-        )
-    return blocks
-
-
 def fidelity_inputs(
     cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase
 ) -> FidelityInputs | None:
-    """The prompts (from the validation documents) and extra corpora the config asks for, or
-    None when every fidelity set is off.
+    """The prompts (from the *validation* documents) and extra corpora the config asks for,
+    or None when every fidelity set is off.
 
     Raises:
         FidelityError: an extra corpus is missing or too short.
         DataError: the corpus cannot be read (as the data stage would say).
     """
-    from distill.generation import make_prompts
-
     ev = cfg.eval
     wanted = set(ev.fidelity)
     extra = [(c, extra_blocks(c, cfg, tokenizer)) for c in map(ExtraCorpus.parse, ev.extra_corpora)]
@@ -219,26 +131,23 @@ def fidelity_inputs(
     docs = val_documents(cfg) if wanted else []
 
     def prompts(n: int, chat_share: float, offset: int) -> list[Prompt]:
-        seed = cfg.data.split_seed + offset
         return make_prompts(
             docs,
             tokenizer,
             n,
             chat_share=chat_share,
             prompt_tokens=ev.fidelity_prompt_tokens,
-            seed=seed,
+            seed=cfg.data.split_seed + offset,
         )
 
     return FidelityInputs(
         teacher_text=(
-            prompts(ev.teacher_text_prompts, TEACHER_TEXT_CHAT_SHARE, TEACHER_TEXT_SEED_OFFSET)
+            prompts(ev.teacher_text_prompts, TEACHER_TEXT_CHAT_SHARE, TEACHER_TEXT_SEED)
             if TEACHER_TEXT in wanted
             else []
         ),
         generation=(
-            prompts(ev.generation_prompts, 1.0, GENERATION_SEED_OFFSET)
-            if GENERATION in wanted
-            else []
+            prompts(ev.generation_prompts, 1.0, GENERATION_SEED) if GENERATION in wanted else []
         ),
         extra=extra,
     )
@@ -261,24 +170,22 @@ def _rows(scored: ScoredSet, batch_size: int) -> Iterator[tuple[list[int], torch
                 keep = torch.ones(batch.shape[1] - 1, dtype=torch.bool)
                 yield batch[r].tolist(), keep, ref[r, :-1]
             continue
-        keeps = target_mask(masks[i])
+        keeps = scored_mask(masks[i])
         for r, part in enumerate(ref.split(keeps.sum(1).tolist())):
             last = int(keeps[r].nonzero().max()) + 2  # the last target, included
             yield batch[r, :last].tolist(), keeps[r, : last - 1], part
 
 
-def score_set_gguf(path: Path, scored: ScoredSet, batch_size: int, threads: int) -> ScoreSums:
+def score_set_gguf(runtime: LlamaRuntime, scored: ScoredSet, batch_size: int) -> ScoreSums:
     """:class:`ScoredSet` quality of a GGUF file from llama.cpp's logits, positions masked as
-    the torch rows' are (:func:`distill.evaluate.metrics.score_positions`).
+    the torch rows' are (:func:`distill.metrics.score_positions`).
 
     Raises:
-        LlamaCppError: llama.cpp cannot load or run the file.
+        LlamaCppError: llama.cpp cannot run the file.
     """
-    from distill.models.llama_cpp import iter_gguf_logits
-
     rows = list(_rows(scored, batch_size))
     vocab = rows[0][2].shape[-1]
-    logits = iter_gguf_logits(path, [r[0] for r in rows], threads, vocab_size=vocab)
+    logits = runtime.iter_logits([r[0] for r in rows], vocab)
     total = ScoreSums()
     for (tokens, keep, ref), row_logits in zip(rows, logits, strict=True):
         log_probs = F.log_softmax(row_logits[:-1], dim=-1)[keep]
@@ -287,43 +194,16 @@ def score_set_gguf(path: Path, scored: ScoredSet, batch_size: int, threads: int)
     return total
 
 
-def generation_samples(
-    prompts: Sequence[tuple[int, ...]], answers: Sequence[tuple[int, ...]]
-) -> list[Sample]:
-    from distill.generation import Sample
-
-    return [Sample("answer", "", p, a) for p, a in zip(prompts, answers, strict=True)]
-
-
-def answers_nll(
-    teacher: PreTrainedModel,
-    prompts: Sequence[tuple[int, ...]],
-    answers: Sequence[tuple[int, ...]],
-    batch_size: int,
-) -> tuple[float, int]:
-    """The teacher's mean per-token NLL (nats) of ``answers`` given their ``prompts``, and
-    the answer tokens scored: the CE of :func:`score_blocks` with the prompts masked."""
-    tokens, mask = pad_samples(generation_samples(prompts, answers))
-    sums = score_blocks(teacher, tokens, batch_size, None, mask=mask)
-    return sums.mean_ce, sums.num_tokens
-
-
-def repeated_ngram_share(answers: Sequence[Sequence[int]], n: int = 4) -> float:
-    """The share of the answers' token ``n``-grams that already occurred earlier in the same
-    answer: 0 for text that never repeats itself, near 1 for a loop.
-
-    Why it sits beside the teacher's NLL: once a loop starts, every further copy of it is easy
-    to predict, so a model that loops gets a flattering NLL; this figure shows the loop.
-    """
-    seen_total = repeated = 0
-    for answer in answers:
-        seen: set[tuple[int, ...]] = set()
-        for i in range(len(answer) - n + 1):
-            gram = tuple(answer[i : i + n])
-            repeated += gram in seen
-            seen.add(gram)
-            seen_total += 1
-    return repeated / seen_total if seen_total else float("nan")
+def longest_row(fidelity: Fidelity | None) -> int:
+    """Tokens of the longest sequence a variant runs on these sets (the context a GGUF file
+    is opened with): a scored row, or a prompt and its longest answer."""
+    if fidelity is None:
+        return 0
+    lengths = [s.tokens.shape[1] for s in fidelity.sets]
+    if fidelity.generation is not None:
+        gen = fidelity.generation
+        lengths += [max(len(p) for p in gen.prompts) + gen.max_new_tokens]
+    return max(lengths, default=0)
 
 
 def set_fields(sums: ScoreSums) -> dict[str, Any]:
@@ -359,7 +239,7 @@ class Fidelity:
 
     def score_model(self, name: str, model: PreTrainedModel) -> dict[str, Any]:
         """A torch variant's ``fidelity`` dict: every set, keyed by set name."""
-        from distill.generation import generate
+        from distill.sampling import generate
 
         out = {
             s.name: set_fields(
@@ -380,25 +260,19 @@ class Fidelity:
             out[GENERATION] = self._generation_fields(answers)
         return out
 
-    def score_gguf(self, name: str, path: Path, threads: int) -> dict[str, Any]:
+    def score_gguf(self, name: str, runtime: LlamaRuntime) -> dict[str, Any]:
         """A GGUF file's ``fidelity`` dict, scored and answered in llama.cpp.
 
         Raises:
-            LlamaCppError: llama.cpp cannot load or run the file.
+            LlamaCppError: llama.cpp cannot run the file.
         """
-        from distill.models.llama_cpp import gguf_generate
-
-        out = {
-            s.name: set_fields(score_set_gguf(path, s, self.batch_size, threads)) for s in self.sets
-        }
+        out = {s.name: set_fields(score_set_gguf(runtime, s, self.batch_size)) for s in self.sets}
         if self.generation is not None:
             vocab = self.teacher.get_output_embeddings().weight.shape[0]
-            answers = gguf_generate(
-                path,
+            answers = runtime.generate(
                 self.generation.prompts,
                 self.generation.max_new_tokens,
                 self.stop,
-                threads,
                 vocab_size=vocab,
                 desc=f"answers {name}",
             )
@@ -422,7 +296,7 @@ class Fidelity:
         """``report.json``'s ``fidelity`` section: what each set is, by set name."""
         out: dict[str, Any] = {}
         for s in self.sets:
-            scored = int(target_mask(s.mask).sum()) if s.mask is not None else None
+            scored = int(scored_mask(s.mask).sum()) if s.mask is not None else None
             out[s.name] = {
                 "description": s.description,
                 "rows": int(s.tokens.shape[0]),
@@ -466,25 +340,26 @@ def _reference(
         )
 
 
-def _teacher_text(
-    inputs: FidelityInputs, cfg: PipelineConfig, teacher: Any, tokenizer: Any, weights: str
-) -> ScoredSet:
-    from distill.generation import teacher_samples
+def _teacher_text(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher) -> ScoredSet:
+    from distill.caches import cache_root
+    from distill.data import tokenizer_fingerprint
+    from distill.teacher_text import teacher_samples
 
     ev = cfg.eval
     samples = teacher_samples(
-        teacher,
-        tokenizer,
+        teacher.model,
+        tokenizer_fingerprint(teacher.tokenizer),
         inputs.teacher_text,
+        teacher_weights=teacher.weights_key,
         max_new_tokens=ev.teacher_text_tokens,
         temperature=ev.teacher_text_temperature,
         seed=cfg.data.split_seed,
         batch_size=ev.generation_batch_size,
         cache_dir=cache_root(cfg),
         folder=ev.teacher_text_dir,
+        fix="eval.teacher_text_dir",
         what="fidelity: teacher text",
-        teacher_weights=weights,
-    )
+    ).samples
     tokens, mask = pad_samples(samples)
     chat = sum(s.kind == "chat" for s in samples)
     return ScoredSet(
@@ -497,29 +372,36 @@ def _teacher_text(
     )
 
 
-def _generation(
-    inputs: FidelityInputs, cfg: PipelineConfig, teacher: Any, tokenizer: Any, weights: str
-) -> GenerationSet:
-    from distill.generation import teacher_samples
+def _generation(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher) -> GenerationSet:
+    from distill.caches import cache_root
+    from distill.data import tokenizer_fingerprint
+    from distill.teacher_text import teacher_samples
 
     ev = cfg.eval
     own = teacher_samples(
-        teacher,
-        tokenizer,
+        teacher.model,
+        tokenizer_fingerprint(teacher.tokenizer),
         inputs.generation,
+        teacher_weights=teacher.weights_key,
         max_new_tokens=ev.generation_tokens,
         temperature=0.0,
         seed=0,
         batch_size=ev.generation_batch_size,
         cache_dir=cache_root(cfg),
         what="fidelity: the teacher's greedy answers",
-        teacher_weights=weights,
     )
     prompts = [p.tokens for p in inputs.generation]
+    answers = [s.completion for s in own.samples]
+
+    def score_own() -> dict[str, Any]:
+        nll, count = answers_nll(teacher.model, prompts, answers, ev.generation_batch_size)
+        return {"nll": nll, "tokens": count, "repeats": repeated_ngram_share(answers)}
+
+    # The teacher's NLL of its own answers depends only on what the cache already holds:
+    # scored once, kept beside the answers (named by the batch size it was scored in).
+    own_figures = own.figures(f"teacher-nll-batch{ev.generation_batch_size}", score_own)
+    nll = own_figures["nll"]
     kind = "chat" if any(p.kind == "chat" for p in inputs.generation) else "continuation"
-    nll, count = answers_nll(
-        teacher, prompts, [s.completion for s in own], ev.generation_batch_size
-    )
     return GenerationSet(
         prompts,
         ev.generation_tokens,
@@ -529,31 +411,23 @@ def _generation(
         "the share of an answer's 4-grams it already wrote (a loop is easy to predict, so "
         "it flatters the NLL)",
         teacher_nll=nll,
-        teacher_answer_tokens=count,
-        teacher_repeats=repeated_ngram_share([s.completion for s in own]),
+        teacher_answer_tokens=int(own_figures["tokens"]),
+        teacher_repeats=own_figures["repeats"],
     )
 
 
-def build_fidelity(
-    inputs: FidelityInputs,
-    cfg: PipelineConfig,
-    teacher: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-) -> Fidelity:
+def build_fidelity(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher) -> Fidelity:
     """Generate (or read from the cache) the teacher's text and answers, keep the teacher's
     reference log-probs of every scored set, and fill in the teacher's own row.
 
     Raises:
-        GenerationCacheMismatch: ``eval.teacher_text_dir`` holds another teacher's text.
+        CacheMismatchError: ``eval.teacher_text_dir`` holds another teacher's text.
     """
-    from distill.generation import stop_ids
+    from distill.sampling import stop_ids
 
     ev = cfg.eval
-    from distill.models.footprint import weights_hash
-
-    # Both sets' caches are keyed by the teacher's weights: hash them once.
-    weights = weights_hash(teacher) if inputs.teacher_text or inputs.generation else ""
-    sets = [_teacher_text(inputs, cfg, teacher, tokenizer, weights)] if inputs.teacher_text else []
+    model = teacher.model
+    sets = [_teacher_text(inputs, cfg, teacher)] if inputs.teacher_text else []
     for corpus, blocks in inputs.extra:
         sets.append(
             ScoredSet(
@@ -565,11 +439,9 @@ def build_fidelity(
             )
         )
     row = {
-        s.name: set_fields(_reference(teacher, s, ev.batch_size, f"teacher {s.name}")) for s in sets
+        s.name: set_fields(_reference(model, s, ev.batch_size, f"teacher {s.name}")) for s in sets
     }
-    generation = (
-        _generation(inputs, cfg, teacher, tokenizer, weights) if inputs.generation else None
-    )
+    generation = _generation(inputs, cfg, teacher) if inputs.generation else None
     if generation is not None:
         row[GENERATION] = {
             "teacher_nll": generation.teacher_nll,
@@ -582,8 +454,8 @@ def build_fidelity(
         sets=sets,
         generation=generation,
         # Kept only to score answers: a run without the generation set frees it as before.
-        teacher=teacher if generation is not None else None,
-        stop=stop_ids(teacher),
+        teacher=model if generation is not None else None,
+        stop=stop_ids(model),
         batch_size=ev.batch_size,
         generation_batch_size=ev.generation_batch_size,
         teacher_row=row,

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.config import DistillError
+from distill.errors import DistillError
+from distill.evaluate.figures import deployed, pareto_front
 from distill.run_dir import REPORT_JSON, RunDir
 
 FAILED_FILE = "FAILED"
@@ -44,6 +45,8 @@ class Point:
     perplexity: float
     kl_to_teacher: float | None
     top1_agreement: float | None
+    # Batch-1 decode where the variant deploys (llama.cpp for GGUF rows, torch.compile for a
+    # compiled torch row), None where that was not measured (eager timings are not used).
     decode_tokens_per_s: float | None
     bits_per_weight: float | None
     is_teacher: bool
@@ -187,8 +190,8 @@ def load_points(
             pair, loss, kd_ratio, mode = _training(config)
             teacher_id = json.dumps(config.get("pair", {}).get("teacher", {}), sort_keys=True)
             for v in report["variants"]:
-                if v["name"] == "student_init":
-                    continue
+                if v["name"] == "student_init" or v.get("weight_bytes") is None:
+                    continue  # not deployable, or a file nothing could be read from
                 is_teacher = v["name"] == "teacher"
                 if is_teacher:
                     if teacher_id in teachers_seen:
@@ -206,12 +209,14 @@ def load_points(
                         perplexity=float(v["perplexity"]),
                         kl_to_teacher=v.get("kl_to_teacher"),
                         top1_agreement=v.get("top1_agreement"),
-                        decode_tokens_per_s=v.get("decode_tokens_per_s"),
+                        decode_tokens_per_s=deployed(v)[1],
                         bits_per_weight=v.get("bits_per_weight"),
                         is_teacher=is_teacher,
                         memory_total_bytes=(v.get("memory_model") or {}).get("total_bytes"),
                         fits_budget=(v.get("memory_model") or {}).get("fits_budget"),
-                        decode_bound_ratio=v.get("decode_bound_ratio"),
+                        decode_bound_ratio=v.get(
+                            "deployed_decode_bound_ratio", v.get("decode_bound_ratio")
+                        ),
                         decode_compiled_tokens_per_s=v.get("decode_compiled_tokens_per_s"),
                         decode_compiled_bound_ratio=v.get("decode_compiled_bound_ratio"),
                         fidelity=fidelity_metrics(v.get("fidelity") or {}),
@@ -226,24 +231,6 @@ def load_points(
         )
     mark_pareto(points, metric)
     return Frontier(points=points, failed=failed, metric=metric)
-
-
-def pareto_front(costs: list[tuple[float, float]]) -> list[bool]:
-    """Whether each (size, loss) pair is undominated; both are minimised. NaN never wins."""
-    flags = []
-    for i, (a_size, a_loss) in enumerate(costs):
-        if math.isnan(a_size) or math.isnan(a_loss):
-            flags.append(False)
-            continue
-        dominated = False
-        for j, (b_size, b_loss) in enumerate(costs):
-            if i == j or math.isnan(b_size) or math.isnan(b_loss):
-                continue
-            if b_size <= a_size and b_loss <= a_loss and (b_size < a_size or b_loss < a_loss):
-                dominated = True
-                break
-        flags.append(not dominated)
-    return flags
 
 
 def metric_costs(points: list[Point], metric: str) -> list[tuple[float, float]]:
@@ -282,7 +269,7 @@ def render_markdown(f: Frontier) -> str:
         "# Memory vs quality frontier",
         "",
         "| run | variant | pair | recipe (kd_ratio) | teacher | weight MB | bits/weight | ppl | "
-        "KL to teacher | top-1 | decode tok/s | of bound | compiled tok/s | of bound | "
+        "KL to teacher | top-1 | deployed decode tok/s | of bound | compiled tok/s | of bound | "
         "fits budget | Pareto (ppl / KL) |",
         "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: | :---: | --- |",

@@ -8,7 +8,8 @@ serves ``b`` tokens while each sequence still reads its own cache:
 
 ``context`` is the mean number of cached positions during the measured decode.
 
-:class:`PeakMemory` measures how much memory a variant's load and evaluation really took.
+:class:`PeakMemory` measures how much memory a variant's load and held-out pass really took;
+the evaluate stage closes its window before any timed run.
 """
 
 from __future__ import annotations
@@ -118,8 +119,11 @@ def add_memory_fields(
     ``eval.memory_budget_bytes``. The bound uses the bytes decode actually reads in the row's
     runtime, the weights as loaded (a GGUF row: the file's tensor bytes, which llama.cpp
     computes on as stored), plus the mean cached context of the timed decode. A rate that
-    was not measured (None) gets no ratio.
+    was not measured (None) gets no ratio; a row whose file could not be read at all (no
+    weight bytes) gets no memory model.
     """
+    if row.get("weight_bytes") is None:
+        return
     mm = MemoryModel(
         weight_bytes=int(row["weight_bytes"]),
         kv_bytes_per_token=int(row["kv_cache_bytes_per_token"]),
@@ -170,23 +174,58 @@ def _release_freed_memory() -> None:
         pass
 
 
+_CLEAR_REFS = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
+
+
+def _high_water_mark() -> int | None:
+    """The kernel's peak RSS of this process since its last reset (``VmHWM``), in bytes."""
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0: ``5`` into ``clear_refs``)."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _high_water_mark() is not None
+
+
 class PeakMemory:
     """Peak memory growth between :meth:`start` and :meth:`stop`.
 
-    * CPU: a daemon thread samples the process RSS (``psutil``) every ``interval_s``; the
-      result is the largest sample minus the RSS just before :meth:`start` returned.
-      Memory the caller deliberately keeps (the teacher's cached log-probs) is reported via
-      :meth:`exclude` and subtracted from each sample taken after it.
+    * CPU on Linux: the kernel's own high-water mark of the process RSS (``VmHWM``), reset at
+      :meth:`start` (``/proc/self/clear_refs``): every page counted, and nothing runs beside
+      the measured work. Where that file cannot be written, a daemon thread samples the RSS
+      (``psutil``) every ``interval_s`` instead.
     * CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``,
       minus the bytes allocated at :meth:`start` (tensors only, not the caching
       allocator's reserve or the CUDA context).
+
+    Memory the caller deliberately keeps (the teacher's log-probs, gathered during the
+    window) is reported via :meth:`exclude` and subtracted: from each later sample, or, with
+    the kernel's mark, from the peak (those bytes are all held at the window's end).
     """
 
     def __init__(self, device: torch.device, interval_s: float = 0.005) -> None:
         self.device = device
         self.interval_s = interval_s
+        self._kernel = device.type != "cuda" and _reset_high_water_mark()
         self.method = (
-            "cuda_max_memory_allocated_growth" if device.type == "cuda" else "cpu_peak_rss_growth"
+            "cuda_max_memory_allocated_growth"
+            if device.type == "cuda"
+            else "cpu_peak_rss_growth (kernel high-water mark)"
+            if self._kernel
+            else f"cpu_peak_rss_growth (sampled every {interval_s * 1e3:.0f} ms)"
         )
         self._baseline = 0
         self._peak = 0
@@ -198,10 +237,14 @@ class PeakMemory:
 
     def start(self) -> PeakMemory:
         _release_freed_memory()
+        self._excluded = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._baseline = torch.cuda.memory_allocated(self.device)
+        elif self._kernel:
+            _reset_high_water_mark()
+            self._baseline = self._process.memory_info().rss
         else:
             self._baseline = self._process.memory_info().rss
             self._peak = self._baseline
@@ -231,6 +274,8 @@ class PeakMemory:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
                 self._peak = torch.cuda.max_memory_allocated(self.device)
+            elif self._kernel:
+                self._peak = (_high_water_mark() or self._baseline) - self._excluded
             else:
                 self._record()
                 self._stop_event.set()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+from distill.evaluate.figures import deployed, pareto_front
 from distill.evaluate.memory import BANDWIDTH_METHOD
-from distill.run_dir import REPORT_PLOT, RunDir
+from distill.run_dir import REPORT_PLOT, RunDir, process_tag
 
 MB = 1_000_000  # decimal megabyte, as disk sizes are quoted
 
@@ -42,24 +44,6 @@ def _num(value: float | None, digits: int, scale: float = 1.0) -> str:
     return f"{value * scale:,.{digits}f}"
 
 
-def deployed(v: dict[str, Any]) -> tuple[str, float | None, float | None]:
-    """(runtime, decode tok/s, prefill tok/s) of a row in the runtime it deploys to.
-
-    GGUF rows run in llama.cpp; torch rows in compiled PyTorch when their compiled decode was
-    measured, else eager. Reports written before ``deployed_*`` fields existed fall back the
-    same way from the fields they have.
-    """
-    if v.get("deployed_runtime"):
-        return (
-            v.get("runtime") or v["deployed_runtime"],
-            v.get("deployed_decode_tokens_per_s"),
-            v.get("deployed_prefill_tokens_per_s"),
-        )
-    if v.get("decode_compiled_tokens_per_s") is not None:
-        return "torch.compile", v["decode_compiled_tokens_per_s"], v.get("prefill_tokens_per_s")
-    return "eager", v.get("decode_tokens_per_s"), v.get("prefill_tokens_per_s")
-
-
 def _runtime_family(runtime: str) -> str:
     # "llama.cpp 0.3.36" and "llama.cpp" compare as one runtime; so do torch.compile variants.
     return runtime.split()[0] if runtime else ""
@@ -75,10 +59,6 @@ def teacher_speed(report: dict[str, Any], runtime: str) -> float | None:
             rt, decode, _ = deployed(v)
             if _runtime_family(rt) == family and decode:
                 return decode
-            # Every torch row is also timed eager (the diagnostics table), so an eager row
-            # still has its like-for-like teacher when the teacher's headline is compiled.
-            if family == "eager" and _runtime_family(rt) == "torch.compile":
-                return v.get("decode_tokens_per_s") or None
     return None
 
 
@@ -139,7 +119,9 @@ def format_fidelity_table(report: dict[str, Any]) -> str:
         head += ["answers: teacher NLL", "× teacher's own", "repeats"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for v in report["variants"]:
-        sets = v.get("fidelity") or {}
+        sets = v.get("fidelity")
+        if not sets:
+            continue  # a row timed only (teacher-gguf-f16)
         cells = [v["name"]]
         for n in scored:
             f = sets.get(n) or {}
@@ -270,6 +252,32 @@ def _module_label(entry: Any) -> str:
     return str(entry)
 
 
+def _speed_note(variants: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+    """How the headline's speeds were measured, from what the rows say happened."""
+    parts = []
+    in_llama = [v for v in variants if _runtime_family(deployed(v)[0]) == "llama.cpp"]
+    if in_llama:
+        llama = machine.get("llama_cpp") or {}
+        threads = llama.get("threads") or in_llama[0].get("llama_cpp_threads")
+        source = llama.get("threads_source") or in_llama[0].get("llama_cpp_threads_source")
+        how = f", {threads} threads" + (f" ({source})" if source else "") if threads else ""
+        parts.append(f"GGUF rows in llama.cpp{how}, timed by llama.cpp itself")
+    compiled = [v["name"] for v in variants if v.get("decode_compiled_tokens_per_s") is not None]
+    if compiled:
+        parts.append(f"{', '.join(compiled)} decoded compiled (torch.compile)")
+    plain = [
+        v["name"]
+        for v in variants
+        if v not in in_llama and v.get("decode_compiled_tokens_per_s") is None
+    ]
+    if plain:
+        parts.append(
+            f"no deployed speed for {', '.join(plain)} (PyTorch, not compiled: their eager "
+            "timings are in the diagnostics, and experiment=compiled measures compiled decode)"
+        )
+    return "; ".join(parts)
+
+
 def _notes(report: dict[str, Any]) -> list[str]:
     variants = report["variants"]
     last = variants[-1] if variants else {}
@@ -278,18 +286,17 @@ def _notes(report: dict[str, Any]) -> list[str]:
         "for every variant. KL is KL(teacher || variant) in nats per position; top-1 agreement "
         "is how often the variant's most likely next token is the teacher's. GGUF rows are "
         "scored from llama.cpp's own logits.",
-        f"- Speed at batch size 1, in the runtime each variant deploys to: llama.cpp for GGUF "
-        "files (threads = cores), compiled PyTorch for the float and torchao rows where "
-        "eval.compiled_decode measured them (else eager, and the runtime column says so). "
-        f"Decode: {last.get('decode_tokens', 'n/a')} greedy tokens after a "
+        f"- Speed at batch size 1, in the runtime each variant deploys to: "
+        f"{_speed_note(variants, report.get('machine') or {})}. Decode: "
+        f"{last.get('decode_tokens', 'n/a')} greedy tokens after a "
         f"{last.get('prompt_tokens', 'n/a')}-token prompt, median of the repeats; "
         "× teacher divides by the teacher's rate in the same runtime (its F16 GGUF in "
-        "llama.cpp; for an eager row its eager rate, in the diagnostics), and is left empty "
-        "where the teacher was not measured there.",
+        "llama.cpp, the compiled teacher in torch.compile), and is left empty where the "
+        "teacher was not measured there.",
     ]
     described = {}
     for v in variants:  # the short runtime column, spelled out once per runtime
-        if v.get("runtime") and v.get("deployed_runtime"):
+        if v.get("runtime") and v.get("deployed_runtime") and v.get("llama_cpp_threads"):
             described.setdefault(v["runtime"], v["deployed_runtime"])
     notes += [f"- {name}: {how}." for name, how in sorted(described.items()) if name != how]
     for v in variants:
@@ -297,15 +304,41 @@ def _notes(report: dict[str, Any]) -> list[str]:
             notes.append(f"- {v['name']}: not run in llama.cpp: {v['llama_cpp_error']}")
         if v.get("decode_compiled_error"):
             notes.append(f"- {v['name']}: compiled decode failed: {v['decode_compiled_error']}")
-    method = next(
-        (v["decode_compiled_method"] for v in variants if "decode_compiled_method" in v), None
+    methods = sorted(
+        {v["decode_compiled_method"] for v in variants if v.get("decode_compiled_method")}
     )
-    if method:
+    for method in methods:
         notes.append(
             f"- Compiled decode: {method}; its logits matched the eager model's on the same "
             "tokens before it was timed, and it times the decode steps only."
         )
+    notes += _timed_only_notes(variants)
+    llama = (report.get("machine") or {}).get("llama_cpp") or {}
+    if llama.get("teacher_gguf_error"):
+        notes.append(f"- teacher-gguf-f16 not measured: {llama['teacher_gguf_error']}.")
     return notes
+
+
+def _timed_only_notes(variants: list[dict[str, Any]]) -> list[str]:
+    """What a row timed only (no held-out pass) stands on: its parity check, as it went."""
+    out = []
+    for v in variants:
+        if v.get("quality_scored") is not False:
+            continue
+        parity = v.get("parity") or {}
+        if "kl_to_float" in parity:
+            verdict = "within" if parity.get("passed") else "**outside**"
+            out.append(
+                f"- {v['name']}: timed only, as the llama.cpp reference of the GGUF rows; when "
+                f"it was exported its llama.cpp logits were compared with the fp32 teacher's "
+                f"on {parity.get('scored_positions', 0):,} held-out positions: KL "
+                f"{parity['kl_to_float']:.2g} nats, top-1 "
+                f"{100 * parity['top1_to_in_memory']:.1f}%, "
+                f"max |Δlogit| {parity['max_abs_logit_diff']:.2g} ({verdict} the F16 limits)."
+            )
+        else:
+            out.append(f"- {v['name']}: timed only, as the llama.cpp reference of the GGUF rows.")
+    return out
 
 
 def _memory_section(report: dict[str, Any]) -> list[str]:
@@ -362,13 +395,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         format_diagnostics_table(report),
         "",
-        f"- Eager timings on {last.get('device', 'n/a')} (GGUF rows run in llama.cpp only, "
-        f"so they are not here): prefill is one forward over {last.get('prefill_tokens', 'n/a')} "
-        "tokens, decode the whole generate call, prefill included. On CPU eager batch-1 "
-        "decode runs each linear as a one-core matrix-vector product: not a deployment figure.",
-        f"- Peak memory ({last.get('peak_memory_method', 'n/a')}): growth from just before "
-        "loading the variant to the end of its evaluation; the teacher's adds its resident "
-        "weights.",
+        f"- Eager timings on {_torch_device(variants)} (GGUF rows run in llama.cpp only, so "
+        f"they are not here): prefill is one forward over {last.get('prefill_tokens', 'n/a')} "
+        "tokens, decode the whole generate call, prefill included, each timed with nothing "
+        "else running. On CPU eager batch-1 decode runs each linear as a one-core "
+        "matrix-vector product: not a deployment figure.",
+        f"- Peak memory: {_memory_methods(variants)}; the teacher's adds its resident weights. "
+        "No timed run happens inside a peak-memory window.",
     ]
     batch = format_batch_table(report)
     if batch:
@@ -381,6 +414,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _torch_device(variants: list[dict[str, Any]]) -> str:
+    return next((v["device"] for v in variants if not v.get("llama_cpp_threads")), "n/a")
+
+
+def _memory_methods(variants: list[dict[str, Any]]) -> str:
+    """Each way a peak was measured, once, with the rows it applies to."""
+    by_method: dict[str, list[str]] = {}
+    for v in variants:
+        if v.get("peak_memory_method"):
+            by_method.setdefault(v["peak_memory_method"], []).append(v["name"])
+    return "; ".join(f"{m} ({', '.join(names)})" for m, names in by_method.items()) or "n/a"
+
+
 _RUNTIME_MARKERS = {"llama.cpp": "s", "torch.compile": "o", "eager": "^"}
 
 
@@ -390,8 +436,6 @@ def _finite(x: Any) -> bool:
 
 def _pareto_line(ax: Any, points: list[tuple[float, float]]) -> None:
     """The undominated (bytes, perplexity) points joined in a dashed staircase."""
-    from distill.evaluate.frontier import pareto_front
-
     front = sorted(p for p, keep in zip(points, pareto_front(points), strict=True) if keep)
     if len(front) > 1:
         xs, ys = zip(*front, strict=True)
@@ -455,7 +499,7 @@ def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
     left.set_title("Memory vs quality")
     right.set_xlabel("held-out perplexity (log scale, lower is better)")
     right.set_ylabel("decode tokens/s, batch 1, deployed runtime")
-    right.set_title("Decode speed where deployed\n(■ llama.cpp, ● torch.compile, ▲ eager)")
+    right.set_title("Decode speed where deployed\n(■ llama.cpp, ● torch.compile)")
     handles, labels = left.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 4), 1, 1))
@@ -463,8 +507,17 @@ def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
 
 
 def write_report(report: dict[str, Any], run_dir: Path) -> None:
-    """``report.json``, ``report.md`` and ``memory_vs_quality.png`` in ``run_dir``."""
+    """``memory_vs_quality.png``, ``report.md``, then ``report.json`` in ``run_dir``, each
+    renamed into place whole; ``report.json`` last, as it holds the stage's stamp: a stage
+    killed midway never leaves a stamped report beside older files."""
     rd = RunDir(run_dir)
-    rd.report_json.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
-    rd.report_md.write_text(render_markdown(report))
-    plot_memory_vs_quality(report, rd.report_plot)
+    tag = process_tag()
+    plot_tmp = rd.report_plot.with_name(f".{rd.report_plot.stem}.tmp-{tag}.png")
+    plot_memory_vs_quality(report, plot_tmp)
+    os.replace(plot_tmp, rd.report_plot)
+    md_tmp = rd.report_md.with_name(f".{rd.report_md.name}.tmp-{tag}")
+    md_tmp.write_text(render_markdown(report))
+    os.replace(md_tmp, rd.report_md)
+    json_tmp = rd.report_json.with_name(f".{rd.report_json.name}.tmp-{tag}")
+    json_tmp.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    os.replace(json_tmp, rd.report_json)

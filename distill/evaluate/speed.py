@@ -1,56 +1,29 @@
-"""Prefill and decode speed of one loaded model, at batch size 1 and at ``eval.decode_batch_size``.
+"""Eager PyTorch prefill and decode speed of one loaded model, at batch size 1 and at
+``eval.decode_batch_size``, and the prompts every runtime is timed on.
 
-Every rate is the median over ``eval.repeats`` timed runs after one untimed warm-up run, so
-one slow run (a neighbour on a shared CPU) does not move it. Eager decode times the whole
-greedy ``generate`` call, prefill included; the compiled decode of
-:mod:`distill.evaluate.compiled_decode` times its decode steps only. Every runtime, llama.cpp
-included (:mod:`distill.evaluate.gguf_runtime`), decodes after :func:`decode_prompt` and
-prefills :func:`prefill_prompt`. :func:`deployed_fields` names the speed a torch row deploys
-at: compiled decode when it was measured, else eager.
+Every rate is the median over ``eval.repeats`` timed runs after one untimed warm-up run
+(:mod:`distill.evaluate.timing`), so one slow run (a neighbour on a shared CPU) does not move
+it. Eager decode times the whole greedy ``generate`` call, prefill included: a diagnostic,
+not a deployment figure (on CPU every batch-1 linear runs as a one-core matrix-vector
+product). Every runtime, llama.cpp and compiled PyTorch included, decodes after
+:func:`decode_prompt` and prefills :func:`prefill_prompt`.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
-import time
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from distill.config import EvalConfig
-from distill.evaluate.metrics import model_device
+from distill.evaluate.timing import median_rate, time_runs
+from distill.metrics import model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
-
-
-def median_rate(num_items: int, seconds: Sequence[float]) -> float:
-    """``num_items`` per second at the median of ``seconds`` (robust to one slow run)."""
-    return num_items / max(statistics.median(seconds), 1e-12)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued kernels (CUDA runs them asynchronously); no-op on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_runs(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
-    """Wall seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        # CUDA kernels run asynchronously; without this the clock stops at launch.
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def max_positions(config: Any) -> int | None:
@@ -107,7 +80,8 @@ def measure_decode(
 
     The time covers the whole ``generate`` call (the prompt's prefill included), divided by
     the ``B * new_tokens`` it must produce: ``min_new_tokens = max_new_tokens`` so an early EOS
-    cannot shorten the run and flatter a variant.
+    cannot shorten the run and flatter a variant. The untimed warm-up decodes 2 tokens: the
+    same kernels (prefill, then a step on the cache) at a fraction of a slow model's cost.
 
     Args:
         prompt: ``(B, P)`` token ids (B sequences decoded as one batch).
@@ -120,15 +94,16 @@ def measure_decode(
     gen_cfg = greedy_generation_config(model, new_tokens)
     attention_mask = torch.ones_like(ids)
 
-    def generate() -> object:
-        out = model.generate(
-            input_ids=ids, attention_mask=attention_mask, generation_config=gen_cfg
-        )
-        if out.shape[1] != ids.shape[1] + new_tokens:
-            raise RuntimeError(f"generate produced {out.shape[1] - ids.shape[1]} != {new_tokens}")
+    def generate(config: Any = gen_cfg) -> object:
+        out = model.generate(input_ids=ids, attention_mask=attention_mask, generation_config=config)
+        if out.shape[1] != ids.shape[1] + config.max_new_tokens:
+            made = out.shape[1] - ids.shape[1]
+            raise RuntimeError(f"generate produced {made} != {config.max_new_tokens}")
         return out
 
-    return median_rate(ids.shape[0] * new_tokens, time_runs(generate, repeats, device))
+    warm = greedy_generation_config(model, min(2, new_tokens))
+    times = time_runs(generate, repeats, device, warmup=lambda: generate(warm))
+    return median_rate(ids.shape[0] * new_tokens, times)
 
 
 def decode_prompt(flat: torch.Tensor, cfg: EvalConfig, limit: int | None) -> torch.Tensor:
@@ -184,78 +159,4 @@ def measure_speed(model: PreTrainedModel, blocks: torch.Tensor, cfg: EvalConfig)
         "prompt_tokens": prompt_len,
         "decode_batch_size": cfg.decode_batch_size if batch_rate is not None else None,
         "decode_tokens_per_s_batch": batch_rate,
-    }
-
-
-def compiled_decode_fields(
-    name: str, model: PreTrainedModel, prompt: torch.Tensor, cfg: EvalConfig
-) -> dict[str, Any]:
-    """Batch-1 compiled decode (:mod:`distill.evaluate.compiled_decode`) as report row fields.
-
-    Empty when ``name`` matches no ``eval.compiled_decode`` pattern. A variant that fails
-    to compile, or whose compiled logits differ from its eager ones, gets its error in
-    ``decode_compiled_error`` and no rate: the other variants' figures still stand.
-    """
-    from fnmatch import fnmatchcase
-
-    from distill.evaluate.compiled_decode import (
-        METHOD,
-        CompiledDecodeError,
-        measure_compiled_decode,
-    )
-
-    if not any(fnmatchcase(name, pattern) for pattern in cfg.compiled_decode):
-        return {}
-    fields: dict[str, Any] = {
-        "decode_compiled_method": METHOD,
-        "decode_compiled_tokens_per_s": None,
-        "decode_compiled_compile_s": None,
-        "decode_compiled_max_abs_logit_diff": None,
-        "decode_compiled_error": None,
-    }
-    log.info("%s: compiling for decode (tens of seconds on CPU)", name)
-    try:
-        with torch.inference_mode():
-            result = measure_compiled_decode(
-                model, prompt.to(model_device(model)), cfg.decode_tokens, cfg.repeats
-            )
-    except CompiledDecodeError as err:
-        log.warning("%s: compiled decode not measured: %s", name, err)
-        fields["decode_compiled_error"] = str(err)
-        return fields
-    fields["decode_compiled_tokens_per_s"] = result.tokens_per_s
-    fields["decode_compiled_compile_s"] = result.compile_s
-    fields["decode_compiled_max_abs_logit_diff"] = result.max_abs_logit_diff
-    return fields
-
-
-# What a torch row's deployed figures are, by how its decode was measured.
-COMPILED_RUNTIME = "torch.compile"
-EAGER_RUNTIME = "eager"
-
-
-def deployed_fields(row: dict[str, Any]) -> dict[str, Any]:
-    """The speed a torch row deploys at, from its eager and compiled figures.
-
-    Decode is the compiled rate when it was measured (``eval.compiled_decode``), else the
-    eager one; prefill is always eager (only decode is compiled). ``deployed_runtime`` says
-    which, and why when compiled decode is missing.
-    """
-    compiled = row.get("decode_compiled_tokens_per_s")
-    if compiled is not None:
-        runtime, decode = COMPILED_RUNTIME, compiled
-        how = "torch.compile decode (decode steps only, static KV cache); eager prefill"
-    else:
-        runtime, decode = EAGER_RUNTIME, row.get("decode_tokens_per_s")
-        why = (
-            "torch.compile failed, see decode_compiled_error"
-            if row.get("decode_compiled_error")
-            else "not in eval.compiled_decode"
-        )
-        how = f"eager decode (whole generate call) and prefill ({why})"
-    return {
-        "runtime": runtime,
-        "deployed_decode_tokens_per_s": decode,
-        "deployed_prefill_tokens_per_s": row.get("prefill_tokens_per_s"),
-        "deployed_runtime": how,
     }

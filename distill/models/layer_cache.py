@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.data import blocks_hash
+from distill.models.footprint import weights_hash
 from distill.models.layer_search import greedy_layer_drop
 from distill.run_dir import write_json_atomic
 
@@ -41,17 +43,11 @@ _FORMAT = 1
 
 
 def trajectory_path(
-    cache_dir: Path, teacher: nn.Module, calib_blocks: torch.Tensor, batch_size: int
+    cache_dir: Path, teacher_key: str, calib_blocks: torch.Tensor, batch_size: int
 ) -> Path:
-    """``cache_dir/layer_search/<key>.json`` for this teacher, these blocks and batch size."""
-    # Lazy: the fingerprints live with the teacher-logit cache, the other user of the same
-    # "is this the same teacher on the same data" question.
-    from distill.data import blocks_hash
-    from distill.models.footprint import weights_hash
-
-    payload = json.dumps(
-        [_FORMAT, weights_hash(teacher), blocks_hash(calib_blocks), int(batch_size)]
-    )
+    """``cache_dir/layer_search/<key>.json`` for this teacher (its weights hash
+    ``teacher_key``), these blocks and batch size."""
+    payload = json.dumps([_FORMAT, teacher_key, blocks_hash(calib_blocks), int(batch_size)])
     key = hashlib.sha256(payload.encode()).hexdigest()[:16]
     return Path(cache_dir) / "layer_search" / f"{key}.json"
 
@@ -71,6 +67,7 @@ def greedy_trajectory(
     num_layers: int,
     cache_dir: Path,
     *,
+    teacher_key: str | None = None,
     batch_size: int = SEARCH_BATCH_SIZE,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -80,7 +77,8 @@ def greedy_trajectory(
         teacher: the model whose decoder layers are removed (left unchanged).
         calib_blocks: ``(N, T)`` train-split token ids the removals are scored on.
         num_layers: the depth wanted; the trajectory returned reaches it (or went deeper).
-        cache_dir: root of the shared cache (``distill.config.cache_root``).
+        cache_dir: root of the shared cache (``distill.caches.cache_root``).
+        teacher_key: the teacher's weights hash when the caller has it (hashed here if None).
 
     Returns:
         Entries as :func:`distill.models.layer_search.greedy_layer_drop` returns them, from
@@ -89,7 +87,8 @@ def greedy_trajectory(
     Raises:
         LayerSearchError, ModelError: as :func:`greedy_layer_drop`.
     """
-    path = trajectory_path(cache_dir, teacher, calib_blocks, batch_size)
+    key = teacher_key or weights_hash(teacher)
+    path = trajectory_path(cache_dir, key, calib_blocks, batch_size)
     stored = _read(path)
     if stored is not None and stored[-1]["num_layers"] <= num_layers:
         log.info("layer search: %d layers read from %s", num_layers, path)
@@ -123,12 +122,16 @@ def greedy_trajectory(
 
 
 def greedy_layers(
-    teacher: nn.Module, train_blocks: torch.Tensor, num_layers: int, cache_dir: Path
+    teacher: nn.Module,
+    train_blocks: torch.Tensor,
+    num_layers: int,
+    cache_dir: Path,
+    teacher_key: str | None = None,
 ) -> list[int]:
     """The ``num_layers`` teacher layers greedy removal keeps, scored on the first
     :data:`SEARCH_CALIB_BLOCKS` of ``train_blocks`` ``(N, T)``; searched at most once per
     teacher and data (see the module docstring)."""
     calib = train_blocks[:SEARCH_CALIB_BLOCKS]
-    trajectory = greedy_trajectory(teacher, calib, num_layers, cache_dir)
+    trajectory = greedy_trajectory(teacher, calib, num_layers, cache_dir, teacher_key=teacher_key)
     (entry,) = [e for e in trajectory if e["num_layers"] == num_layers]
     return list(entry["layers"])

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.config import DistillError
-from distill.evaluate import metrics
+from distill import metrics
+from distill.errors import DistillError
 from distill.models.student import build_student_from_teacher, decoder_layers
 
 
@@ -60,7 +60,7 @@ def _ranked_loss_sum(model: nn.Module, batch: torch.Tensor) -> tuple[float, int]
 
 
 def perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int) -> float:
-    """:func:`distill.evaluate.metrics.perplexity` of ``model`` over ``blocks``, NaN as ``inf``.
+    """:func:`distill.metrics.perplexity` of ``model`` over ``blocks``, NaN as ``inf``.
 
     Args:
         model: a causal LM (logits at t predict the token at t + 1).

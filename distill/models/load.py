@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,8 +28,11 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from distill.config import DistillError, StudentConfig, TeacherConfig
+from distill.errors import DistillError
 from distill.run_dir import staging_folder
+
+if TYPE_CHECKING:
+    from distill.config import StudentConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +145,76 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _unreadable(what: str, path: Path, kind: str, err: Exception) -> ModelError:
+    return ModelError(
+        f"{what} file {path} is not a readable {kind} file ({_first_line(err)}): it is cut "
+        "short or corrupt; copy or download it again"
+    )
+
+
+def check_gguf_file(path: Path, what: str) -> None:
+    """Read the GGUF file's header and tensor table (not its data) and check that every
+    tensor's bytes lie inside the file.
+
+    Raises:
+        ModelError: naming the file and what is wrong, e.g. a file cut short.
+    """
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as err:  # struct, numpy and value errors of a damaged header
+        raise _unreadable(what, path, "GGUF", err) from None
+    size = path.stat().st_size
+    if end > size:
+        raise ModelError(
+            f"{what} file {path} is cut short: its tensors end at byte {end:,}, the file has "
+            f"{size:,}; copy or download it again"
+        )
+
+
+def check_model_files(name_or_path: str, what: str) -> None:
+    """Open every ``*.safetensors`` file of a local model folder (its header and tensor
+    table, not the data): a file cut short or not safetensors at all is named in one line
+    before anything loads. Hub ids are checked when they download.
+
+    Raises:
+        ModelError: naming the file and what is wrong.
+    """
+    if not is_local(name_or_path):
+        return
+    from safetensors import safe_open
+
+    for path in sorted(Path(name_or_path).expanduser().glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # SafetensorError: a header that does not parse or fit
+            raise _unreadable(what, path, "safetensors", err) from None
+
+
 def convert_gguf(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a cached float32 safetensors folder.
 
     Dequantizing takes tens of seconds; the cache key is the GGUF file's content hash, so an
-    upgraded file converts again and an unchanged one never does.
+    upgraded file converts again and an unchanged one never does. The file is checked before
+    conversion (:func:`check_gguf_file`), so a damaged one fails in one line.
+
+    Raises:
+        ModelError: the GGUF file is damaged.
     """
     gguf_path = folder / gguf_file
     digest = _sha256_file(gguf_path)[:16]
     target = cache_dir / "teachers" / f"{Path(gguf_file).stem}-{digest}"
     if (target / "COMPLETE").exists():
         return target
+    check_gguf_file(gguf_path, "teacher")
     log.info("converting %s to safetensors (once; cached in %s)", gguf_path, target)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
@@ -197,7 +260,7 @@ def teacher_source(cfg: TeacherConfig, cache_dir: Path) -> str:
 
 
 def _load_error(what: str, name_or_path: str, err: Exception) -> ModelError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = _first_line(err)
     if is_local(name_or_path):
         hint = "check that the folder holds config.json and *.safetensors"
     else:
@@ -281,37 +344,23 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_teacher(
-    cfg: TeacherConfig, cache_dir: Path
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The frozen fp32 teacher and its tokenizer."""
-    source = teacher_source(cfg, cache_dir)
-    revision = None if is_local(source) else cfg.revision
-    tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(
-        source, what="teacher", revision=revision, trust_remote_code=cfg.trust_remote_code
-    )
-    return freeze(model), tokenizer
-
-
-def load_teacher_config(
-    cfg: TeacherConfig, cache_dir: Path
-) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
-    """The teacher's config and tokenizer without its weights, for pre-flight checks.
-
-    A GGUF teacher is converted here (once; :func:`teacher_source` caches it), since its
-    config is only known after conversion; :func:`load_teacher` then reuses that copy.
+def load_model(
+    name_or_path: str,
+    *,
+    what: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A frozen fp32 causal LM (:func:`load_causal_lm`, then :func:`freeze`): how a teacher
+    is loaded.
 
     Raises:
-        ModelError: the teacher cannot be found or its config/tokenizer read.
+        ModelError: as :func:`load_causal_lm`.
     """
-    source = teacher_source(cfg, cache_dir)
-    revision = None if is_local(source) else cfg.revision
-    config = load_config(
-        source, what="teacher", revision=revision, trust_remote_code=cfg.trust_remote_code
+    model = load_causal_lm(
+        name_or_path, what=what, revision=revision, trust_remote_code=trust_remote_code
     )
-    tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=cfg.trust_remote_code)
-    return config, tokenizer
+    return freeze(model)
 
 
 def check_vocab(

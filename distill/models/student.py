@@ -1,4 +1,7 @@
-"""Student construction: which teacher layers a student keeps, and building it.
+"""Student construction from a teacher: cutting its layers, or a config of its architecture.
+
+Which layers a ``num_layers`` student keeps is decided above this module
+(:mod:`distill.models.build`, by the search of :mod:`distill.models.layer_cache`).
 
 Works for any ``AutoModelForCausalLM`` architecture: decoder blocks are found as the
 ``nn.ModuleList`` whose length is the config's layer count, wherever the architecture keeps
@@ -10,16 +13,13 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from distill.config import StudentConfig
-from distill.models.load import ModelError, load_causal_lm, load_config, load_tokenizer
+from distill.models.load import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -162,94 +162,3 @@ def build_student_from_config(teacher_config: Any, overrides: dict[str, Any]) ->
     """
     config = config_with_overrides(teacher_config, overrides)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-
-
-def student_layers(
-    cfg: StudentConfig,
-    teacher: PreTrainedModel,
-    train_blocks: torch.Tensor | None,
-    cache_dir: Path | None,
-) -> list[int]:
-    """The teacher layers a from_teacher student keeps: ``layers``, or for ``num_layers``
-    alone the greedy search's choice (:func:`distill.models.layer_cache.greedy_layers`).
-
-    Raises:
-        ModelError: layers outside the teacher, too many layers, or ``num_layers`` alone
-            without the training blocks and cache folder the search needs.
-    """
-    n_teacher = num_layers_of(teacher.config)
-    if cfg.layers is not None:
-        check_layers(list(cfg.layers), n_teacher)
-        return list(cfg.layers)
-    assert cfg.num_layers is not None  # the schema requires one of the two
-    check_num_layers(cfg.num_layers, n_teacher)
-    if cfg.num_layers == n_teacher:
-        return list(range(n_teacher))
-    if train_blocks is None or cache_dir is None:
-        raise ModelError(
-            "pair.student.num_layers alone needs the training blocks to choose layers by; "
-            "give pair.student.layers=[...] instead"
-        )
-    # Here, not at the top: the search (layer_search) builds students with this module.
-    from distill.models.layer_cache import greedy_layers
-
-    layers = greedy_layers(teacher, train_blocks, cfg.num_layers, cache_dir)
-    log.info("student: %d layers chosen by greedy search: %s", len(layers), layers)
-    return layers
-
-
-def build_student(
-    cfg: StudentConfig,
-    teacher: PreTrainedModel,
-    seed: int,
-    *,
-    train_blocks: torch.Tensor | None = None,
-    cache_dir: Path | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """The student before distillation, and its own tokenizer when it brings one.
-
-    Args:
-        train_blocks: ``(N, T)`` training token ids; needed only when ``pair.student.
-            num_layers`` is given without ``layers`` (the greedy search scores on them).
-        cache_dir: where that search's trajectory is cached (``distill.config.cache_root``).
-
-    Raises:
-        ModelError: see :func:`student_layers`, :func:`build_student_from_teacher`,
-            :func:`build_student_from_config` and :func:`distill.models.load.load_causal_lm`.
-    """
-    if cfg.init == "from_teacher":
-        layers = student_layers(cfg, teacher, train_blocks, cache_dir)
-        torch.manual_seed(seed)
-        return build_student_from_teacher(teacher, layers), None
-    torch.manual_seed(seed)
-    if cfg.init == "from_config":
-        return build_student_from_config(teacher.config, dict(cfg.config_overrides)), None
-    assert cfg.name_or_path is not None
-    tokenizer = load_tokenizer(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(
-        cfg.name_or_path, what="student", trust_remote_code=cfg.trust_remote_code
-    )
-    return model, tokenizer
-
-
-def planned_config(cfg: StudentConfig, teacher_config: Any) -> Any:
-    """The config the student will have, from the teacher's config alone (no weights), for
-    the pre-flight checks. A ``num_layers`` student's per-layer attributes follow the first
-    layers (which ones the search keeps is not known yet; only the count matters there).
-
-    Raises:
-        ModelError: as :func:`check_layers`, :func:`check_num_layers`,
-            :func:`config_with_overrides`; a pretrained student's config cannot be read.
-    """
-    if cfg.init == "from_teacher":
-        n_teacher = num_layers_of(teacher_config)
-        if cfg.layers is not None:
-            check_layers(list(cfg.layers), n_teacher)
-            return subset_config(teacher_config, list(cfg.layers))
-        assert cfg.num_layers is not None
-        check_num_layers(cfg.num_layers, n_teacher)
-        return subset_config(teacher_config, list(range(cfg.num_layers)))
-    if cfg.init == "from_config":
-        return config_with_overrides(teacher_config, dict(cfg.config_overrides))
-    assert cfg.name_or_path is not None
-    return load_config(cfg.name_or_path, what="student", trust_remote_code=cfg.trust_remote_code)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from distill.config import PipelineConfig, StudentConfig
-from distill.models.load import is_hub_id
+from distill.models import is_hub_id
 from distill.publish.teacher_info import TeacherInfo
 from distill.run_dir import gguf_key
 
@@ -168,7 +168,7 @@ def _usage_lines(
 
 
 def _evaluation_lines(report: dict[str, Any] | None, teacher_name: str) -> list[str]:
-    from distill.evaluate.report import fidelity_lines, format_table
+    from distill.evaluate import fidelity_lines, format_table
 
     lines = ["## Evaluation", ""]
     if report is None:

@@ -7,6 +7,10 @@ files under ``publish/gguf/``, a ``README.md`` model card (:mod:`distill.publish
 the teacher found by :mod:`distill.publish.teacher_info`) and ``distill_metadata.json``.
 
 Nothing here touches the network unless ``publish.repo_id`` is set.
+
+The folder is assembled in a hidden staging sibling and swapped in whole, with the stage's
+stamp in ``distill_metadata.json``: a rerun whose stamp matches keeps it (and uploads it only
+if no upload of it is recorded), and a stage killed midway leaves the previous folder or none.
 """
 
 from __future__ import annotations
@@ -21,22 +25,30 @@ from typing import Any
 
 import torch
 
-from distill.config import DistillError, PipelineConfig
+from distill.config import PipelineConfig
+from distill.errors import DistillError
 from distill.publish.card import render_card
 from distill.publish.teacher_info import TeacherInfo, teacher_info
 from distill.run_dir import (
     RunDir,
+    clear_leftovers,
+    file_identity,
     gguf_key,
     method_key,
     read_quantize_records,
+    read_stamp,
     replace_folder,
     staging_folder,
+    stamp_of,
     variants,
+    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
 # Provenance next to the weights: teacher, data, the full config, quantization records.
 METADATA_FILE = "distill_metadata.json"
+# In the run dir, not the published folder: which stamp was uploaded where.
+UPLOAD_RECORD = "upload.json"
 
 # Files a Hugging Face model folder needs; anything else in final/ (optimizer state,
 # pickles, logs) stays out of the published folder.
@@ -182,8 +194,42 @@ def _metadata(
     }
 
 
+def stage_stamp(cfg: PipelineConfig, run_dir: Path) -> str:
+    """What ``publish/`` depends on: the publish and variant settings, the teacher it names,
+    and the files it copies or quotes (``final/``, the quantize stamp, the report)."""
+    rd = RunDir(Path(run_dir))
+    return stamp_of(
+        asdict(cfg.publish),
+        list(cfg.quant.methods),
+        list(cfg.quant.gguf),
+        asdict(cfg.pair.teacher),
+        file_identity(rd.final),
+        read_stamp(rd.quantize_stamp),
+        file_identity(rd.report_json),
+    )
+
+
+def finished(cfg: PipelineConfig, run_dir: Path) -> bool:
+    """``publish/`` was assembled by this config from the files now in the run dir."""
+    rd = RunDir(Path(run_dir))
+    return read_stamp(rd.publish / METADATA_FILE) == stage_stamp(cfg, run_dir)
+
+
+def _upload_once(cfg: PipelineConfig, rd: RunDir, stamp: str) -> None:
+    """Upload ``publish/`` unless this stamp's upload to this repo is recorded."""
+    assert cfg.publish.repo_id is not None
+    done = {"repo_id": cfg.publish.repo_id, "stamp": stamp}
+    record = rd.root / UPLOAD_RECORD
+    if record.is_file() and _read_json(record) == done:
+        log.info("publish: %s already uploaded to %s", rd.publish, cfg.publish.repo_id)
+        return
+    upload(rd.publish, cfg.publish.repo_id, cfg.publish.private)
+    write_json_atomic(record, done)
+
+
 def run(cfg: PipelineConfig, run_dir: Path) -> Path:
-    """Build ``run_dir/publish/`` (replacing an older one) and upload it if configured.
+    """Build ``run_dir/publish/`` (replacing an older one) and upload it if configured; a
+    folder this config already assembled from the same files is kept as it is.
 
     Returns:
         The published folder.
@@ -201,6 +247,13 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
         )
     if not any(rd.final.glob("*.safetensors")):
         raise PublishError(f"{rd.final} holds no *.safetensors weights: re-run scripts/distill.py")
+    stamp = stage_stamp(cfg, run_dir)
+    if finished(cfg, run_dir):
+        log.info("publish: %s already holds this run; not publishing again", rd.publish)
+        if cfg.publish.repo_id:
+            _upload_once(cfg, rd, stamp)
+        return rd.publish
+    clear_leftovers(rd.publish)
     methods, gguf_types = _published_variants(cfg, rd)
     published = {method_key(m) for m in methods} | {gguf_key(t) for t in gguf_types}
     records = {k: r for k, r in read_quantize_records(rd.root).items() if k in published}
@@ -223,7 +276,7 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
         (staging / METADATA_FILE).write_text(
-            json.dumps(_metadata(cfg, teacher, records), indent=2, default=str)
+            json.dumps({**_metadata(cfg, teacher, records), "stamp": stamp}, indent=2, default=str)
         )
         replace_folder(staging, rd.publish)
     finally:
@@ -235,5 +288,5 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
         methods or "none",
     )
     if cfg.publish.repo_id:
-        upload(rd.publish, cfg.publish.repo_id, cfg.publish.private)
+        _upload_once(cfg, rd, stamp)
     return rd.publish

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from distill.config import TeacherConfig
-from distill.models.load import find_packaged_file, is_hub_id, packaged_distribution
+from distill.models import find_packaged_file, is_hub_id, packaged_distribution
 
 _HF_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/([\w.-]+/[\w.-]+?)/?$")
 # Quantization suffix of a GGUF file name: "Model-7B.Q4_K_M", "model-f16", "x.IQ3_XS".

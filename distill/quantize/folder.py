@@ -36,8 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.models.conv1d import load_causal_lm
-from distill.models.footprint import weight_bytes
+from distill.models import load_causal_lm, weight_bytes
 from distill.quantize.gptq import Int4Groups
 from distill.quantize.plan import QuantPlan, is_tied, quantize_model
 from distill.quantize.records import FolderFacts, folder_record

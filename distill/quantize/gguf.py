@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from distill.config import GGUF_TYPES
+from distill.names import GGUF_TYPES
 from distill.quantize.gguf_arch import (
     ArchLayout,
     GGUFExportError,

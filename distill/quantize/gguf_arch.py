@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.config import DistillError
+from distill.errors import DistillError
 
 SKIP_FIX = "set quant.gguf=[] to skip GGUF"
 

@@ -46,8 +46,8 @@ from typing import Any
 
 import torch
 
-from distill.config import DistillError
-from distill.evaluate.metrics import ce_sum, perplexity_from, score_logits
+from distill.errors import DistillError
+from distill.metrics import ce_sum, perplexity_from, score_logits
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,10 @@ for a in manifest["artifacts"]:
     if config.get("distill_conv1d_as_linear"):
         # GPT-2 Conv1D stored as Linear: the one loader from_pretrained cannot replace
         # (distill/models/conv1d.py imports nothing else from distill; its packages'
-        # __init__ files, distill and distill.models, load with it).
+        # __init__ files, distill and distill.models, load with it, and the latter's
+        # name table, distill.exports).
         from distill.models.conv1d import load_causal_lm
-        allowed = {"distill", "distill.models", "distill.models.conv1d"}
+        allowed = {"distill", "distill.exports", "distill.models", "distill.models.conv1d"}
         model = load_causal_lm(a["folder"], **kwargs).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(a["folder"], **kwargs).eval()
@@ -239,7 +240,7 @@ def llama_cpp_logits(path: Path, ids: torch.Tensor, vocab_size: int) -> torch.Te
     Raises:
         LlamaCppError: llama-cpp-python is missing, or llama.cpp cannot load or run the file.
     """
-    from distill.models.llama_cpp import gguf_logits
+    from distill.models import gguf_logits
 
     return torch.stack(gguf_logits(path, ids, vocab_size=vocab_size))
 
@@ -322,7 +323,7 @@ def _gguf_figures(
     Raises:
         LlamaCppError: llama.cpp is installed but cannot load or run the file.
     """
-    from distill.models.llama_cpp import default_threads, gguf_tokenize, llama_cpp_problem
+    from distill.models import default_threads, gguf_tokenize, llama_cpp_problem
 
     problem = llama_cpp_problem()
     if problem:
@@ -337,7 +338,7 @@ def _gguf_figures(
 
 
 def _runtime() -> str:
-    from distill.models.llama_cpp import runtime_name
+    from distill.models import runtime_name
 
     return runtime_name()
 
@@ -370,7 +371,7 @@ def check_artifacts(
     """
     from safetensors.torch import load_file
 
-    from distill.models.llama_cpp import LlamaCppError
+    from distill.models import LlamaCppError
 
     bad = []
     by_name = {r["method"]: r for r in records}

@@ -1,7 +1,9 @@
 """The ``quantized/quantize.json`` records: one per artifact, built here and logged.
 
 The file is a list of records, each keyed by ``method`` (a torchao/cast method name, or
-``gguf-<type>``; :func:`distill.run_dir.method_key`, :func:`distill.run_dir.gguf_key`).
+``gguf-<type>``; :func:`distill.run_dir.method_key`, :func:`distill.run_dir.gguf_key`), whose
+``dst`` is the artifact's path relative to ``quantized/``; the teacher's GGUF reference has a
+record of its own (:mod:`distill.quantize.teacher_gguf`).
 Readers go through :func:`distill.run_dir.read_quantize_records`.
 """
 
@@ -12,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.models.conv1d import CONFIG_KEY as CONV1D_CONFIG_KEY
-from distill.models.footprint import disk_bytes
+from distill.models import CONFIG_KEY as CONV1D_CONFIG_KEY
+from distill.models import disk_bytes
 from distill.quantize.plan import QuantPlan
 from distill.quantize.torchao import CAST, storage_of
-from distill.run_dir import RunDir, gguf_key, method_key, write_json_atomic
+from distill.run_dir import gguf_key, method_key, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +126,9 @@ def gguf_record(export: Any, float_bytes: int, include_embeddings: bool, seconds
     }
 
 
-def write_records(run_dir: Path, records: list[dict]) -> None:
-    """Write ``quantized/quantize.json`` whole (a reader never sees a truncated summary)."""
-    write_json_atomic(RunDir(run_dir).quantize_record, records)
+def write_records(path: Path, records: list[dict]) -> None:
+    """Write ``quantize.json`` at ``path`` whole (a reader never sees a truncated summary)."""
+    write_json_atomic(path, records)
 
 
 def log_record(record: dict) -> None:

@@ -8,7 +8,15 @@
 against the model it was written from (:mod:`distill.quantize.parity`): a folder reloaded by
 plain transformers in a fresh process, a GGUF file run by llama.cpp (recorded as not checked
 when llama-cpp-python is missing). A failed check stops the stage naming the artifact. One
-record per artifact goes to ``quantized/quantize.json`` (:mod:`distill.quantize.records`).
+record per artifact goes to ``quantized/quantize.json`` (:mod:`distill.quantize.records`),
+with one more, :data:`~distill.quantize.teacher_gguf.TEACHER_GGUF`, naming the teacher's
+cached GGUF F16 that the evaluate stage runs beside the student's files
+(:mod:`distill.quantize.teacher_gguf`).
+
+The whole of ``quantized/`` is built in a hidden staging folder and swapped in at the end with
+its stamp (``quantized/COMPLETE``, :func:`distill.run_dir.stamp_of` of the quantize and data
+settings and of ``final/``): a stage killed midway leaves no ``quantized/`` (or the previous
+whole one), and a rerun whose stamp matches skips the stage.
 
 :func:`quantize_variant` is the one mapping of ``cfg.quant`` onto a written folder: the stage
 calls it for every method, and ``train.select_checkpoint=best_quantized`` calls it to score
@@ -17,24 +25,36 @@ checkpoints exactly as the shipped variant will be quantized.
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from distill.config import GGUF_TYPES, PipelineConfig, cache_root
-from distill.models.footprint import weight_bytes
+from distill.caches import cache_root
+from distill.config import PipelineConfig
+from distill.data import PackedSplits, splits_for
+from distill.models import Teacher, weight_bytes
 from distill.quantize import parity
 from distill.quantize.folder import quantize_to_folder
 from distill.quantize.gptq import Int4Groups
 from distill.quantize.records import gguf_record, log_record, write_records
+from distill.quantize.teacher_gguf import teacher_gguf_record
 from distill.quantize.torchao import QuantizeError, default_device
-from distill.run_dir import RunDir
+from distill.run_dir import (
+    RunDir,
+    clear_leftovers,
+    file_identity,
+    read_stamp,
+    replace_folder,
+    staging_folder,
+    stamp_of,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,86 +226,113 @@ def _gguf_variants(
         artifact = parity.Artifact(record["method"], export.path.parent, export.path.name)
         written.add(record, artifact, reference_model(float_model, export))
         export.reference_state.clear()
-    for gguf_type in set(GGUF_TYPES) - set(cfg.quant.gguf):  # files of an earlier run
-        rd.gguf_file(gguf_type).unlink(missing_ok=True)
 
 
-def _run_blocks(
-    cfg: PipelineConfig,
-    tokenizer: object,
-    val_blocks: torch.Tensor | None,
-    calib_blocks: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Held-out and calibration blocks: as given, else the run's validation / training split."""
-    from distill.data import prepare_data
+def stage_stamp(cfg: PipelineConfig, run_dir: Path) -> str:
+    """What ``quantized/`` depends on: the quantize settings, the data (parity and calibration
+    blocks), the teacher (its GGUF reference) and the ``final/`` folder it was made from."""
+    rd = RunDir(Path(run_dir))
+    return stamp_of(
+        asdict(cfg.quant),
+        asdict(cfg.data),
+        asdict(cfg.pair.teacher),
+        cfg.eval.teacher_gguf,
+        file_identity(rd.final),
+    )
 
-    methods, gguf_types = cfg.quant.methods, cfg.quant.gguf
-    needs_calibration = bool(calibration_group_sizes(cfg, methods, gguf_types))
-    if val_blocks is None or (calib_blocks is None and needs_calibration):
-        # One load of the run's data serves the parity check and the calibration.
-        splits = prepare_data(cfg.data, tokenizer, cache_root(cfg))
-        val_blocks = splits.val if val_blocks is None else val_blocks
-        calib_blocks = splits.train if calib_blocks is None else calib_blocks
-    return val_blocks, calib_blocks
+
+def finished(cfg: PipelineConfig, run_dir: Path) -> bool:
+    """``quantized/`` holds this config's variants of the current ``final/``."""
+    rd = RunDir(Path(run_dir))
+    return read_stamp(rd.quantize_stamp) == stage_stamp(cfg, run_dir)
 
 
 def run(
     cfg: PipelineConfig,
     run_dir: Path,
     *,
-    val_blocks: torch.Tensor | None = None,
-    calib_blocks: torch.Tensor | None = None,
+    teacher: Teacher | None = None,
+    splits: PackedSplits | None = None,
 ) -> list[dict]:
     """Write every variant of ``run_dir/final``, check each where it deploys, summarise.
 
     Writes ``quantized/<method>/`` per ``cfg.quant.methods`` entry,
     ``quantized/gguf/student-<type>.gguf`` per ``cfg.quant.gguf`` entry,
     ``quantized/parity_blocks.safetensors`` (the held-out ids the parity check used) and
-    ``quantized/quantize.json``: one record per artifact, each with its ``parity`` figures.
+    ``quantized/quantize.json``: one record per artifact, each with its ``parity`` figures
+    (``dst`` relative to ``quantized/``). With GGUF files and ``eval.teacher_gguf`` the
+    teacher's GGUF F16 is exported (cached) too. A ``quantized/`` this config already
+    finished for the current ``final/`` is kept as it is (one log line).
 
     Args:
-        val_blocks: held-out blocks ``(N, T)``; by default the run's validation split.
-        calib_blocks: GPTQ calibration blocks ``(N, T)``; by default the run's training split.
+        teacher: the run's teacher handle (loaded here only for its GGUF export).
+        splits: the run's packed data (held-out parity blocks, training calibration blocks);
+            prepared here when None.
 
     Raises:
         QuantizeError: ``run_dir/final`` does not exist, or a method fails as described in
             :func:`distill.quantize.folder.quantize_to_folder`.
         GGUFExportError: GGUF asked for a student llama.cpp cannot run as llama.
         ParityError: an artifact does not reproduce its model, or llama.cpp cannot load a
-            GGUF file (quantize.json is written first, with the figures).
+            GGUF file (quantize.json is written first, with the figures, in the staging
+            folder; ``quantized/`` is not replaced).
     """
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from distill.quantize.gguf import check_exportable
 
-    rd = RunDir(Path(run_dir))
-    if not (rd.final / "config.json").is_file():
+    final = RunDir(Path(run_dir))
+    if not (final.final / "config.json").is_file():
         raise QuantizeError(
-            f"{rd.final} holds no trained model: run scripts/distill.py first, or set run_dir "
+            f"{final.final} holds no trained model: run scripts/distill.py first, or set run_dir "
             "to a finished run"
         )
+    if finished(cfg, run_dir):
+        log.info(
+            "quantize: %s already holds this config's variants; not quantizing again",
+            final.quantized,
+        )
+        return json.loads(final.quantize_record.read_text())
     if cfg.quant.gguf:
-        check_exportable(AutoConfig.from_pretrained(rd.final))  # before any work
-    rd.quantized.mkdir(parents=True, exist_ok=True)
+        check_exportable(AutoConfig.from_pretrained(final.final))  # before any work
+    clear_leftovers(final.quantized)
+    staging = staging_folder(final.quantized)
+    staging.mkdir()
+    rd = RunDir(final.root, quantized_dir=staging)
     tokenizer = AutoTokenizer.from_pretrained(rd.final)
-    val_blocks, calib_blocks = _run_blocks(cfg, tokenizer, val_blocks, calib_blocks)
-    ids = val_blocks[: parity.PARITY_BLOCKS]
+    splits = splits_for(cfg, tokenizer, splits)
+    ids = splits.val[: parity.PARITY_BLOCKS]
     save_file({"ids": ids.contiguous()}, str(rd.parity_blocks))
-    written = _Written(ids, rd.quantized / f".parity-{os.getpid()}")
-    shutil.rmtree(written.workdir, ignore_errors=True)
+    written = _Written(ids, staging / ".parity")
     written.workdir.mkdir()
 
     float_model = AutoModelForCausalLM.from_pretrained(rd.final, dtype="auto").eval()
     float_logits = _logits(float_model, ids)
     calibrated = calibrate(
-        cfg, float_model, calib_blocks, methods=cfg.quant.methods, gguf_types=cfg.quant.gguf
+        cfg, float_model, splits.train, methods=cfg.quant.methods, gguf_types=cfg.quant.gguf
     )
     steps = len(cfg.quant.methods) + len(cfg.quant.gguf)
     _torchao_variants(cfg, rd, calibrated, written, steps)
     _gguf_variants(cfg, rd, float_model, tokenizer, calibrated, written, steps)
     del float_model
-    _check_parity(cfg, rd, tokenizer, written, float_logits)
+    try:
+        _check_parity(cfg, rd, tokenizer, written, float_logits)
+    except parity.ParityError as err:
+        raise parity.ParityError(
+            f"{err} (quantized/ was not replaced; the artifacts and their quantize.json are "
+            f"in {staging} until the next run of this stage)"
+        ) from None
+    finally:
+        for record in written.records:  # where they will be once staging is swapped in
+            record["dst"] = str(Path(record["dst"]).relative_to(staging))
+        write_records(rd.quantize_record, written.records)
+    if cfg.quant.gguf and cfg.eval.teacher_gguf:
+        teacher = teacher or Teacher(cfg.pair.teacher, cache_root(cfg))
+        written.records.append(teacher_gguf_record(teacher, cache_root(cfg), ids))
+        write_records(rd.quantize_record, written.records)
+    write_json_atomic(rd.quantize_stamp, {"stamp": stage_stamp(cfg, run_dir)})
+    replace_folder(staging, final.quantized)
     return written.records
 
 
@@ -296,8 +343,7 @@ def _check_parity(
     written: _Written,
     float_logits: torch.Tensor,
 ) -> None:
-    """Check every artifact (:func:`parity.check_artifacts`); write quantize.json whatever
-    the verdict.
+    """Check every artifact (:func:`parity.check_artifacts`).
 
     Raises:
         ParityError: naming every artifact that does not reproduce its model.
@@ -305,20 +351,16 @@ def _check_parity(
     # One held-out document's worth of text for the GGUF tokenizer check.
     text = tokenizer.decode(written.ids[0]) if cfg.quant.gguf else None
     source_ids = tokenizer(text)["input_ids"] if text is not None else None
-    try:
-        if not written.artifacts:  # nothing asked for: no child process to start
-            shutil.rmtree(written.workdir, ignore_errors=True)
-            return
-        parity.check_artifacts(
-            written.records,
-            written.artifacts,
-            written.in_memory,
-            float_logits,
-            written.ids,
-            written.workdir,
-            text=text,
-            source_token_ids=source_ids,
-        )
-    finally:
-        # Written even when parity fails, so the figures of the failed artifact can be read.
-        write_records(rd.root, written.records)
+    if not written.artifacts:  # nothing asked for: no child process to start
+        shutil.rmtree(written.workdir, ignore_errors=True)
+        return
+    parity.check_artifacts(
+        written.records,
+        written.artifacts,
+        written.in_memory,
+        float_logits,
+        written.ids,
+        written.workdir,
+        text=text,
+        source_token_ids=source_ids,
+    )

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.config import QUANT_METHODS, DistillError
+from distill.errors import DistillError
+from distill.names import QUANT_METHODS
 from distill.quantize.gptq import Int4Groups
 
 

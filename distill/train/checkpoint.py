@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.config import DistillError
+from distill.errors import DistillError
 from distill.run_dir import replace_folder, staging_folder
 
 MARKER = "COMPLETE"

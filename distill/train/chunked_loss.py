@@ -74,7 +74,7 @@ def fused_head(model: nn.Module) -> Head | str:
 class _ChunkSpec:
     targets: Tensor
     teacher: Teacher | ProjectedTeacher | None
-    kd_loss: KDLoss | None
+    kd_loss: KDLoss
     kd_ratio: float
     num_tokens: float
     chunk_size: int
@@ -179,7 +179,7 @@ class _ChunkedLoss(torch.autograd.Function):
         device = inputs.device
         grads = _HeadGrads(inputs, weight, bias, ctx.needs_input_grad)
         denom = float(spec.num_tokens) if float(spec.num_tokens) > 0 else 1.0
-        kd_loss = spec.kd_loss or KDLoss()
+        kd_loss = spec.kd_loss
         use_kd = spec.teacher is not None and spec.kd_ratio > 0.0
         ce_total = torch.zeros((), dtype=torch.float32, device=device)
         kd_total = torch.zeros((), dtype=torch.float32, device=device)
@@ -236,7 +236,7 @@ def chunked_distill_loss(
     teacher: Teacher | ProjectedTeacher | None,
     *,
     head: Head | None,
-    kd_loss: KDLoss | None,
+    kd_loss: KDLoss,
     kd_ratio: float,
     num_tokens: Tensor | float | int,
     chunk_size: int,
@@ -255,8 +255,8 @@ def chunked_distill_loss(
         teacher: rows aligned with ``inputs``: ``(N, V)`` logits, a :class:`TopKTeacher`
             ``(N, k)``, a :class:`ProjectedTeacher` ``(N, Dt)``, or None (CE only).
         head: the student's output projection ``(weight (V, D), bias)`` or None.
-        kd_loss: the divergence (:func:`distill.train.losses.make_kd_loss`); None: forward
-            KL at T = 1.
+        kd_loss: the divergence with its settings (:func:`distill.train.losses.make_kd_loss`):
+            always named, so no setting falls back to a default here.
         num_tokens: the divisor (scored tokens in the accumulation window).
 
     Returns:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.config import DistillError
-from distill.models.student import TEACHER_LAYERS_ATTR, decoder_layers, num_layers_of
+from distill.errors import DistillError
+from distill.models import TEACHER_LAYERS_ATTR, decoder_layers, num_layers_of
 from distill.train.losses import reduce_masked
 
 if TYPE_CHECKING:

@@ -24,13 +24,14 @@ from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from distill.config import DistillError, PipelineConfig, TrainConfig, cache_root
-from distill.data import PackedSplits, mix_blocks, pack_token_lists, prepare_data
-from distill.evaluate.metrics import log_probs_per_batch, score_blocks
-from distill.models.load import check_vocab, load_teacher
-from distill.models.student import build_student
+from distill.caches import cache_root
+from distill.config import PipelineConfig, TrainConfig
+from distill.data import PackedSplits, mix_blocks, pack_token_lists, splits_for
+from distill.errors import DistillError
+from distill.metrics import log_probs_per_batch, score_blocks
+from distill.models import Teacher, build_student, check_vocab
 from distill.preflight import preflight
-from distill.run_dir import RunDir, replace_folder, staging_folder
+from distill.run_dir import RunDir, clear_leftovers, replace_folder, staging_folder
 from distill.train import teacher_cache
 from distill.train.checkpoint import (
     TrainerState,
@@ -44,7 +45,7 @@ from distill.train.checkpoint import (
 from distill.train.hidden_states import hidden_match
 from distill.train.losses import make_kd_loss
 from distill.train.on_policy import SampleSettings, check_sampling_supported
-from distill.train.placement import fused_heads, place_teacher
+from distill.train.placement import check_placement, fused_heads, place_teacher
 from distill.train.step import (
     StepContext,
     explain_out_of_memory,
@@ -62,8 +63,8 @@ def quick_eval(
 ) -> dict[str, float]:
     """Val perplexity, mean KL(teacher ‖ model) and top-1 agreement on ``blocks`` ``(N, T)``.
 
-    ``teacher_log_probs`` come from :func:`distill.evaluate.metrics.log_probs_per_batch` on
-    the same blocks and batch size; the figures are :mod:`distill.evaluate.metrics`'.
+    ``teacher_log_probs`` come from :func:`distill.metrics.log_probs_per_batch` on the same
+    blocks and batch size; the figures are :mod:`distill.metrics`'.
     """
     sums = score_blocks(model, blocks, batch_size, teacher_log_probs)
     return {
@@ -165,8 +166,11 @@ class _Built:
     raw_student: Any  # unwrapped: what is saved, restored and evaluated
     teacher: Any
     tokenizer: Any
-    data: PackedSplits
+    data: PackedSplits  # training blocks as trained on (the teacher's text mixed in)
+    corpus: PackedSplits  # the corpus splits alone (held-out and calibration blocks)
     optimizer: torch.optim.Optimizer
+    teacher_key: str
+    teacher_altered: bool
 
 
 @dataclass
@@ -178,18 +182,35 @@ class _EvalSet:
     batch_size: int
 
 
-def run(cfg: PipelineConfig, run_dir: Path) -> Path:
+def run(
+    cfg: PipelineConfig,
+    run_dir: Path,
+    *,
+    teacher: Teacher | None = None,
+    splits: PackedSplits | None = None,
+) -> Path:
     """Distill the configured student; return the ``final/`` folder.
 
     A run dir whose ``final/`` this config already finished is left as it is, with one log
     line: ``scripts/pipeline.py run_dir=<run>`` after ``accelerate launch scripts/distill.py``
-    goes straight on to quantizing.
+    goes straight on to quantizing. With ``train.resume=auto`` (the default) a run killed
+    midway continues from its newest complete checkpoint.
+
+    Args:
+        teacher: the run's teacher handle (loaded here on first use); a cached-teacher run
+            releases its weights after building the cache, and a run that cast or sharded
+            them for the launch releases them at its end, so later stages reload them whole.
+        splits: the run's packed corpus, prepared by a caller that ran the pre-flight checks
+            first (:func:`distill.pipeline.run`); when None, this stage runs
+            :func:`distill.preflight.preflight` and prepares them itself.
 
     Raises:
         DistillError: bad input (named), non-finite loss, out of memory, or a ``final/`` that
             another config made (see :func:`finished_state`).
     """
-    preflight(cfg)
+    teacher = teacher or Teacher(cfg.pair.teacher, cache_root(cfg))
+    if splits is None:
+        preflight(cfg, teacher)
     rd = RunDir(run_dir)
     done = finished_state(cfg, rd)
     if done is not None:
@@ -212,11 +233,15 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
         accelerator.mixed_precision,
         accelerator.device,
     )
+    check_placement(tc.teacher_placement, accelerator)  # before any weights load
     set_seed(tc.seed)
     rd.root.mkdir(parents=True, exist_ok=True)
-    built = _build(cfg, rd, accelerator)
+    clear_leftovers(rd.final)
+    built = _build(cfg, rd, accelerator, teacher, splits)
     start = _resume(cfg, rd, built)
     ctx, evals = _step_context(cfg, built, start.step)
+    if built.teacher is None:  # read from its cache from now on: not held while training
+        teacher.release()
     last_saved = _train_steps(tc, rd, built, ctx, evals, start)
 
     main = accelerator.is_main_process
@@ -234,7 +259,9 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
             final,
         )
         if tc.select_checkpoint == "best_quantized":  # final/ is whole: swap the winner in
-            _select_checkpoint(cfg, rd, built.data)
+            _select_checkpoint(cfg, rd, built.corpus)
+    if built.teacher_altered:
+        teacher.release()  # cast or sharded for the launch: later stages reload it whole
     return final
 
 
@@ -247,29 +274,37 @@ def _selection_pending(cfg: PipelineConfig, rd: RunDir) -> bool:
     )
 
 
-def _select_checkpoint(cfg: PipelineConfig, rd: RunDir, data: PackedSplits | None) -> None:
-    """``train.select_checkpoint=best_quantized`` on the run's own splits (main process);
-    with ``data`` None the selection prepares them itself."""
-    # Imported here: selection pulls in the quantize and evaluate packages, training does not.
+def _select_checkpoint(cfg: PipelineConfig, rd: RunDir, corpus: PackedSplits | None) -> None:
+    """``train.select_checkpoint=best_quantized`` on the run's own corpus splits (main
+    process); with ``corpus`` None the selection prepares them itself."""
+    # Imported here: selection pulls in the quantize stage, training does not.
     from distill.train import select_checkpoint
 
-    if data is None:
-        select_checkpoint.run(cfg, rd.root)
-    else:
-        select_checkpoint.run(cfg, rd.root, val_blocks=data.val, calib_blocks=data.train)
+    select_checkpoint.run(cfg, rd.root, splits=corpus)
 
 
-def _build(cfg: PipelineConfig, rd: RunDir, accelerator: Accelerator) -> _Built:
+def _build(
+    cfg: PipelineConfig,
+    rd: RunDir,
+    accelerator: Accelerator,
+    handle: Teacher,
+    splits: PackedSplits | None,
+) -> _Built:
     """Load the teacher, build the student, check their vocabularies, prepare the data, save
     ``student_init/`` once, make the optimizer and place both models."""
     tc = cfg.train
-    teacher, tokenizer = load_teacher(cfg.pair.teacher, cache_root(cfg))
-    data = prepare_data(cfg.data, tokenizer, cache_root(cfg))
+    teacher, tokenizer = handle.model, handle.tokenizer
+    corpus = splits_for(cfg, tokenizer, splits)
     # pair.student.num_layers alone: the main process runs (or reads) the cached greedy
     # search; the others then read its file instead of searching too.
     with accelerator.main_process_first():
         student, student_tok = build_student(
-            cfg.pair.student, teacher, tc.seed, train_blocks=data.train, cache_dir=cache_root(cfg)
+            cfg.pair.student,
+            teacher,
+            tc.seed,
+            train_blocks=corpus.train,
+            cache_dir=cache_root(cfg),
+            teacher_key=lambda: handle.weights_key,
         )
     check_vocab(
         tokenizer,
@@ -278,7 +313,7 @@ def _build(cfg: PipelineConfig, rd: RunDir, accelerator: Accelerator) -> _Built:
         int(student.config.vocab_size),
     )
     # After the student: a layer search scores the corpus blocks, whatever the training mix.
-    data = _with_teacher_text(cfg, data, teacher, tokenizer, accelerator)
+    data = _with_teacher_text(cfg, corpus, handle, accelerator)
     log.info(
         "data: %d train / %d val blocks of %d tokens",
         len(data.train),
@@ -295,23 +330,38 @@ def _build(cfg: PipelineConfig, rd: RunDir, accelerator: Accelerator) -> _Built:
         student.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay
     )
     student, optimizer = accelerator.prepare(student, optimizer)
-    teacher = place_teacher(teacher, accelerator, tc.teacher_placement)
+    placed, altered = place_teacher(teacher, accelerator, tc.teacher_placement)
     raw_student = accelerator.unwrap_model(student)
-    return _Built(accelerator, student, raw_student, teacher, tokenizer, data, optimizer)
+    key = handle.weights_key if _needs_teacher_key(cfg) else ""
+    return _Built(
+        accelerator, student, raw_student, placed, tokenizer, data, corpus, optimizer, key, altered
+    )
+
+
+def _needs_teacher_key(cfg: PipelineConfig) -> bool:
+    """The teacher cache is filed under the teacher's weights hash (hashed once per run)."""
+    return cfg.train.teacher_mode == "cached" and cfg.loss.kd_ratio > 0.0
 
 
 def _with_teacher_text(
-    cfg: PipelineConfig, data: PackedSplits, teacher: Any, tokenizer: Any, accelerator: Accelerator
+    cfg: PipelineConfig, data: PackedSplits, teacher: Teacher, accelerator: Accelerator
 ) -> PackedSplits:
     """``data`` with ``data.teacher_generated_fraction`` of its training blocks replaced by the
     teacher's own text (the main process generates it once; the others read its cache)."""
     fraction = cfg.data.teacher_generated_fraction
     if fraction == 0.0:
         return data
-    from distill.generation import training_samples
+    from distill.teacher_text import training_samples
 
+    tokenizer = teacher.tokenizer
     with accelerator.main_process_first():
-        samples = training_samples(cfg.data, teacher, tokenizer, cache_root(cfg))
+        samples = training_samples(
+            cfg.data,
+            teacher.model,
+            tokenizer,
+            cache_root(cfg),
+            teacher_weights=teacher.weights_key,
+        )
     generated = pack_token_lists(
         [s.prompt + s.completion for s in samples], tokenizer.eos_token_id, cfg.data.block_size
     )
@@ -374,6 +424,7 @@ def _step_context(
         cache = teacher_cache.prepare(
             cfg,
             built.teacher,
+            built.teacher_key,
             built.tokenizer,
             built.data.train,
             needed,
@@ -386,7 +437,8 @@ def _step_context(
     teacher = built.teacher
     teacher_eval = log_probs_per_batch(teacher, eval_blocks, eval_bs) if main else []
     if cache is not None:
-        # The eval log-probs above were its last use: free its memory.
+        # The eval log-probs above were its last use: free its memory (the run's handle
+        # reloads it when a later stage needs it).
         teacher = built.teacher = None
 
     ctx = StepContext(
@@ -395,8 +447,6 @@ def _step_context(
         optimizer=built.optimizer,
         accelerator=acc,
         kd_ratio=cfg.loss.kd_ratio,
-        temperature=cfg.loss.temperature,
-        scale_by_t2=cfg.loss.scale_by_t2,
         max_grad_norm=tc.max_grad_norm,
         kd_loss=make_kd_loss(cfg.loss),
         chunk_size=cfg.loss.chunk_size,

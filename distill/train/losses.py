@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.config import LOSSES
+from distill.names import LOSSES
 
 if TYPE_CHECKING:
     from distill.config import LossConfig
@@ -302,7 +302,7 @@ class KDLoss:
         ValueError: on call, for a ``name`` not in :data:`DIVERGENCES`.
     """
 
-    name: str = "forward_kl"
+    name: str  # always given: no divergence is chosen for the user
     temperature: float = 1.0
     scale_by_t2: bool = True
     beta: float = 0.5

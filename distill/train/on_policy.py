@@ -9,7 +9,7 @@ mismatch (exposure bias) that off-policy KD leaves alone.
 Which micro-batches are on-policy is a pure function of ``(train.seed, global micro-batch
 index, λ)`` (:func:`is_on_policy`), and each sample is drawn under a seed derived from
 ``(train.seed, step, micro-batch, rank)`` (:func:`sample_seed`) inside a forked RNG
-(:func:`distill.generation.generate`), so a resumed run samples exactly what the run
+(:func:`distill.sampling.generate`), so a resumed run samples exactly what the run
 without a stop did. The rows (:func:`sampled_rows`) mark prompt tokens and padding as
 having no target, so :func:`~distill.train.losses.scored_positions` scores exactly the
 sampled tokens, in both loss paths and in the window's token count.
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill.config import DistillError
-from distill.generation import generate, stop_ids
+from distill.errors import DistillError
+from distill.sampling import generate, pad_id
 from distill.train.losses import IGNORE_INDEX
 
 
@@ -85,7 +85,7 @@ def sampled_rows(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The student's samples after ``prompts`` ``(B, P)``, as training rows.
 
-    Generation runs under ``no_grad`` with the KV cache (:func:`distill.generation.generate`);
+    Generation runs under ``no_grad`` with the KV cache (:func:`distill.sampling.generate`);
     each completion stops after its first EOS. Rows are prompt + completion, right-padded to
     the longest (at most ``P + new_tokens``; shorter when every row stopped early).
 
@@ -104,8 +104,8 @@ def sampled_rows(
     )
     rows, width = prompts.shape[0], prompts.shape[1]
     total = width + max(len(c) for c in completions)
-    pad = (stop_ids(model) or [0])[0]  # any id: padding is masked out and comes last
-    ids = torch.full((rows, total), pad, dtype=torch.long)
+    # Masked out and last, so any id the embedding holds (the one rule: distill.sampling).
+    ids = torch.full((rows, total), pad_id(model), dtype=torch.long)
     labels = torch.full((rows, total), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((rows, total), dtype=torch.long)
     ids[:, :width] = prompts.cpu()

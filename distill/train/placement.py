@@ -10,19 +10,46 @@ import torch
 from accelerate import Accelerator
 
 from distill.config import PipelineConfig
+from distill.errors import DistillError
 from distill.train.chunked_loss import fused_head
 
 log = logging.getLogger(__name__)
 
 
-def place_teacher(teacher: Any, accelerator: Accelerator, placement: str) -> Any:
-    """Put the frozen teacher where the launch wants it.
+def check_placement(placement: str, accelerator: Accelerator) -> None:
+    """Refuse ``train.teacher_placement=shard`` where the launch shards nothing, before any
+    weights load (it would otherwise replicate the teacher and say nothing).
 
-    ``replicate``: a full copy on every device, cast to the mixed-precision dtype (it only
-    runs forward, so it needs no fp32 master weights). ``shard``: under FSDP each process
-    keeps a shard and layers are all-gathered in forward (accelerate's FSDP2 wrapper);
-    under DeepSpeed ZeRO-3 the teacher gets its own inference engine, as DeepSpeed requires
-    for a second model. Without FSDP/DeepSpeed, ``shard`` falls back to ``replicate``.
+    Raises:
+        DistillError: ``shard`` outside FSDP and DeepSpeed ZeRO-3, naming both fixes.
+    """
+    from accelerate.utils import DistributedType
+
+    if placement != "shard":
+        return
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return
+    plugin = accelerator.state.deepspeed_plugin if kind == DistributedType.DEEPSPEED else None
+    if plugin is not None and plugin.zero_stage == 3:
+        return
+    launch = f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin is not None else f"{kind.value} launch"
+    raise DistillError(
+        f"train.teacher_placement=shard under a {launch}, which shards no weights: launch with "
+        "an FSDP or DeepSpeed ZeRO-3 config (accelerate launch --config_file "
+        "configs/accelerate/fsdp.yaml) or set train.teacher_placement=replicate"
+    )
+
+
+def place_teacher(teacher: Any, accelerator: Accelerator, placement: str) -> tuple[Any, bool]:
+    """Put the frozen teacher where the launch wants it; and whether that changed it (cast to
+    another dtype or wrapped for sharding), so the run's handle reloads it for later stages.
+
+    ``replicate``: a full copy on every device, cast to the mixed-precision dtype on an
+    accelerator (it only runs forward, so it needs no fp32 master weights). ``shard`` (checked
+    by :func:`check_placement`): under FSDP each process keeps a shard and layers are
+    all-gathered in forward (accelerate's FSDP2 wrapper); under DeepSpeed ZeRO-3 the teacher
+    gets its own inference engine, as DeepSpeed requires for a second model.
     """
     from accelerate.utils import DistributedType
 
@@ -33,25 +60,22 @@ def place_teacher(teacher: Any, accelerator: Accelerator, placement: str) -> Any
 
         if dtype is not None:
             teacher.to(dtype)
-        return fsdp2_prepare_model(accelerator, teacher).eval()
+        return fsdp2_prepare_model(accelerator, teacher).eval(), True
     if placement == "shard" and kind == DistributedType.DEEPSPEED:
         import deepspeed
 
-        plugin = accelerator.state.deepspeed_plugin
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
             "bf16": {"enabled": dtype is torch.bfloat16},
             "fp16": {"enabled": dtype is torch.float16},
         }
-        if plugin is not None and plugin.zero_stage != 3:
-            log.info("teacher_placement=shard needs ZeRO-3; replicating the teacher instead")
-        else:
-            engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
-            return engine.module.eval()
-    if dtype is not None and accelerator.device.type != "cpu":
+        engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
+        return engine.module.eval(), True
+    cast = dtype is not None and accelerator.device.type != "cpu"
+    if cast:
         teacher.to(dtype)
-    return teacher.to(accelerator.device)
+    return teacher.to(accelerator.device), cast
 
 
 def fused_heads(

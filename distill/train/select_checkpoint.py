@@ -5,7 +5,7 @@ A later checkpoint can have the lower float perplexity and still quantize worse 
 grow outliers as training goes on), and the quantized model is what gets deployed. Each
 complete checkpoint kept in ``checkpoints/`` is quantized with the first of
 ``quant.methods`` exactly as the quantize stage will ship it (GPTQ calibration, embedding
-bits, group size and compute dtype: :func:`distill.quantize.stage.quantize_variant`) and
+bits, group size and compute dtype: :func:`distill.quantize.quantize_variant`) and
 scored on held-out blocks; the winner's weights become ``final/``. Only kept checkpoints
 compete: raise ``train.keep_last_n_checkpoints`` to consider more.
 
@@ -23,8 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.config import DistillError, PipelineConfig, cache_root
-from distill.evaluate.metrics import perplexity
+from distill.config import PipelineConfig
+from distill.data import PackedSplits, splits_for
+from distill.errors import DistillError
+from distill.metrics import perplexity
+from distill.models import load_tokenizer
 from distill.run_dir import RunDir, replace_folder, staging_folder, write_json_atomic
 from distill.train.checkpoint import complete_checkpoints
 
@@ -35,18 +38,13 @@ SELECTION_FILE = "checkpoint_selection.json"
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
-def run(
-    cfg: PipelineConfig,
-    run_dir: Path,
-    val_blocks: torch.Tensor | None = None,
-    calib_blocks: torch.Tensor | None = None,
-) -> dict:
+def run(cfg: PipelineConfig, run_dir: Path, splits: PackedSplits | None = None) -> dict:
     """Score every kept checkpoint's quantized form; copy the best one's weights to final/.
 
     Args:
-        val_blocks: held-out blocks ``(N, T)``; by default the run's validation split
-            (the first ``eval.max_blocks`` are scored).
-        calib_blocks: GPTQ calibration blocks ``(N, T)``; by default the run's training split.
+        splits: the run's corpus splits (prepared here when None): the first
+            ``eval.max_blocks`` validation blocks are scored, the training blocks calibrate
+            GPTQ.
 
     Returns:
         ``{"selected": checkpoint name, "by": ..., "scores": [{"checkpoint", "method",
@@ -65,7 +63,8 @@ def run(
     if not cfg.quant.methods:
         raise DistillError("train.select_checkpoint=best_quantized needs quant.methods")
     method = cfg.quant.methods[0]
-    val_blocks, calib_blocks = _blocks(cfg, rd, val_blocks, calib_blocks)
+    splits = splits_for(cfg, load_tokenizer(str(rd.final)), splits)
+    val_blocks, calib_blocks = splits.val, splits.train
     if cfg.eval.max_blocks is not None:
         val_blocks = val_blocks[: cfg.eval.max_blocks]
 
@@ -98,7 +97,7 @@ def quantize_checkpoint(
     """
     from transformers import AutoModelForCausalLM
 
-    from distill.quantize.stage import calibrate, quantize_variant
+    from distill.quantize import calibrate, quantize_variant
 
     method = cfg.quant.methods[0]
     src = dst / "src"
@@ -112,26 +111,6 @@ def quantize_checkpoint(
     del float_model
     _, model = quantize_variant(cfg, src, dst / "q", method, calibrated)
     return model
-
-
-def _blocks(
-    cfg: PipelineConfig,
-    rd: RunDir,
-    val_blocks: torch.Tensor | None,
-    calib_blocks: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Held-out and calibration blocks: as given, else the run's validation / training split."""
-    from distill.quantize.stage import calibration_group_sizes
-
-    needs_calibration = bool(calibration_group_sizes(cfg, cfg.quant.methods[:1], []))
-    if val_blocks is None or (calib_blocks is None and needs_calibration):
-        from distill.data import prepare_data
-        from distill.models.load import load_tokenizer
-
-        splits = prepare_data(cfg.data, load_tokenizer(str(rd.final)), cache_root(cfg))
-        val_blocks = splits.val if val_blocks is None else val_blocks
-        calib_blocks = splits.train if calib_blocks is None else calib_blocks
-    return val_blocks, calib_blocks
 
 
 def _install(rd: RunDir, chosen: Path) -> None:

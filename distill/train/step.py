@@ -19,8 +19,9 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from distill.config import DistillError, TrainConfig
+from distill.config import TrainConfig
 from distill.data import batch_indices
+from distill.errors import DistillError
 from distill.train.chunked_loss import chunked_distill_loss
 from distill.train.hidden_states import HiddenMatch, capture_outputs, hidden_state_loss
 from distill.train.losses import (
@@ -80,11 +81,10 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     accelerator: Accelerator
     kd_ratio: float
-    temperature: float
-    scale_by_t2: bool
     max_grad_norm: float
-    # The divergence with its settings bound (distill.train.losses.make_kd_loss); None: forward KL.
-    kd_loss: KDLoss | None = None
+    # The divergence with its settings bound (distill.train.losses.make_kd_loss): always named
+    # by the config, never a silent default.
+    kd_loss: KDLoss
     # Positions per chunk of the memory-bounded loss (None: the plain form), and the output
     # projections it is fused with (None: that model's logits are made whole first).
     chunk_size: int | None = None
@@ -145,7 +145,7 @@ def _logit_loss(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, ce, kd, valid)``: the blended logit loss ``(1 - kd_ratio) * ce + kd_ratio *
     kd`` over the scored positions ``valid`` ``(B, T-1)``, chunked or plain."""
-    kd_loss = ctx.kd_loss or KDLoss("forward_kl", ctx.temperature, ctx.scale_by_t2)
+    kd_loss = ctx.kd_loss
     valid = scored_positions(batch.labels, batch.attention_mask)
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if ctx.chunk_size is not None:

@@ -25,30 +25,40 @@ interrupted build leaves complete shards behind and resumes from them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from distill.config import DistillError, PipelineConfig, TrainConfig, cache_root
+from distill.caches import (
+    MANIFEST,
+    CacheError,
+    CacheMismatchError,
+    cache_root,
+    check_manifest,
+    claim,
+    manifest_key,
+)
+from distill.config import PipelineConfig, TrainConfig
 from distill.data import batch_indices, blocks_hash, tokenizer_fingerprint
-from distill.models.footprint import weights_hash
-from distill.run_dir import manifest_differences, process_tag
+from distill.models import weights_hash
 from distill.train.chunked_loss import Head, fused_head
 from distill.train.losses import TopKTeacher
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "CacheMismatchError", "TeacherCache", "TeacherCacheError"]
+
 FORMAT_VERSION = 1
+# What the cache folders are called in messages, and the setting that points elsewhere.
+WHAT = "teacher cache"
+FIX = "train.teacher_cache_dir"
 # Rows of blocks per shard file are chosen to make shards about this size.
 SHARD_BYTES = 64 << 20
 # Above this many batch_indices() calls, a run caches every block instead of working out
@@ -56,16 +66,8 @@ SHARD_BYTES = 64 << 20
 _MAX_SCHEDULE_CALLS = 2000
 
 
-class TeacherCacheError(DistillError):
+class TeacherCacheError(CacheError):
     """A teacher cache cannot be used."""
-
-
-class CacheMismatchError(TeacherCacheError):
-    """The cache was built for another teacher, tokenizer, corpus, block size, k or temperature."""
-
-    def __init__(self, message: str, mismatched: list[str]) -> None:
-        super().__init__(message)
-        self.mismatched = mismatched
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,6 @@ class CacheManifest:
     temperature: float
     vocab_size: int
     format: int = FORMAT_VERSION
-
-    def key(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def id_dtype(self) -> torch.dtype:
         return torch.uint16 if self.vocab_size <= 1 << 16 else torch.int32
@@ -100,8 +98,12 @@ def manifest_for(
     train_blocks: Tensor,
     top_k: int,
     temperature: float,
+    teacher_key: str | None = None,
 ) -> CacheManifest:
     """The manifest a cache for this teacher, data and loss setting must carry.
+
+    ``teacher_key`` is the teacher's weights hash when the caller has it (the run's
+    :class:`~distill.models.Teacher` computes it once); hashed here when None.
 
     Raises:
         TeacherCacheError: ``top_k`` exceeds the teacher's vocabulary.
@@ -113,7 +115,7 @@ def manifest_for(
             f"size {vocab}"
         )
     return CacheManifest(
-        teacher_weights=weights_hash(teacher),
+        teacher_weights=teacher_key or weights_hash(teacher),
         tokenizer=tokenizer_fingerprint(tokenizer),
         data=blocks_hash(train_blocks),
         block_size=int(train_blocks.shape[1]),
@@ -127,55 +129,7 @@ def cache_path(cfg: PipelineConfig, manifest: CacheManifest) -> Path:
     """``train.teacher_cache_dir`` when set, else ``cache_root/teacher_logits/<key>``."""
     if cfg.train.teacher_cache_dir:
         return Path(cfg.train.teacher_cache_dir).expanduser()
-    return cache_root(cfg) / "teacher_logits" / manifest.key()
-
-
-def check_manifest(path: Path, expected: CacheManifest) -> None:
-    """Refuse a cache built from anything else than ``expected`` describes.
-
-    Raises:
-        TeacherCacheError: no manifest in ``path``.
-        CacheMismatchError: naming every field that differs, with both values.
-    """
-    file = path / MANIFEST
-    if not file.exists():
-        raise TeacherCacheError(f"{path} holds no {MANIFEST}: it is not a teacher cache")
-    mismatched, detail = manifest_differences(file, expected)
-    if mismatched:
-        raise CacheMismatchError(
-            f"teacher cache {path} was built for another run ({detail}): leave "
-            "train.teacher_cache_dir null to get a cache keyed by this run, or point it at "
-            "another folder",
-            mismatched,
-        )
-
-
-def _write_manifest(path: Path, manifest: CacheManifest) -> None:
-    """Write ``path``'s manifest, first writer wins; check the one already there otherwise.
-
-    Two runs sharing ``cache_dir`` may build the same cache at once: the manifest is
-    hard-linked into place, which fails when another process linked its copy first, and
-    that copy is then checked like any existing one (so two runs for *different* caches in
-    one explicit folder cannot overwrite each other's manifest). Hidden names are the
-    temporary files of such a concurrent writer, not foreign content.
-    """
-    path.mkdir(parents=True, exist_ok=True)
-    if (path / MANIFEST).exists():
-        check_manifest(path, manifest)
-        return
-    if any(not p.name.startswith(".") for p in path.iterdir()):
-        raise TeacherCacheError(
-            f"{path} is not empty and holds no {MANIFEST}: give train.teacher_cache_dir an "
-            "empty or new folder"
-        )
-    tmp = path / f".{MANIFEST}.{process_tag()}"
-    tmp.write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
-    try:
-        os.link(tmp, path / MANIFEST)
-    except FileExistsError:
-        check_manifest(path, manifest)
-    finally:
-        tmp.unlink()
+    return cache_root(cfg) / "teacher_logits" / manifest_key(manifest)
 
 
 class TeacherCache:
@@ -201,7 +155,7 @@ class TeacherCache:
         Raises:
             TeacherCacheError / CacheMismatchError: see :func:`check_manifest`.
         """
-        check_manifest(path, expected)
+        check_manifest(path, expected, what=WHAT, fix=FIX)
         return cls(path, expected)
 
     def missing(self, block_ids: list[int]) -> list[int]:
@@ -292,7 +246,7 @@ def build_cache(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    _write_manifest(path, manifest)
+    claim(path, manifest, what=WHAT, fix=FIX)
     wanted = list(range(len(train_blocks))) if block_ids is None else block_ids
     todo = TeacherCache(path, manifest).missing(wanted)
     if not todo:
@@ -366,6 +320,7 @@ def blocks_for_steps(num_blocks: int, tc: TrainConfig, world: int, start_step: i
 def prepare(
     cfg: PipelineConfig,
     teacher: torch.nn.Module,
+    teacher_key: str,
     tokenizer: Any,
     train_blocks: Tensor,
     block_ids: list[int] | None,
@@ -380,11 +335,11 @@ def prepare(
         on every process, before any work.
     """
     manifest = manifest_for(
-        teacher, tokenizer, train_blocks, cfg.train.teacher_top_k, cfg.loss.temperature
+        teacher, tokenizer, train_blocks, cfg.train.teacher_top_k, cfg.loss.temperature, teacher_key
     )
     path = cache_path(cfg, manifest)
     if (path / MANIFEST).exists():
-        check_manifest(path, manifest)
+        check_manifest(path, manifest, what=WHAT, fix=FIX)
     if is_main:
         added = build_cache(
             path,
@@ -408,7 +363,7 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
         ``train.teacher_cache_dir``.
     """
     from distill.data import check_data_inputs, prepare_data
-    from distill.models.load import load_teacher
+    from distill.models import load_teacher
 
     check_data_inputs(cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.train.chunked_loss import fused_head
-from distill.train.losses import TopKTeacher
+from distill.train.losses import KDLoss, TopKTeacher
 from distill.train.step import Batch, StepContext, train_step
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -150,9 +150,8 @@ def main() -> int:
             optimizer=optimizer,
             accelerator=accelerator,
             kd_ratio=0.0 if mode == "ce" else 1.0,
-            temperature=1.0,
-            scale_by_t2=True,
             max_grad_norm=1.0,
+            kd_loss=KDLoss("forward_kl"),
             chunk_size=chunk,
             student_head=heads[0],
             teacher_head=heads[1],

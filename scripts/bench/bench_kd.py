@@ -44,9 +44,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill.config import DataConfig, LossConfig, StudentConfig, TeacherConfig, TrainConfig
 from distill.data import prepare_data
-from distill.evaluate.metrics import perplexity
-from distill.models.load import load_teacher
-from distill.models.student import build_student
+from distill.metrics import perplexity
+from distill.models import build_student, load_teacher
 from distill.train.chunked_loss import chunked_distill_loss, fused_head
 from distill.train.hidden_states import hidden_match
 from distill.train.losses import (
@@ -290,8 +289,6 @@ def main() -> None:
             optimizer=optimizer,
             accelerator=accelerator,
             kd_ratio=kd_ratio,
-            temperature=loss_cfg.temperature,
-            scale_by_t2=loss_cfg.scale_by_t2,
             max_grad_norm=1.0,
             kd_loss=make_kd_loss(loss_cfg),
             chunk_size=chunk,

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distill.models.footprint import param_count, weight_bytes
+from distill.models import param_count, weight_bytes
 
 
 @dataclass
@@ -157,7 +157,7 @@ def load_variants(run_dir: Path, methods: list[str], gguf_types: list[str]) -> l
     """
     from transformers import AutoModelForCausalLM
 
-    from distill.models.conv1d import load_causal_lm
+    from distill.models import load_causal_lm
     from distill.quantize.gguf import gguf_tensor_bytes
     from distill.run_dir import RunDir, variants
 
@@ -403,9 +403,8 @@ def prepare_from_teacher(run_dir: Path, cfg: Any) -> None:
     A stand-in for a finished run when only speed and bytes are wanted: ``run_dir/final``
     is the untrained cut student, ``run_dir/quantized`` its variants (parity-checked).
     """
-    from distill.config import cache_root
-    from distill.models.load import load_teacher
-    from distill.models.student import build_student
+    from distill.caches import cache_root
+    from distill.models import build_student, load_teacher
     from distill.quantize import stage as quantize
 
     if not (run_dir / "final" / "config.json").is_file():
@@ -442,8 +441,7 @@ def llama_cpp_rows(
     from transformers import AutoConfig
 
     from distill.evaluate.memory import kv_cache_bytes_per_token
-    from distill.models.llama_cpp import gguf_speed, llama_cpp_problem, runtime_name
-    from distill.quantize.gguf import gguf_tensor_bytes
+    from distill.models import llama_cpp_problem, open_gguf, runtime_name
     from distill.run_dir import RunDir
 
     config = AutoConfig.from_pretrained(str(RunDir(run_dir).final))
@@ -453,12 +451,13 @@ def llama_cpp_rows(
     rows = []
     for t in gguf_types:
         path = RunDir(run_dir).gguf_file(t)
-        read = gguf_tensor_bytes(path) + kv
         name = f"student-gguf-{t}"
         if problem:
-            rows.append(DeployedRow(name, "llama.cpp", None, read, problem))
+            rows.append(DeployedRow(name, "llama.cpp", None, path.stat().st_size + kv, problem))
             continue
-        r = gguf_speed(path, prompt[0], new_tokens, repeats, threads)
+        with open_gguf(path, n_ctx=prompt.shape[1] + new_tokens, threads=threads) as rt:
+            read = rt.tensor_bytes() + kv
+            r = rt.speed(prompt[0], new_tokens, repeats)
         rows.append(DeployedRow(name, runtime_name(), r["decode_tokens_per_s"], read))
     return rows
 

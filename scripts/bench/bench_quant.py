@@ -20,7 +20,8 @@ import bench_lib as bench
 import torch
 
 from distill import cli  # noqa: F401  (cli registers the config schema)
-from distill.config import QUANT_METHODS, PipelineConfig, to_pipeline_config
+from distill.config import PipelineConfig, to_pipeline_config
+from distill.names import QUANT_METHODS
 
 
 def default_config(overrides: list[str]) -> PipelineConfig:

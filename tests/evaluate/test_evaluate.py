@@ -18,9 +18,12 @@ from distill.config import (
     StudentConfig,
     TeacherConfig,
 )
+from distill.data import PackedSplits
 from distill.evaluate import report as report_files
 from distill.evaluate import stage as evaluate
+from distill.evaluate.rows import evaluate_variant
 from distill.evaluate.stage import EvalError
+from distill.models import Teacher
 from distill.quantize.folder import quantize_folder
 from tests.conftest import REPORT_FIELDS, WORD_VOCAB, tiny_tokenizer
 from tests.conftest import word_llama as tiny_model
@@ -87,13 +90,12 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path, tmp_path: Path) -> 
     cfg = tiny_config(tmp_path)
     torch.manual_seed(3)
     val = torch.randint(0, 128, (6, 16))
-    report = evaluate.run(
-        cfg, tiny_run, teacher=tiny_model(0), tokenizer=tiny_tokenizer(), val_blocks=val
-    )
+    teacher = Teacher.of(tiny_model(0), tiny_tokenizer())
+    report = evaluate.run(cfg, tiny_run, teacher=teacher, splits=PackedSplits(val, val))
 
     on_disk = json.loads((tiny_run / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert set(on_disk) == {"variants", "fidelity", "training", "machine", "config"}
+    assert set(on_disk) == {"variants", "fidelity", "training", "machine", "config", "stamp"}
     assert set(on_disk["fidelity"]) == {"teacher_text", "generation"}
     bandwidth = on_disk["machine"]["bandwidth_bytes_per_s"]
     assert bandwidth > 1e8
@@ -152,35 +154,33 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path, tmp_path: Path) -> 
 
 
 def test_missing_final_names_the_fix(tmp_path: Path) -> None:
+    teacher = Teacher.of(tiny_model(0), tiny_tokenizer())
     with pytest.raises(EvalError, match="scripts/distill.py"):
-        evaluate.run(
-            tiny_config(tmp_path), tmp_path, teacher=tiny_model(0), val_blocks=torch.zeros(1, 4)
-        )
+        evaluate.run(tiny_config(tmp_path), tmp_path, teacher=teacher)
 
 
 def test_evaluate_variant_rejects_misaligned_teacher_batches() -> None:
     model = tiny_model(0)
     blocks = torch.randint(0, 128, (4, 8))
     with pytest.raises(ValueError, match="same blocks and batch size"):
-        evaluate.evaluate_variant(
-            "x", model, blocks, [torch.zeros(4, 8, VOCAB)], EvalConfig(batch_size=2)
-        )
+        evaluate_variant("x", model, blocks, [torch.zeros(4, 8, VOCAB)], EvalConfig(batch_size=2))
 
 
 def test_run_loads_teacher_and_data_when_not_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import distill.data
-    import distill.models.load
-    from distill.config import cache_root
+    import distill.models.teacher
+    from distill.caches import cache_root
 
     cfg = tiny_config(tmp_path / "cache", fidelity=[])
     tokenizer = tiny_tokenizer()
     calls: dict[str, object] = {}
+    real_load = distill.models.teacher.load_model
 
-    def fake_load_teacher(teacher_cfg, cache_dir):
-        calls["teacher"] = (teacher_cfg, cache_dir)
-        return tiny_model(0), tokenizer
+    def fake_load_model(source, **kwargs):
+        calls["teacher"] = source
+        return tiny_model(0)
 
     def fake_prepare_data(data_cfg, tok, cache_dir):
         calls["data"] = (data_cfg, tok, cache_dir)
@@ -188,12 +188,14 @@ def test_run_loads_teacher_and_data_when_not_given(
             train=torch.zeros(1, 16).long(), val=torch.ones(3, 16).long()
         )
 
-    monkeypatch.setattr(distill.models.load, "load_teacher", fake_load_teacher)
+    monkeypatch.setattr(distill.models.teacher, "load_model", fake_load_model)
+    monkeypatch.setattr(distill.models.teacher, "teacher_source", lambda cfg, cache: "tiny")
+    monkeypatch.setattr(distill.models.teacher, "load_tokenizer", lambda src, **kw: tokenizer)
     monkeypatch.setattr(distill.data, "prepare_data", fake_prepare_data)
     tiny_model(2, 1).save_pretrained(str(tmp_path / "final"))
     report = evaluate.run(cfg, tmp_path)
-
-    assert calls["teacher"] == (cfg.pair.teacher, cache_root(cfg))
+    assert real_load is not fake_load_model
+    assert calls["teacher"] == "tiny"
     assert calls["data"] == (cfg.data, tokenizer, cache_root(cfg))
     # No student_init/ and no quantized/: only what exists is evaluated.
     assert [v["name"] for v in report["variants"]] == ["teacher", "student"]

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import distill.generation
+import distill.evaluate.fidelity
+import distill.sampling
+import distill.teacher_text
+from distill.caches import CacheMismatchError
 from distill.config import (
     DataConfig,
     EvalConfig,
@@ -22,10 +25,13 @@ from distill.config import (
     StudentConfig,
     TeacherConfig,
 )
+from distill.data import PackedSplits
 from distill.evaluate import report as report_files
 from distill.evaluate import stage as evaluate
-from distill.evaluate.fidelity import FidelityError, pad_samples
-from distill.generation import GenerationCacheMismatch, Sample
+from distill.evaluate.answers import pad_samples
+from distill.evaluate.extra_corpora import FidelityError
+from distill.models import Teacher
+from distill.teacher_text import Sample
 from tests.conftest import WORD_VOCAB, tiny_llama, tiny_tokenizer, word_llama
 
 # A chat template over the word vocabulary: the user turn between w1 and w2, the answer
@@ -103,13 +109,44 @@ def config(corpus: Path, cache: Path, **eval_overrides) -> PipelineConfig:
 
 def _evaluate(cfg: PipelineConfig, run_dir: Path, teacher=None, tokenizer=None) -> dict:
     val = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    (run_dir / "report.json").unlink(missing_ok=True)  # each call evaluates again
+    model = teacher if teacher is not None else word_llama(0)
     return evaluate.run(
         cfg,
         run_dir,
-        teacher=teacher if teacher is not None else word_llama(0),
-        tokenizer=tokenizer or tiny_tokenizer(),
-        val_blocks=val,
+        teacher=Teacher.of(model, tokenizer or tiny_tokenizer()),
+        splits=PackedSplits(train=val, val=val),
     )
+
+
+def _teacher_nll(prompts: list[list[int]], answers: list[list[int]]) -> float:
+    """The teacher's mean NLL (nats) of ``answers`` after ``prompts``, computed here token by
+    token with a plain forward: the figure the generation set must report."""
+    teacher = word_llama(0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, answers, strict=True):
+            ids = torch.tensor([prompt + answer])
+            log_probs = torch.log_softmax(teacher(input_ids=ids).logits[0].double(), -1)
+            for i, token in enumerate(answer):
+                total -= float(log_probs[len(prompt) + i - 1, token])
+                count += 1
+    return total / count
+
+
+def _greedy(model, prompts: list[list[int]], new_tokens: int, stop: int = 129) -> list[list[int]]:
+    """Greedy answers by hand, one prompt at a time, up to and including ``stop``."""
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(new_tokens):
+                token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+                ids.append(token)
+                if token == stop:
+                    break
+            out.append(ids[len(prompt) :])
+    return out
 
 
 def test_pad_samples_masks_prompts_and_padding() -> None:
@@ -166,10 +203,20 @@ def test_a_variant_identical_to_the_teacher_is_faithful_on_every_set(
     other = rows["student_init"]["fidelity"]
     assert other["teacher_text"]["kl_to_teacher"] > 0.01
     assert other["extra:notes.txt"]["kl_to_teacher"] > 0.01
-    assert other["generation"]["teacher_nll_ratio"] != pytest.approx(1.0, rel=1e-3)
-    assert other["generation"]["teacher_nll_ratio"] == pytest.approx(
-        other["generation"]["teacher_nll"] / report["fidelity"]["generation"]["teacher_nll"]
-    )
+    # The generation set, recomputed here from scratch: the variant's own greedy answers, and
+    # the *teacher's* NLL of them (a variant scoring its own answers, or the teacher answering
+    # in its place, gives other numbers), over the teacher's NLL of its own answers.
+    from distill.evaluate.fidelity import fidelity_inputs
+    from distill.models import load_causal_lm
+
+    prompts = [list(p.tokens) for p in fidelity_inputs(cfg, tokenizer).generation]
+    variant = load_causal_lm(run_dir / "student_init").eval()
+    want_nll = _teacher_nll(prompts, _greedy(variant, prompts, cfg.eval.generation_tokens))
+    own_nll = _teacher_nll(prompts, _greedy(word_llama(0), prompts, cfg.eval.generation_tokens))
+    assert other["generation"]["teacher_nll"] == pytest.approx(want_nll, rel=1e-4)
+    assert report["fidelity"]["generation"]["teacher_nll"] == pytest.approx(own_nll, rel=1e-4)
+    assert other["generation"]["teacher_nll_ratio"] == pytest.approx(want_nll / own_nll, rel=1e-4)
+    assert abs(want_nll / own_nll - 1.0) > 0.05  # far enough from 1 to tell the two apart
 
     # report.md: the fidelity table right after the headline, one line per set.
     md = (run_dir / "report.md").read_text()
@@ -197,21 +244,32 @@ def test_teacher_text_is_cached_and_refused_for_another_teacher(
     # No continuation prompts need a template: without one every prompt is a continuation.
     assert {s["kind"] for s in json.loads(cached.read_text())} == {"continuation"}
 
-    real = distill.generation.generate
+    real = distill.sampling.generate
     temperatures: list[float] = []
 
     def counting(model, prompts, **kwargs):
         temperatures.append(kwargs["temperature"])
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(distill.generation, "generate", counting)
+    monkeypatch.setattr(distill.sampling, "generate", counting)
+    monkeypatch.setattr(distill.teacher_text, "generate", counting)
+    scored: list[int] = []
+    real_nll = distill.evaluate.fidelity.answers_nll
+
+    def counting_nll(*args, **kwargs):
+        scored.append(1)
+        return real_nll(*args, **kwargs)
+
+    monkeypatch.setattr(distill.evaluate.fidelity, "answers_nll", counting_nll)
     second = _evaluate(cfg, run_dir)
-    # The teacher's text and greedy answers come from the caches; only the two variants answer.
+    # The teacher's text and greedy answers come from the caches, and so does the teacher's
+    # NLL of its own answers: only the two variants answer, and only their answers are scored.
     assert temperatures == [0.0, 0.0]
+    assert len(scored) == 2
     assert cached.stat().st_mtime_ns == stamp
     for a, b in zip(first["variants"], second["variants"], strict=True):
         assert a["fidelity"]["teacher_text"] == pytest.approx(b["fidelity"]["teacher_text"])
-    with pytest.raises(GenerationCacheMismatch) as err:
+    with pytest.raises(CacheMismatchError) as err:
         _evaluate(cfg, run_dir, teacher=word_llama(5))
     assert "teacher_weights" in err.value.mismatched
 
@@ -241,7 +299,7 @@ def test_sets_can_be_turned_off_and_a_missing_extra_corpus_fails_first(
 
 
 def test_repeated_ngrams_show_a_loop() -> None:
-    from distill.evaluate.fidelity import repeated_ngram_share
+    from distill.evaluate.answers import repeated_ngram_share
 
     assert repeated_ngram_share([(1, 2, 3, 4, 5, 6)]) == 0.0
     loop = (7, 8) * 6  # 12 tokens, 9 4-grams, only 2 distinct

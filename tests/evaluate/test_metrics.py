@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.evaluate.metrics import (
+from distill.metrics import (
     ScoreSums,
     blocks_problem,
     log_probs_per_batch,

@@ -8,9 +8,10 @@ from transformers import PreTrainedModel
 
 from distill.config import StudentConfig
 from distill.models import layer_cache, layer_search
+from distill.models.build import build_student
 from distill.models.layer_search import greedy_layer_drop
 from distill.models.load import ModelError, freeze
-from distill.models.student import build_student, decoder_layers
+from distill.models.student import decoder_layers
 from tests.conftest import tiny_llama
 
 VOCAB = 96

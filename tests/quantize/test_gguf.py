@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaConfig, LlamaConfig
 
-from distill.config import DistillError
+from distill.errors import DistillError
 from distill.quantize.gguf import (
     GGUFExportError,
     export_gguf,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GemmaConfig, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
-from distill.config import DistillError
+from distill.errors import DistillError
 from distill.quantize.gguf_arch import (
     LAYOUTS,
     GGUFExportError,

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from distill.config import (
-    GGUF_TYPES,
+    EvalConfig,
     PairConfig,
     PipelineConfig,
     QuantConfig,
     StudentConfig,
     TeacherConfig,
 )
+from distill.data import PackedSplits
+from distill.names import GGUF_TYPES
 from distill.quantize import parity
 from distill.quantize.parity import ParityError
 from distill.quantize.stage import run
@@ -44,7 +46,11 @@ def _cfg(gguf: list[str]) -> PipelineConfig:
             student=StudentConfig(num_layers=1),
         ),
         quant=QuantConfig(methods=[], gguf=gguf, calibration="none"),
+        eval=EvalConfig(teacher_gguf=False),  # the teacher's file: tests/evaluate/test_llama_cpp
     )
+
+
+SPLITS = PackedSplits(train=VAL, val=VAL)
 
 
 def _run_dir(src: Path, tmp_path: Path) -> Path:
@@ -57,13 +63,23 @@ def _records(run_dir: Path) -> dict[str, dict]:
     return {r["method"]: r for r in records}
 
 
+def _failed_records(run_dir: Path, message: str) -> dict[str, dict]:
+    """After a failed check quantized/ is not there; the records wait in the staging folder
+    the message names."""
+    assert not (run_dir / "quantized").exists()
+    (staging,) = run_dir.glob(".staging-quantized-*")
+    assert str(staging) in message
+    records = json.loads((staging / "quantize.json").read_text())
+    return {r["method"]: r for r in records}
+
+
 def test_every_gguf_type_has_measured_limits() -> None:
     assert set(parity.LLAMA_CPP_LIMITS) == {gguf_key(t) for t in GGUF_TYPES}
 
 
 def test_gguf_files_pass_in_llama_cpp_within_their_limits(src: Path, tmp_path: Path) -> None:
     run_dir = _run_dir(src, tmp_path)
-    run(_cfg(["f16", "q8_0"]), run_dir, val_blocks=VAL)
+    run(_cfg(["f16", "q8_0"]), run_dir, splits=SPLITS)
     records = _records(run_dir)
     for method in ("gguf-f16", "gguf-q8_0"):
         par = records[method]["parity"]
@@ -104,11 +120,11 @@ def test_a_file_past_its_limits_fails_the_stage_naming_it(
     monkeypatch.setattr(gguf_module, "export_gguf", export_then_corrupt)
     run_dir = _run_dir(src, tmp_path)
     with pytest.raises(ParityError) as err:
-        run(_cfg(["f16", "q8_0"]), run_dir, val_blocks=VAL)
+        run(_cfg(["f16", "q8_0"]), run_dir, splits=SPLITS)
     message = str(err.value)
-    assert "quantized/gguf/student-q8_0.gguf: max |logit - in-memory logit|" in message
-    assert "KL to the in-memory model" in message and "student-f16" not in message
-    records = _records(run_dir)  # written whatever the verdict
+    assert "/gguf/student-q8_0.gguf: max |logit - in-memory logit|" in message
+    assert "KL to the in-memory model" in message and "student-f16.gguf" not in message
+    records = _failed_records(run_dir, message)  # written whatever the verdict
     assert records["gguf-f16"]["parity"]["passed"] is True
     assert records["gguf-q8_0"]["parity"]["passed"] is False
 
@@ -127,9 +143,9 @@ def test_a_file_llama_cpp_refuses_fails_with_its_reason(
 
     monkeypatch.setattr(gguf_module, "export_gguf", export_then_truncate)
     run_dir = _run_dir(src, tmp_path)
-    with pytest.raises(ParityError, match="student-q8_0.gguf: llama.cpp could not load"):
-        run(_cfg(["q8_0"]), run_dir, val_blocks=VAL)
-    par = _records(run_dir)["gguf-q8_0"]["parity"]
+    with pytest.raises(ParityError, match="student-q8_0.gguf: llama.cpp could not load") as err:
+        run(_cfg(["q8_0"]), run_dir, splits=SPLITS)
+    par = _failed_records(run_dir, str(err.value))["gguf-q8_0"]["parity"]
     assert par["passed"] is False and "failed to read" in par["error"]
 
 
@@ -138,7 +154,7 @@ def test_without_llama_cpp_gguf_parity_is_not_checked_and_the_stage_goes_on(
 ) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
     run_dir = _run_dir(src, tmp_path)
-    records = run(_cfg(["q8_0"]), run_dir, val_blocks=VAL)
+    records = run(_cfg(["q8_0"]), run_dir, splits=SPLITS)
     par = records[0]["parity"]
     assert par["passed"] is None and par["checked_in"] is None
     assert par["not_checked"].startswith("not checked: llama-cpp-python is not importable")

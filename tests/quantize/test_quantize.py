@@ -21,13 +21,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from distill.config import (
-    DistillError,
+    EvalConfig,
     PairConfig,
     PipelineConfig,
     QuantConfig,
     StudentConfig,
     TeacherConfig,
 )
+from distill.data import PackedSplits
+from distill.errors import DistillError
 from distill.models.footprint import tensor_bytes
 from distill.quantize.folder import quantize_folder, quantize_to_folder
 from distill.quantize.parity import ParityError
@@ -287,36 +289,40 @@ def _cfg(methods: list[str], gguf: list[str]) -> PipelineConfig:
             student=StudentConfig(num_layers=1),
         ),
         quant=QuantConfig(methods=methods, include_embeddings=True, gguf=gguf),
+        eval=EvalConfig(teacher_gguf=False),  # the teacher's file: tests/evaluate/test_llama_cpp
     )
 
 
 VAL = torch.arange(64).reshape(4, 16) * 5 % VOCAB
 CALIB = torch.arange(128).reshape(8, 16) * 7 % VOCAB
+SPLITS = PackedSplits(train=CALIB, val=VAL)
 
 
 def test_run_writes_every_artifact_with_parity(llama_src: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(llama_src, run_dir / "final")
-    run(
-        _cfg([METHOD, "int4_weight_only"], ["q8_0", "q4_0"]),
-        run_dir,
-        val_blocks=VAL,
-        calib_blocks=CALIB,
-    )
-    # A second run replaces the first run's artifacts whole, and drops a GGUF no longer asked.
-    results = run(_cfg([METHOD], ["q4_0"]), run_dir, val_blocks=VAL, calib_blocks=CALIB)
+    run(_cfg([METHOD, "int4_weight_only"], ["q8_0", "q4_0"]), run_dir, splits=SPLITS)
+    # Another config replaces the first run's quantized/ whole: nothing it no longer asks for
+    # is left behind.
+    results = run(_cfg([METHOD], ["q4_0"]), run_dir, splits=SPLITS)
     summary = json.loads((run_dir / "quantized" / "quantize.json").read_text())
     assert summary == json.loads(json.dumps(results))
     assert [r["method"] for r in summary] == [METHOD, "gguf-q4_0"]
+    assert [r["dst"] for r in summary] == [METHOD, "gguf/student-q4_0.gguf"]  # in quantized/
     out = run_dir / "quantized"
     assert sorted(f.name for f in out.iterdir()) == [
+        "COMPLETE",
         "gguf",
-        "int4_weight_only",  # a method left out later is not deleted, only not rewritten
         METHOD,
         "parity_blocks.safetensors",
         "quantize.json",
     ]
     assert [f.name for f in (out / "gguf").iterdir()] == ["student-q4_0.gguf"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["final", "quantized"]  # no leftovers
+    # The same config again: the stage sees its stamp and writes nothing.
+    stamp = (out / "quantize.json").stat().st_mtime_ns
+    assert run(_cfg([METHOD], ["q4_0"]), run_dir, splits=SPLITS) == results
+    assert (out / "quantize.json").stat().st_mtime_ns == stamp
     for r in summary:
         par = r["parity"]
         assert par["passed"] is True, par
@@ -346,14 +352,18 @@ def test_parity_failure_names_the_artifact(
     monkeypatch.setitem(parity.MAX_KL_TO_FLOAT, "int4_weight_only", 0.0)
     run_dir = tmp_path / "run"
     shutil.copytree(llama_src, run_dir / "final")
-    with pytest.raises(ParityError, match="quantized/int4_weight_only: KL to the float") as err:
-        run(_cfg([METHOD, "int4_weight_only"], []), run_dir, val_blocks=VAL, calib_blocks=CALIB)
+    with pytest.raises(ParityError, match="/int4_weight_only: KL to the float") as err:
+        run(_cfg([METHOD, "int4_weight_only"], []), run_dir, splits=SPLITS)
     assert isinstance(err.value, DistillError)
-    assert f"quantized/{METHOD}" not in str(err.value)
-    # The figures are still written, so the failure can be inspected.
-    summary = json.loads((run_dir / "quantized" / "quantize.json").read_text())
+    assert f"/{METHOD}:" not in str(err.value)
+    # Nothing failed is published as quantized/; the figures wait in the staging folder the
+    # message names, so the failure can be inspected.
+    assert not (run_dir / "quantized").exists()
+    (staging,) = run_dir.glob(".staging-quantized-*")
+    assert str(staging) in str(err.value)
+    summary = json.loads((staging / "quantize.json").read_text())
     assert [r["parity"]["passed"] for r in summary] == [True, False]
-    assert not list((run_dir / "quantized").glob(".parity-*"))
+    assert not list(staging.glob(".parity*"))
 
 
 def test_run_without_final_names_the_fix(tmp_path: Path) -> None:
@@ -413,14 +423,14 @@ def test_quant_config_names_every_bad_field() -> None:
     assert QuantConfig().problems() == []
     assert QuantConfig().gguf == ["q8_0", "q4_0"]
     bad = QuantConfig(calibration="awq", calibration_blocks=0, embedding_bits=6).problems()
-    assert len(bad) == 3 and "gptq or none" in bad[0] and "4 or 8" in bad[2]
+    assert len(bad) == 3 and "choose one of gptq, none" in bad[0] and "4 or 8" in bad[2]
 
 
 def test_evaluate_loads_int4_at_its_stored_size(llama_src: Path, tmp_path: Path) -> None:
     # torchao's unpacked int4 tensor widens its fp16 scales on any .to(): the evaluate stage
     # must not move a model that is already where it should be.
-    from distill.evaluate.stage import load_variant
-    from distill.models.footprint import weight_bytes
+    from distill.evaluate.rows import load_variant
+    from distill.models import weight_bytes
 
     result = quantize_folder(llama_src, tmp_path / "q", "int4_weight_only", include_embeddings=True)
     model = load_variant(tmp_path / "q", torch.device("cpu"))

@@ -22,7 +22,7 @@ from distill.train.hidden_states import (
     hidden_state_loss,
     per_position,
 )
-from distill.train.losses import IGNORE_INDEX, scored_positions
+from distill.train.losses import IGNORE_INDEX, KDLoss, scored_positions
 from distill.train.step import Batch, StepContext, micro_batch_loss
 from tests.conftest import tiny_gpt2, tiny_llama
 
@@ -36,9 +36,8 @@ def _ctx(student, teacher, *, kind="cosine", weight=1.0, kd_ratio=0.5, chunk=Non
         optimizer=torch.optim.AdamW(student.parameters(), lr=1e-3),
         accelerator=Accelerator(cpu=True),
         kd_ratio=kd_ratio,
-        temperature=1.0,
-        scale_by_t2=True,
         max_grad_norm=1.0,
+        kd_loss=KDLoss("forward_kl"),
         chunk_size=chunk,
         student_head=fused_head(student) if chunk else None,
         teacher_head=fused_head(teacher) if chunk and kd_ratio > 0 else None,
@@ -116,6 +115,25 @@ def test_hidden_loss_is_masked_and_normalised_like_the_logit_loss() -> None:
     expected = per_position(s[0][:, :-1], t[1][:, :-1], "cosine")[valid].sum() / 7
     assert torch.isfinite(got) and torch.allclose(got, expected)
     assert int(valid.sum()) == 4 + 2
+
+
+def test_hidden_loss_averages_over_the_matched_layers() -> None:
+    """Three matched layers with distances 1, 2 and 6 per position: the loss is their mean,
+    3 (a sum would be 9), whatever the number of layers matched."""
+    teacher = tiny_llama(64, layers=3, seed=1)
+    match = hidden_match(
+        LossConfig(hidden_weight=1.0, hidden_loss="mse"),
+        build_student_from_teacher(teacher, [0, 1, 2]),
+        teacher,
+    )
+    assert match is not None and len(match.pairs) == 3
+    h = torch.ones(1, 5, 32)
+    teacher_out = {0: h, 1: h, 2: h}
+    # mse = ||s - t||^2 / ||t||^2: (1 + sqrt(c)) h gives c at every position.
+    student_out = {i: (1.0 + c**0.5) * h for i, c in enumerate((1.0, 2.0, 6.0))}
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    got = hidden_state_loss(match, student_out, teacher_out, valid, num_tokens=4)
+    assert got.item() == pytest.approx(3.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", sorted(TEACHERS))

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from distill.config import LOSSES, LossConfig
+from distill.config import LossConfig
+from distill.names import LOSSES
 from distill.train.chunked_loss import chunked_distill_loss, fused_head
 from distill.train.losses import (
     DIVERGENCES,

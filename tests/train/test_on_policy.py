@@ -14,11 +14,12 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from distill.config import DistillError, TrainConfig
+from distill.config import TrainConfig
+from distill.errors import DistillError
 from distill.train import loop as train
 from distill.train import on_policy
 from distill.train.chunked_loss import fused_head
-from distill.train.losses import IGNORE_INDEX, scored_positions
+from distill.train.losses import IGNORE_INDEX, KDLoss, scored_positions
 from distill.train.on_policy import SampleSettings, is_on_policy, sample_seed, sampled_rows
 from distill.train.step import (
     Batch,
@@ -42,9 +43,8 @@ def _ctx(student, teacher, *, kd_ratio=0.5, chunk=None) -> StepContext:
         optimizer=torch.optim.AdamW(student.parameters(), lr=1e-3),
         accelerator=Accelerator(cpu=True),
         kd_ratio=kd_ratio,
-        temperature=1.0,
-        scale_by_t2=True,
         max_grad_norm=1.0,
+        kd_loss=KDLoss("forward_kl"),
         chunk_size=chunk,
         student_head=fused_head(student) if chunk else None,
         teacher_head=fused_head(teacher) if chunk else None,
@@ -121,6 +121,33 @@ def test_sampling_is_deterministic_under_its_seed_and_leaves_the_rng_alone() -> 
     assert torch.equal(a.input_ids[:, :4], prompts)
     assert (a.labels[:, :4] == IGNORE_INDEX).all()
     assert student.training  # generate switched to eval and back
+
+
+def test_the_student_samples_its_own_micro_batches_not_the_teacher() -> None:
+    """What makes it on-policy: the rows are what the *student* writes under the micro-batch's
+    seed (the teacher, here a different model, writes other tokens under the same seed)."""
+    from distill.sampling import generate
+
+    student = tiny_llama(64, layers=2, seed=0, tie=False).train()
+    teacher = tiny_llama(64, layers=2, seed=1, tie=False)
+    ctx = _ctx(student, teacher)
+    prompts = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(2))
+    got = sampled_batch(ctx, Batch(prompts, prompts, sample_seed=11))
+
+    def written_by(model) -> list[tuple[int, ...]]:
+        return generate(
+            model,
+            prompts.tolist(),
+            max_new_tokens=SETTINGS.new_tokens,
+            temperature=SETTINGS.temperature,
+            seed=11,
+            batch_size=prompts.shape[0],
+        )
+
+    by_student, by_teacher = written_by(student), written_by(teacher)
+    assert by_student != by_teacher  # the two models tell apart under one seed
+    rows = [tuple(r[4:][m[4:].bool()].tolist()) for r, m in zip(got.input_ids, got.attention_mask)]
+    assert rows == by_student
 
 
 @pytest.mark.parametrize("chunk", [None, 4])

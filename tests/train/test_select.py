@@ -127,7 +127,7 @@ def test_selection_quantizes_as_the_stage_ships(
     tmp_path: Path, tokenizer, tiny_teacher_dir, tiny_corpus_dir
 ) -> None:
     """GPTQ int4 with 8-bit embeddings in bf16: the checkpoint is scored as it will ship."""
-    from distill.config import cache_root
+    from distill.caches import cache_root
     from distill.data import prepare_data
     from distill.quantize import stage as quantize
 

@@ -13,11 +13,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from distill.config import DistillError, TrainConfig, to_pipeline_config
+from distill.config import TrainConfig, to_pipeline_config
+from distill.errors import DistillError
 from distill.run_dir import RunDir
 from distill.train import loop as train
 from distill.train import step as train_step_module
 from distill.train.checkpoint import complete_checkpoints
+from distill.train.losses import KDLoss
 from distill.train.step import Batch, NonFiniteError, StepContext, lr_at, train_step
 from tests.conftest import compose, tiny_llama, tiny_overrides
 
@@ -114,9 +116,8 @@ def _ctx(model, teacher, kd_ratio=0.5) -> StepContext:
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
         accelerator=Accelerator(cpu=True),
         kd_ratio=kd_ratio,
-        temperature=2.0,
-        scale_by_t2=True,
         max_grad_norm=1.0,
+        kd_loss=KDLoss("forward_kl", temperature=2.0),
     )
 
 

@@ -1,4 +1,5 @@
-"""Next-token cross-entropy, perplexity, KL(teacher || model) and top-1 agreement: the one copy.
+"""Next-token cross-entropy, perplexity, KL(teacher || model) and top-1 agreement: the one copy,
+shared ground below every stage.
 
 Every figure of model quality in distill comes from here: the evaluate report, training's
 periodic eval, checkpoint selection, the layer search and quantize parity. The conventions:
@@ -102,9 +103,11 @@ def token_nll(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def kl_per_position(teacher_lp: torch.Tensor, model_lp: torch.Tensor) -> torch.Tensor:
     """KL(teacher || model) per position ``(..., )`` from log-probs ``(..., V)``, in nats."""
-    teacher_p = teacher_lp.exp()
-    # Where the teacher gives a token probability 0 its term is 0, not 0 * (-inf) = NaN.
-    return torch.where(teacher_p > 0, teacher_p * (teacher_lp - model_lp), 0.0).sum(-1)
+    # One fused kernel for p * (log p - log q); half the passes over V of spelling it out.
+    terms = F.kl_div(model_lp, teacher_lp, log_target=True, reduction="none")
+    # Where the teacher gives a token probability 0 its term is 0, not 0 * (-inf) = NaN (a NaN
+    # of the model's own still shows).
+    return terms.masked_fill_(teacher_lp == float("-inf"), 0.0).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,7 @@ def quality_fields(sums: ScoreSums) -> dict[str, Any]:
 
 
 def score_positions(
-    model_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor
+    model_lp: torch.Tensor, teacher_lp: torch.Tensor | None, targets: torch.Tensor
 ) -> ScoreSums:
     """CE, KL(teacher || model) and top-1 agreement summed over already chosen positions.
 
@@ -167,9 +170,14 @@ def score_positions(
 
     Args:
         model_lp: ``(n, V)`` fp32 log-probs of the evaluated model at the scored positions.
-        teacher_lp: ``(n, V)`` the teacher's log-probs at the same positions (any device).
+        teacher_lp: ``(n, V)`` the teacher's log-probs at the same positions (any device);
+            None when the model is the teacher (KL 0 and agreement 1 by construction, so only
+            the CE is computed).
         targets: ``(n,)`` the token each position predicts.
     """
+    n = int(targets.numel())
+    if teacher_lp is None:
+        return ScoreSums(float(token_nll(model_lp, targets).double().sum()), 0.0, n, n)
     teacher_lp = teacher_lp.to(model_lp.device)
     ce = token_nll(model_lp, targets)
     kl = kl_per_position(teacher_lp, model_lp)
@@ -188,54 +196,85 @@ def target_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask[:, 1:].bool()
 
 
-def score_logits(
-    logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+def _check_shapes(
+    model_lp: torch.Tensor,
+    teacher_lp: torch.Tensor,
     tokens: torch.Tensor,
-    mask: torch.Tensor | None = None,
-) -> ScoreSums:
-    """Next-token CE, KL(teacher || model) and top-1 agreement summed over a batch.
-
-    Position ``t`` predicts ``tokens[:, t + 1]``, so ``T - 1`` positions per row are scored,
-    or, with ``mask``, only those whose target token is marked (a completion after its
-    prompt, with the prompt and padding masked). Everything is computed in fp32 whatever the
-    input dtype, and summed in float64 on the host.
-
-    Args:
-        logits: ``(B, T, V)`` the evaluated model's logits or log-probabilities.
-        teacher_logits: ``(B, T, V)`` the teacher's logits or log-probabilities (log_softmax
-            of log-probabilities is the identity, so either works).
-        tokens: ``(B, T)`` int64 token ids the logits were computed on.
-        mask: ``(B, T)`` 1 where the token is a scored target (column 0 is never one); None
-            scores every position.
-
-    Raises:
-        ValueError: shapes disagree, or ``T < 2`` (no next token to score).
-    """
-    if logits.shape != teacher_logits.shape:
+    mask: torch.Tensor | None,
+) -> None:
+    if model_lp.shape != teacher_lp.shape:
         raise ValueError(
-            f"model logits {tuple(logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in shape"
+            f"model logits {tuple(model_lp.shape)} and teacher logits "
+            f"{tuple(teacher_lp.shape)} differ in shape"
         )
-    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
+    if model_lp.dim() != 3 or tokens.shape != model_lp.shape[:2]:
         raise ValueError(
-            f"expected logits (B, T, V) and tokens (B, T), got {tuple(logits.shape)} and "
+            f"expected logits (B, T, V) and tokens (B, T), got {tuple(model_lp.shape)} and "
             f"{tuple(tokens.shape)}"
         )
     if mask is not None and mask.shape != tokens.shape:
         raise ValueError(f"mask {tuple(mask.shape)} and tokens {tuple(tokens.shape)} differ")
     if tokens.shape[1] < 2:
         raise ValueError(f"need at least 2 tokens per row to score, got T={tokens.shape[1]}")
-    model_lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    teacher_lp = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1).to(model_lp.device)
+
+
+def score_log_probs(
+    model_lp: torch.Tensor,
+    teacher_lp: torch.Tensor | None,
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> ScoreSums:
+    """Next-token CE, KL(teacher || model) and top-1 agreement summed over a batch of
+    log-probabilities (already normalised: nothing is renormalised here).
+
+    Position ``t`` predicts ``tokens[:, t + 1]``, so ``T - 1`` positions per row are scored,
+    or, with ``mask``, only those whose target token is marked (a completion after its
+    prompt, with the prompt and padding masked). Sums are taken in float64 on the host.
+
+    Args:
+        model_lp: ``(B, T, V)`` the evaluated model's fp32 log-probabilities.
+        teacher_lp: ``(B, T, V)`` the teacher's log-probabilities (any device); None when
+            the model is the teacher (see :func:`score_positions`).
+        tokens: ``(B, T)`` int64 token ids they were computed on.
+        mask: ``(B, T)`` 1 where the token is a scored target (column 0 is never one); None
+            scores every position.
+
+    Raises:
+        ValueError: shapes disagree, or ``T < 2`` (no next token to score).
+    """
+    _check_shapes(model_lp, model_lp if teacher_lp is None else teacher_lp, tokens, mask)
+    model_lp = model_lp[:, :-1].float()
+    if teacher_lp is not None:
+        teacher_lp = teacher_lp[:, :-1].float().to(model_lp.device)
     targets = tokens[:, 1:].to(model_lp.device)
+    vocab = model_lp.shape[-1]
     if mask is None:
-        vocab = model_lp.shape[-1]
-        return score_positions(
-            model_lp.reshape(-1, vocab), teacher_lp.reshape(-1, vocab), targets.reshape(-1)
-        )
+        flat = teacher_lp.reshape(-1, vocab) if teacher_lp is not None else None
+        return score_positions(model_lp.reshape(-1, vocab), flat, targets.reshape(-1))
     keep = target_mask(mask).to(model_lp.device)
-    return score_positions(model_lp[keep], teacher_lp[keep], targets[keep])
+    picked = teacher_lp[keep] if teacher_lp is not None else None
+    return score_positions(model_lp[keep], picked, targets[keep])
+
+
+def score_logits(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> ScoreSums:
+    """:func:`score_log_probs` of raw logits ``(B, T, V)``: both sides are normalised
+    (fp32 ``log_softmax``) first. For two models' logits, as the parity check compares them.
+
+    Raises:
+        ValueError: as :func:`score_log_probs`.
+    """
+    _check_shapes(logits, teacher_logits, tokens, mask)
+    return score_log_probs(
+        F.log_softmax(logits.float(), dim=-1),
+        F.log_softmax(teacher_logits.float(), dim=-1),
+        tokens,
+        mask,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,8 +388,8 @@ def score_blocks(
                 log_probs = log_probs[:, :-1][keep]  # (n, V): the scored positions only
             if on_log_probs is not None:
                 on_log_probs(log_probs)
-            ref = log_probs if reference is None else reference[i]
-            if ref.shape != log_probs.shape:
+            ref = None if reference is None else reference[i]
+            if ref is not None and ref.shape != log_probs.shape:
                 raise ValueError(
                     f"teacher batch {i} has shape {tuple(ref.shape)}, the model's "
                     f"{tuple(log_probs.shape)}: vocabularies, blocks or masks differ"
@@ -367,21 +406,19 @@ def score_blocks(
 
 # Scoring makes several fp32 temporaries the size of its input, and at (B, T, V) they, not the
 # model, would set the peak memory: so one row (or one row's worth of positions) at a time.
-def _score_rows(log_probs: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> ScoreSums:
+def _score_rows(log_probs: torch.Tensor, ref: torch.Tensor | None, ids: torch.Tensor) -> ScoreSums:
     total = ScoreSums()
     for r in range(ids.shape[0]):
-        total = total + score_logits(
-            log_probs[r : r + 1], ref[r : r + 1].to(log_probs.device), ids[r : r + 1]
-        )
+        row_ref = ref[r : r + 1] if ref is not None else None
+        total = total + score_log_probs(log_probs[r : r + 1], row_ref, ids[r : r + 1])
     return total
 
 
 def _score_chunks(
-    log_probs: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor, chunk: int
+    log_probs: torch.Tensor, ref: torch.Tensor | None, targets: torch.Tensor, chunk: int
 ) -> ScoreSums:
     total = ScoreSums()
     for s in range(0, targets.numel(), chunk):
-        total = total + score_positions(
-            log_probs[s : s + chunk], ref[s : s + chunk], targets[s : s + chunk]
-        )
+        part = ref[s : s + chunk] if ref is not None else None
+        total = total + score_positions(log_probs[s : s + chunk], part, targets[s : s + chunk])
     return total

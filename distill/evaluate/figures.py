@@ -1,0 +1,43 @@
+"""Two readings of report rows that the report and the frontier share: the speed a row
+deploys at, and which (size, loss) points are undominated."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def deployed(v: dict[str, Any]) -> tuple[str, float | None, float | None]:
+    """(runtime, decode tok/s, prefill tok/s) of a row in the runtime it deploys to.
+
+    GGUF rows run in llama.cpp; torch rows in compiled PyTorch when their compiled decode was
+    measured, else they have no deployed speed (None: their eager timings are diagnostics).
+    Reports written before ``deployed_*`` fields existed fall back the same way.
+    """
+    if v.get("deployed_runtime"):
+        return (
+            v.get("runtime") or v["deployed_runtime"],
+            v.get("deployed_decode_tokens_per_s"),
+            v.get("deployed_prefill_tokens_per_s"),
+        )
+    if v.get("decode_compiled_tokens_per_s") is not None:
+        return "torch.compile", v["decode_compiled_tokens_per_s"], v.get("prefill_tokens_per_s")
+    return "PyTorch", None, None
+
+
+def pareto_front(costs: list[tuple[float, float]]) -> list[bool]:
+    """Whether each (size, loss) pair is undominated; both are minimised. NaN never wins."""
+    flags = []
+    for i, (a_size, a_loss) in enumerate(costs):
+        if math.isnan(a_size) or math.isnan(a_loss):
+            flags.append(False)
+            continue
+        dominated = False
+        for j, (b_size, b_loss) in enumerate(costs):
+            if i == j or math.isnan(b_size) or math.isnan(b_loss):
+                continue
+            if b_size <= a_size and b_loss <= a_loss and (b_size < a_size or b_loss < a_loss):
+                dominated = True
+                break
+        flags.append(not dominated)
+    return flags

@@ -1,0 +1,24 @@
+"""The values each enumerated config field accepts: one list per field, read by the schema
+(:mod:`distill.config`) and by the code that implements each value, without importing torch."""
+
+from __future__ import annotations
+
+STUDENT_INITS = ("from_teacher", "from_config", "pretrained")
+DATA_SOURCES = ("pydoc", "text_files", "hf")
+# loss.name: distill/train/losses.py implements each (its DIVERGENCES must list exactly these,
+# checked when it is imported).
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
+# torchao methods (distill/quantize/torchao.py says what each stores on which device) and the
+# GGUF tensor types the ``gguf`` package quantizes in numpy (no k-quants there).
+QUANT_METHODS = ("bf16", "fp16", "int8_weight_only", "int8_dynamic", "int4_weight_only")
+GGUF_TYPES = ("f16", "q8_0", "q4_1", "q4_0")
+TEACHER_MODES = ("online", "cached")
+TEACHER_PLACEMENTS = ("replicate", "shard")
+HIDDEN_LOSSES = ("cosine", "mse")
+# Fidelity sets eval.fidelity may list (distill/evaluate/fidelity.py); each eval.extra_corpora
+# entry adds an "extra:<name>" set besides them.
+FIDELITY_SETS = ("teacher_text", "generation")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SELECT_CHECKPOINT = ("last", "best_quantized")
+CALIBRATIONS = ("gptq", "none")
+COMPUTE_DTYPES = ("float32", "bfloat16")

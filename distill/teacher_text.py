@@ -1,0 +1,251 @@
+"""The teacher's own text, generated once and cached: training text and evaluation sets.
+
+Two parts of the pipeline need text the teacher writes after prompts: the training data
+(``data.teacher_generated_fraction``, sequence-level KD; :func:`training_samples`) and the
+evaluation's fidelity sets (the teacher's sampled text and its greedy answers;
+:mod:`distill.evaluate.fidelity`). Both go through :func:`teacher_samples`, which keeps the
+completions in a manifest-keyed cache folder (:mod:`distill.caches`) under
+``cache_root/teacher_text/<key>/``: the manifest holds everything they depend on (teacher
+weights, tokenizer, prompts, generation settings), so every run that shares them reuses them
+and a folder made for anything else is refused by name. Figures computed from the samples
+with the same teacher (its NLL of its own answers) are kept beside them
+(:meth:`TeacherText.figures`), so they are computed once too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from distill.caches import claim, is_complete, manifest_key, mark_complete
+from distill.prompts import TRAIN_PROMPT_SEED, Prompt, make_prompts, prompts_hash
+from distill.run_dir import write_json_atomic
+from distill.sampling import generate
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from distill.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+SAMPLES = "samples.json"
+FORMAT_VERSION = 1
+# What the cache folders are called in messages, and the settings that point elsewhere.
+WHAT = "teacher-text cache"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A prompt and the tokens a model wrote after it (EOS included when it stopped)."""
+
+    kind: str
+    source: str
+    prompt: tuple[int, ...]
+    completion: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GenerationManifest:
+    """Everything cached generations depend on; equal manifests share one folder."""
+
+    teacher_weights: str
+    tokenizer: str
+    prompts: str
+    num_prompts: int
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    format: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class TeacherText:
+    """The teacher's completions of a prompt set, and the cache folder that holds them."""
+
+    samples: list[Sample]
+    folder: Path
+
+    def figures(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``compute()`` once, kept beside the samples as ``<name>.json`` and read back after.
+
+        For figures of these samples that depend on nothing the manifest does not hold
+        (e.g. the teacher's NLL of its own answers); ``name`` must say how they were
+        computed where that could differ (a batch size changes float sums).
+        """
+        file = self.folder / f"{name}.json"
+        if file.is_file():
+            return json.loads(file.read_text())
+        value = compute()
+        write_json_atomic(file, value)
+        return value
+
+
+def _read_samples(path: Path) -> list[Sample]:
+    rows = json.loads((path / SAMPLES).read_text())
+    return [
+        Sample(r["kind"], r["source"], tuple(r["prompt"]), tuple(r["completion"])) for r in rows
+    ]
+
+
+def teacher_samples(
+    teacher: Any,
+    tokenizer_key: str,
+    prompts: Sequence[Prompt],
+    *,
+    teacher_weights: str,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+    cache_dir: Path,
+    folder: str | Path | None = None,
+    fix: str = "the folder setting",
+    what: str = "teacher text",
+) -> TeacherText:
+    """The teacher's completions of ``prompts``, generated once and cached.
+
+    Args:
+        tokenizer_key: :func:`distill.data.tokenizer_fingerprint` of the teacher's tokenizer.
+        teacher_weights: the teacher's weights hash, computed once per run by the caller.
+        folder: the cache folder to use instead of ``cache_dir/teacher_text/<key>``.
+        fix: the setting that names ``folder``, for the message when it is refused.
+
+    A folder with a manifest is read when the manifest matches and refused otherwise. Every
+    file is renamed into place whole; the completions are saved a few batches at a time
+    (:func:`_generate_in_parts`), so an interrupted run resumes where it stopped, and
+    ``COMPLETE`` marks the finished set.
+
+    Raises:
+        CacheMismatchError: ``folder`` holds generations for another teacher, prompt set or
+            settings.
+    """
+    manifest = GenerationManifest(
+        teacher_weights=teacher_weights,
+        tokenizer=tokenizer_key,
+        prompts=prompts_hash(prompts),
+        num_prompts=len(prompts),
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        seed=seed,
+    )
+    path = (
+        Path(folder).expanduser() if folder else cache_dir / "teacher_text" / manifest_key(manifest)
+    )
+    claim(path, manifest, what=WHAT, fix=fix)
+    if is_complete(path):
+        return TeacherText(_read_samples(path), path)
+    log.info(
+        "%s: the teacher writes %d completion(s) of up to %d tokens (once; cached in %s)",
+        what,
+        len(prompts),
+        max_new_tokens,
+        path,
+    )
+    completions = _generate_in_parts(
+        teacher, prompts, path / "parts", max_new_tokens, temperature, seed, batch_size, what
+    )
+    samples = [
+        Sample(p.kind, p.source, p.tokens, c) for p, c in zip(prompts, completions, strict=True)
+    ]
+    write_json_atomic(path / SAMPLES, [asdict(s) for s in samples])
+    mark_complete(path)
+    for part in sorted((path / "parts").glob("*.json")):
+        part.unlink()
+    return TeacherText(samples, path)
+
+
+# Batches per part file of an unfinished generation: an interrupted run loses at most these.
+BATCHES_PER_PART = 2
+
+
+def _generate_in_parts(
+    teacher: Any,
+    prompts: Sequence[Prompt],
+    parts: Path,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+    what: str,
+) -> list[tuple[int, ...]]:
+    """:func:`~distill.sampling.generate` over ``prompts``, a few batches at a time, each part
+    saved under ``parts`` as it finishes and read back on a rerun. Part ``i`` starts at batch
+    ``b`` and is generated with seed ``seed + b``, which is exactly what one whole call gives
+    batch ``b``, so a resumed generation equals an uninterrupted one."""
+    parts.mkdir(parents=True, exist_ok=True)
+    step = batch_size * BATCHES_PER_PART
+    out: list[tuple[int, ...]] = []
+    with tqdm(total=len(prompts), desc=what, unit="prompt", leave=False) as bar:
+        for start in range(0, len(prompts), step):
+            file = parts / f"{start:07d}.json"
+            if file.exists():
+                done = [tuple(c) for c in json.loads(file.read_text())]
+            else:
+                done = generate(
+                    teacher,
+                    [p.tokens for p in prompts[start : start + step]],
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    seed=seed + start // batch_size,
+                    batch_size=batch_size,
+                )
+                write_json_atomic(file, [list(c) for c in done])
+            out.extend(done)
+            bar.update(len(done))
+    return out
+
+
+def training_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
+    """The prompts the teacher's training text answers: drawn from the *training* documents
+    only (the train/val split), under :data:`~distill.prompts.TRAIN_PROMPT_SEED`."""
+    from distill.data import load_documents, split_documents
+
+    train_docs, _ = split_documents(load_documents(cfg), cfg.val_fraction, cfg.split_seed)
+    return make_prompts(
+        train_docs,
+        tokenizer,
+        cfg.generated_prompts,
+        chat_share=cfg.generated_chat_share,
+        prompt_tokens=cfg.generated_prompt_tokens,
+        seed=TRAIN_PROMPT_SEED + cfg.split_seed,
+    )
+
+
+def training_samples(
+    cfg: DataConfig,
+    teacher: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    cache_dir: Path,
+    *,
+    teacher_weights: str,
+) -> list[Sample]:
+    """The teacher's text for training (``data.teacher_generated_fraction``): completions of
+    :func:`training_prompts`, generated once and cached.
+
+    Raises:
+        CacheMismatchError: ``data.generated_dir`` holds another teacher's or prompt set's
+            text.
+    """
+    from distill.data import tokenizer_fingerprint
+
+    return teacher_samples(
+        teacher,
+        tokenizer_fingerprint(tokenizer),
+        training_prompts(cfg, tokenizer),
+        teacher_weights=teacher_weights,
+        max_new_tokens=cfg.generated_tokens,
+        temperature=cfg.generated_temperature,
+        seed=TRAIN_PROMPT_SEED + cfg.split_seed,
+        batch_size=cfg.generated_batch_size,
+        cache_dir=cache_dir,
+        folder=cfg.generated_dir,
+        fix="data.generated_dir",
+        what="training text",
+    ).samples
