@@ -94,8 +94,11 @@ def check_gguf_rows(report: dict) -> None:
         row = by_name[name]
         assert row["llama_cpp_error"] is None, (name, row["llama_cpp_error"])
         assert row["runtime"].startswith("llama.cpp "), (name, row["runtime"])
-        assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1.0, (name, row)
         assert row["decode_tokens_per_s"] > 0, name
+        if name.startswith("student"):
+            assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1.0, (name, row)
+    # The teacher's F16 file is timed only; its parity was checked when it was exported.
+    assert by_name["teacher-gguf-f16"]["parity"]["passed"] is True
     for t in GGUF_TYPES:
         parity = by_name[f"student-gguf-{t}"]["parity"]
         limits = LLAMA_CPP_LIMITS[f"gguf-{t}"]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from distill.data import PackedSplits
 from distill.config import to_pipeline_config
 from distill.models.conv1d import load_causal_lm
 from distill.train import loop as train
@@ -65,7 +66,7 @@ def test_best_quantized_checkpoint_becomes_final(
     tokenizer.save_pretrained(str(run_dir / "final"))
     val = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
 
-    result = select.run(cfg, run_dir, val_blocks=val)
+    result = select.run(cfg, run_dir, splits=PackedSplits(train=val, val=val))
 
     winner = step_dir_name(good_step)
     assert result["selected"] == winner

@@ -14,6 +14,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from distill.config import TrainConfig, to_pipeline_config
+from distill.data import prepare_data
+from distill.models import load_teacher
 from distill.errors import DistillError
 from distill.run_dir import RunDir
 from distill.train import loop as train
@@ -267,7 +269,8 @@ def test_a_run_trains_on_the_teachers_own_text(
     text = " ".join(map(str, stream))
     # (the last sample may fall in the dropped tail)
     assert all(" ".join(map(str, s["prompt"] + s["completion"])) in text for s in samples[:-1])
-    corpus = train.prepare_data(cfg.data, train.load_teacher(cfg.pair.teacher, tmp_path)[1], None)
+    tokenizer = load_teacher(cfg.pair.teacher, tmp_path)[1]
+    corpus = prepare_data(cfg.data, tokenizer, None)
     corpus_rows = {tuple(r) for r in corpus.train.tolist()}
     from_corpus = sum(tuple(r) in corpus_rows for r in blocks.tolist())
     assert from_corpus == blocks.shape[0] // 2
