@@ -25,6 +25,11 @@ def deployed(v: dict[str, Any]) -> tuple[str, float | None, float | None]:
     return "PyTorch", None, None
 
 
+def runtime_family(runtime: str) -> str:
+    """``"llama.cpp 0.3.36"`` and ``"llama.cpp"`` are one runtime; so are torch.compile's."""
+    return runtime.split()[0] if runtime else ""
+
+
 def pareto_front(costs: list[tuple[float, float]]) -> list[bool]:
     """Whether each (size, loss) pair is undominated; both are minimised. NaN never wins."""
     flags = []

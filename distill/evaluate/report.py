@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from distill.evaluate.figures import deployed, pareto_front
+from distill.evaluate.figures import deployed, runtime_family
 from distill.evaluate.memory import BANDWIDTH_METHOD
+from distill.evaluate.plot import plot_memory_vs_quality
 from distill.run_dir import REPORT_PLOT, RunDir, process_tag
 
-MB = 1_000_000  # decimal megabyte, as disk sizes are quoted
 
 
 def human_bytes(value: float | None) -> str:
@@ -44,20 +44,15 @@ def _num(value: float | None, digits: int, scale: float = 1.0) -> str:
     return f"{value * scale:,.{digits}f}"
 
 
-def _runtime_family(runtime: str) -> str:
-    # "llama.cpp 0.3.36" and "llama.cpp" compare as one runtime; so do torch.compile variants.
-    return runtime.split()[0] if runtime else ""
-
-
 def teacher_speed(report: dict[str, Any], runtime: str) -> float | None:
     """The teacher's deployed decode rate in ``runtime`` (its llama.cpp F16 row for llama.cpp),
     or None when the teacher was not measured there: a ratio across runtimes would say more
     about the runtimes than about the student."""
-    family = _runtime_family(runtime)
+    family = runtime_family(runtime)
     for v in report["variants"]:
         if v["name"].startswith("teacher"):
             rt, decode, _ = deployed(v)
-            if _runtime_family(rt) == family and decode:
+            if runtime_family(rt) == family and decode:
                 return decode
     return None
 
@@ -175,7 +170,7 @@ def format_diagnostics_table(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for v in report["variants"]:
-        if _runtime_family(deployed(v)[0]) == "llama.cpp":
+        if runtime_family(deployed(v)[0]) == "llama.cpp":
             continue  # scored and timed in llama.cpp only: no eager figure to show
         lines.append(
             f"| {v['name']} | {human_count(v['params'])} | {human_bytes(v.get('disk_bytes'))} "
@@ -255,7 +250,7 @@ def _module_label(entry: Any) -> str:
 def _speed_note(variants: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     """How the headline's speeds were measured, from what the rows say happened."""
     parts = []
-    in_llama = [v for v in variants if _runtime_family(deployed(v)[0]) == "llama.cpp"]
+    in_llama = [v for v in variants if runtime_family(deployed(v)[0]) == "llama.cpp"]
     if in_llama:
         llama = machine.get("llama_cpp") or {}
         threads = llama.get("threads") or in_llama[0].get("llama_cpp_threads")
@@ -425,85 +420,6 @@ def _memory_methods(variants: list[dict[str, Any]]) -> str:
         if v.get("peak_memory_method"):
             by_method.setdefault(v["peak_memory_method"], []).append(v["name"])
     return "; ".join(f"{m} ({', '.join(names)})" for m, names in by_method.items()) or "n/a"
-
-
-_RUNTIME_MARKERS = {"llama.cpp": "s", "torch.compile": "o", "eager": "^"}
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
-
-
-def _pareto_line(ax: Any, points: list[tuple[float, float]]) -> None:
-    """The undominated (bytes, perplexity) points joined in a dashed staircase."""
-    front = sorted(p for p, keep in zip(points, pareto_front(points), strict=True) if keep)
-    if len(front) > 1:
-        xs, ys = zip(*front, strict=True)
-        ax.step(xs, ys, where="post", color="0.4", ls="--", lw=1, zorder=1, label="Pareto front")
-
-
-def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
-    """Two panels: perplexity against weight MB (both log, Pareto front dashed), and deployed
-    decode speed against perplexity. One colour per variant, named in one shared legend (no
-    labels on the points, so none overprint); the teacher is a star; the marker shape of
-    the speed panel is the runtime."""
-    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
-
-    rows = [v for v in report["variants"] if _finite(v.get("perplexity"))]
-    fig = Figure(figsize=(11, 5.2), dpi=120)
-    FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
-    colours = [f"C{i % 10}" for i in range(len(rows))]
-    plain = FuncFormatter(lambda x, _pos: f"{x:g}")
-    for v, c in zip(rows, colours, strict=True):
-        teacher = v["name"].startswith("teacher")
-        left.scatter(
-            [v["weight_bytes"] / MB],
-            [v["perplexity"]],
-            s=160 if teacher else 50,
-            marker="*" if teacher else "o",
-            color=c,
-            edgecolor="black",
-            lw=0.5,
-            zorder=3,
-            label=v["name"],
-        )
-        runtime, decode, _ = deployed(v)
-        if _finite(decode):
-            right.scatter(
-                [v["perplexity"]],
-                [decode],
-                s=160 if teacher else 60,
-                color=c,
-                marker="*" if teacher else _RUNTIME_MARKERS.get(_runtime_family(runtime), "D"),
-                edgecolor="black",
-                lw=0.5,
-                zorder=3,
-            )
-    _pareto_line(left, [(v["weight_bytes"] / MB, v["perplexity"]) for v in rows])
-    for ax in (left, right):
-        ax.grid(True, which="both", alpha=0.3)
-    for scale in (left.set_xscale, left.set_yscale, right.set_xscale):
-        scale("log")
-    # Plain numbers (20, 50, 100), not 10^x: variants often span under a decade, where only
-    # minor ticks fall; the 2x and 5x minor ticks are labelled so labels do not collide.
-    minor = FuncFormatter(lambda x, _pos: f"{x:g}" if f"{x:.0e}"[0] in "25" else "")
-    for axis in (left.xaxis, left.yaxis, right.xaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(minor)
-    left.set_xlabel("weight memory (MB, log scale)")
-    left.set_ylabel("held-out perplexity (log scale, lower is better)")
-    left.set_title("Memory vs quality")
-    right.set_xlabel("held-out perplexity (log scale, lower is better)")
-    right.set_ylabel("decode tokens/s, batch 1, deployed runtime")
-    right.set_title("Decode speed where deployed\n(■ llama.cpp, ● torch.compile)")
-    handles, labels = left.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 4), 1, 1))
-    fig.savefig(path)
 
 
 def write_report(report: dict[str, Any], run_dir: Path) -> None:

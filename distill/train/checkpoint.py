@@ -50,7 +50,7 @@ class TrainerState:
 
     step: int
     tokens_seen: int
-    # distill.train.loop.config_fingerprint of the run's config on num_processes processes.
+    # distill.train.run_state.config_fingerprint of the run's config on num_processes processes.
     config_fingerprint: str
     # Processes that trained it (checkpoints from before this field was added: one).
     num_processes: int = 1

@@ -10,11 +10,10 @@ the step, the weights, the optimizer and the RNG.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +34,8 @@ from distill.run_dir import RunDir, clear_leftovers, replace_folder, staging_fol
 from distill.train import teacher_cache
 from distill.train.checkpoint import (
     TrainerState,
-    complete_checkpoints,
     full_model_state,
     load_checkpoint,
-    read_trainer_state,
     resolve_resume,
     save_checkpoint,
 )
@@ -46,6 +43,7 @@ from distill.train.hidden_states import hidden_match
 from distill.train.losses import make_kd_loss
 from distill.train.on_policy import SampleSettings, check_sampling_supported
 from distill.train.placement import check_placement, fused_heads, place_teacher
+from distill.train.run_state import config_fingerprint, finished_state
 from distill.train.step import (
     StepContext,
     explain_out_of_memory,
@@ -74,30 +72,6 @@ def quick_eval(
     }
 
 
-def config_fingerprint(cfg: PipelineConfig, num_processes: int = 1) -> str:
-    """Hash of everything that shapes the trajectory (not eval/quant/publish settings).
-
-    The per-process batch enters as the global batch, so a DDP run may resume on another
-    process count as long as batch_size × processes is unchanged.
-    """
-    bookkeeping = {
-        "resume",
-        "eval_every_n_steps",
-        "eval_max_blocks",
-        "save_every_n_steps",
-        "keep_last_n_checkpoints",
-        "log_every_n_steps",
-    }
-    trajectory = {k: v for k, v in asdict(cfg.train).items() if k not in bookkeeping}
-    trajectory["batch_size"] = cfg.train.batch_size * num_processes
-    payload = json.dumps(
-        [asdict(cfg.pair), asdict(cfg.data), asdict(cfg.loss), trajectory],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 class _Logger:
     """metrics.jsonl plus TensorBoard, written by the main process only."""
 
@@ -122,39 +96,6 @@ class _Logger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def finished_state(cfg: PipelineConfig, rd: RunDir) -> TrainerState | None:
-    """The newest checkpoint's state when ``final/`` holds this config's finished run, else None.
-
-    ``final/`` is swapped in whole, so its presence means it is complete; which config made
-    it is read from the newest checkpoint (always kept, and always written at ``max_steps``).
-    The fingerprint is taken on the process count recorded there, so a run trained under
-    ``accelerate launch`` is recognised by a later one-process ``scripts/pipeline.py run_dir=``.
-
-    Raises:
-        DistillError: ``final/`` exists but this config did not finish it, and no checkpoint
-            is named to continue from (training would overwrite it).
-    """
-    if not (rd.final / "config.json").is_file():
-        return None
-    found = complete_checkpoints(rd.checkpoints)
-    state = read_trainer_state(found[-1]) if found else None
-    if state is None:
-        why = f"no complete checkpoint in {rd.checkpoints} records which config made it"
-    elif state.config_fingerprint != config_fingerprint(cfg, state.num_processes):
-        why = f"{found[-1].name} was written with another pair/data/loss/train config"
-    elif state.step < cfg.train.max_steps:
-        why = f"its newest checkpoint is step {state.step} of train.max_steps={cfg.train.max_steps}"
-    else:
-        return state
-    if cfg.train.resume is not None and found:
-        return None  # asked to continue: training resumes and rewrites final/
-    raise DistillError(
-        f"{rd.final} holds a student this config did not finish ({why}); training would "
-        "overwrite it. Train into a new run dir, continue it with train.resume=auto, or "
-        f"delete {rd.final} to retrain there"
-    )
 
 
 @dataclass

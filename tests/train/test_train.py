@@ -21,6 +21,7 @@ from distill.run_dir import RunDir
 from distill.train import loop as train
 from distill.train import step as train_step_module
 from distill.train.checkpoint import complete_checkpoints
+from distill.train.run_state import config_fingerprint
 from distill.train.losses import KDLoss
 from distill.train.step import Batch, NonFiniteError, StepContext, lr_at, train_step
 from tests.conftest import compose, tiny_llama, tiny_overrides
@@ -235,7 +236,7 @@ def test_a_run_trained_on_two_processes_is_finished_for_one(
     per_process = tiny_cfg(
         tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache", ["train.batch_size=1"]
     )
-    assert state["config_fingerprint"] == train.config_fingerprint(per_process, 2)
+    assert state["config_fingerprint"] == config_fingerprint(per_process, 2)
     newest.write_text(json.dumps({**state, "num_processes": 2}))
     done = train.finished_state(per_process, RunDir(run_dir))
     assert done is not None and done.step == 4

@@ -1,13 +1,7 @@
-"""Typed configuration schema for every stage of the pipeline, and nothing else.
-
-The dataclasses below are registered in Hydra's ConfigStore as ``pipeline_schema``;
-``configs/pipeline.yaml`` lists it first in its defaults so every YAML value is type-checked
-against them on composition. Range checks that OmegaConf cannot express live in each
-section's ``problems()``; ``PipelineConfig.__post_init__`` gathers the problems of every
-section and raises one :class:`~distill.errors.ConfigError` naming all of them, so a user
-fixes a bad command line in one go. The values enumerated fields accept are listed in
-:mod:`distill.names`.
-"""
+"""The schema's sections, one dataclass per Hydra config group (pair, data, loss, train,
+quant, eval, publish), each with ``problems()``: every invalid field phrased with the value it
+has and the values it may take. Fields are described where their defaults are set
+(``configs/<group>/*.yaml``)."""
 
 from __future__ import annotations
 
@@ -15,9 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
-from distill.errors import ConfigError
 from distill.extra_corpus import ExtraCorpus
 from distill.names import (
     CALIBRATIONS,
@@ -101,10 +94,8 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     init: str = "from_teacher"
-    # from_teacher: exactly the teacher layers ``layers``, or ``num_layers`` of them chosen by
-    # the measured greedy removal of distill/models/layer_search.py (cached per teacher and
-    # data under cache_dir/layer_search: a depth sweep pays for the search once). Either one
-    # given on the command line replaces the other from the pair file (distill/cli.py).
+    # from_teacher: the teacher layers ``layers``, or ``num_layers`` of them chosen by the
+    # greedy removal of distill/models/layer_search.py (configs/pair/*14l.yaml says more).
     num_layers: int | None = None
     layers: list[int] | None = None
     # from_config: keys applied to a copy of the teacher's config; weights are random.
@@ -173,10 +164,8 @@ class PairConfig:
 
 @dataclass
 class DataConfig:
-    # pydoc: CPython's own documentation (``pydoc_data.topics``), always present offline.
-    # text_files: ``paths`` (files or globs) of .txt/.md (one document per file) or
-    #   .json/.jsonl/.parquet (one document per record, text in ``text_column``).
-    # hf: ``datasets.load_dataset(path, name, split=split, data_files=data_files)``.
+    # pydoc (CPython's documentation, offline), text_files (``paths``: .txt/.md one document
+    # per file, .json/.jsonl/.parquet one per record) or hf (datasets.load_dataset).
     source: str = "pydoc"
     paths: list[str] = field(default_factory=list)
     path: str | None = None
@@ -189,13 +178,9 @@ class DataConfig:
     # Documents are assigned to train/val by a hash of (split_seed, document id).
     split_seed: int = 0
     max_documents: int | None = None
-    # Sequence-level KD: this share of the training blocks is text the teacher writes itself
-    # (distill/teacher_text.py), for prompts drawn from the training documents: chat turns
-    # through its chat template (``generated_chat_share`` of them, when it has one) and
-    # continuations of ``generated_prompt_tokens``-token windows. 0: the corpus alone; 1: the
-    # teacher's text alone (configs/data/teacher_generated.yaml). Generated once per teacher,
-    # prompt set and settings and cached under cache_dir/teacher_text/ (or
-    # ``generated_dir``, which is refused if it holds another teacher's or prompt set's text).
+    # Sequence-level KD: this share of the training blocks is the teacher's own text after
+    # prompts from the training documents (distill/teacher_text.py, configs/data/*.yaml),
+    # cached under cache_dir/teacher_text/ or ``generated_dir``.
     teacher_generated_fraction: float = 0.0
     generated_prompts: int = 128
     generated_tokens: int = 128
@@ -246,14 +231,11 @@ class LossConfig:
     beta: float = 0.5
     # skew_kl: KL(p_t || alpha p_t + (1 - alpha) p_s); 0 = forward KL.
     alpha: float = 0.1
-    # Positions per chunk of the memory-bounded loss: at most this many (tokens, vocab)
-    # rows of logits/probabilities exist at once (128 x 49,152 fp32 = 24 MiB each). Larger
-    # chunks suit GPUs; null: the plain, unchunked form.
+    # Positions per chunk of the memory-bounded loss (128 x 49,152 fp32 = 24 MiB at once);
+    # null: the plain, unchunked form.
     chunk_size: int | None = 128
-    # Hidden-state matching (from_teacher students, online teacher): loss gains
-    # hidden_weight * hidden, where hidden compares the student's output after its layer i
-    # with the teacher's after the layer it was copied from, per position: cosine
-    # (1 - cos) or mse (||h_s - h_t||^2 / ||h_t||^2), averaged over layers
+    # Hidden-state matching: loss gains hidden_weight x the distance (cosine or mse) of each
+    # student layer's output to its teacher layer's, averaged over layers
     # (distill/train/hidden_states.py).
     hidden_weight: float = 0.0
     hidden_loss: str = "cosine"
@@ -288,13 +270,11 @@ class TrainConfig:
     eval_max_blocks: int = 16
     save_every_n_steps: int = 50
     keep_last_n_checkpoints: int = 2
-    # online: the teacher runs every step. cached: its top-k log-probabilities are read from
-    # a cache built once (distill/train/teacher_cache.py); the eval during training still uses it.
+    # online: the teacher runs every step; cached: its top-k log-probabilities (plus one
+    # bucket for the rest) come from a cache built once (distill/train/teacher_cache.py), in
+    # cache_root/teacher_logits/<key> or teacher_cache_dir (its manifest must match the run).
     teacher_mode: str = "online"
-    # Teacher tokens kept per position in the cache (plus one bucket for the rest).
     teacher_top_k: int = 64
-    # null: cache_root/teacher_logits/<key>; or a folder (e.g. built elsewhere) whose
-    # manifest must match this run.
     teacher_cache_dir: str | None = None
     # "auto": continue from the newest complete checkpoint in the run dir (fresh if none), so
     # a pipeline killed mid-training resumes on rerun; null: start fresh, ignoring
@@ -310,10 +290,8 @@ class TrainConfig:
     # quant.methods[0] and the one with the best held-out perplexity becomes final/.
     select_checkpoint: str = "last"
     # On-policy distillation (GKD's lambda): this share of micro-batches are the student's
-    # own samples, scored by the online teacher with the configured divergence. The prompt
-    # is the first sample_prompt_tokens tokens of each block; the student then writes up to
-    # sample_tokens tokens at sample_temperature (0: greedy). Which micro-batches are
-    # on-policy is a pure function of (seed, micro-batch index), so resume stays exact.
+    # own samples after the block's first sample_prompt_tokens tokens, scored by the online
+    # teacher (distill/train/on_policy.py).
     on_policy_fraction: float = 0.0
     sample_temperature: float = 1.0
     sample_tokens: int = 64
@@ -358,28 +336,15 @@ class TrainConfig:
 
 @dataclass
 class QuantConfig:
+    # Each field is described in configs/quant/default.yaml.
     methods: list[str] = field(default_factory=lambda: ["int8_weight_only", "int4_weight_only"])
-    # Quantize the input embedding and the (tied) LM head too. They hold a third of a small
-    # model's weights, so leaving them in float caps the byte saving.
     include_embeddings: bool = True
-    # int4_weight_only: one scale and zero point per this many input weights of a row.
     group_size: int = 32
-    # GGUF files for llama.cpp-family runtimes, one per type (llama-architecture students).
     gguf: list[str] = field(default_factory=lambda: ["q8_0", "q4_0"])
-    # How 4-bit weights (int4_weight_only on CPU, GGUF q4_0) are chosen: gptq spreads each
-    # weight's rounding error over the weights not yet rounded, using the layer's inputs on
-    # training blocks (1.09x perplexity vs 1.32x for rounding alone on the default student);
-    # none rounds to nearest. GGUF q4_1 always uses the gguf package's own rounding.
+    # gptq (4-bit weights by GPTQ on calibration_blocks training blocks) or none (rounding).
     calibration: str = "gptq"
-    # Training blocks whose activations calibrate GPTQ.
     calibration_blocks: int = 64
-    # Bits of the embedding (and tied head) in 4-bit variants: 8 (int8 rows / GGUF q8_0, as
-    # llama.cpp keeps its output tensor above 4 bits) or 4.
     embedding_bits: int = 8
-    # Activations and float tensors of the torchao variants on CPU: bfloat16 (int8 weights
-    # then run through inductor's int8 x bf16 GEMM once compiled: 2.8x the compiled fp32
-    # student's decode here, at 1.006x its perplexity) or float32. CUDA int4 is always
-    # bfloat16 (tinygemm).
     compute_dtype: str = "bfloat16"
 
     def problems(self) -> list[str]:
@@ -397,61 +362,35 @@ class QuantConfig:
 
 @dataclass
 class EvalConfig:
-    # Held-out blocks scored for every variant (null = all of them).
+    # Each field is described in configs/eval/default.yaml; the fidelity sets in
+    # distill/evaluate/fidelity.py.
     max_blocks: int | None = 32
     batch_size: int = 4
-    # Decode speed: greedy generation of ``decode_tokens`` after a ``prompt_tokens`` prompt,
-    # batch 1, median of ``repeats`` runs after one warm-up.
     prompt_tokens: int = 64
     decode_tokens: int = 32
     prefill_tokens: int = 256
     repeats: int = 3
-    # Eager decode is also timed with this many sequences at once (1 = batch 1 only): a
-    # diagnostic of how one pass over the weights serves several sequences, off by default.
     decode_batch_size: int = 1
-    # Memory model: weights + KV cache for this many sequences of this many tokens.
     memory_context_tokens: int = 2048
     memory_batch_size: int = 1
-    # Variants whose memory-model total exceeds this are marked as not fitting (null: no budget).
     memory_budget_bytes: int | None = None
-    # Measure the machine's copy bandwidth and report each variant's decode against its bound.
     measure_bandwidth: bool = True
-    # Variants (names or fnmatch patterns: "student", "student-*", "*") whose batch-1 decode
-    # is also timed compiled (torch.compile, inductor freezing + C++ GEMMs, static cache;
-    # distill/evaluate/compiled_decode.py): their deployed PyTorch speed. Off by default: on
-    # CPU the GGUF rows in llama.cpp are the deployed speed, and compiling costs 30-150 s a
-    # model (configs/experiment/compiled.yaml turns it on; `make bench` runs that).
+    # Rows (names or fnmatch patterns) whose decode is also timed compiled: their deployed
+    # PyTorch speed. Off by default (configs/experiment/compiled.yaml turns it on).
     compiled_decode: list[str] = field(default_factory=list)
-    # GGUF rows are scored and timed in llama.cpp (llama-cpp-python) with this many threads
-    # (null: the cores this process may run on, as llama-bench is run).
     llama_cpp_threads: int | None = None
-    # Measure the teacher in llama.cpp too: the quantize stage exports it to GGUF F16 once
-    # (cached), and it is the "teacher-gguf-f16" row, the reference of the GGUF rows' speed.
+    # The teacher exported to GGUF F16 by the quantize stage, timed in llama.cpp.
     teacher_gguf: bool = True
-    # Fidelity to the teacher beyond the held-out blocks (distill/evaluate/fidelity.py), each
-    # set scored for every variant: "teacher_text" = the teacher's own sampled text after
-    # held-out prompts (half chat turns when the tokenizer has a chat template), generated once
-    # and cached, completion tokens scored; "generation" = the teacher's mean NLL of each
-    # variant's greedy answers to held-out prompts, and its ratio to the teacher's own. []: off.
     fidelity: list[str] = field(default_factory=lambda: list(FIDELITY_SETS))
     teacher_text_prompts: int = 32
     teacher_text_tokens: int = 96
-    # 1.0 samples the teacher's own distribution; 0 would be greedy.
     teacher_text_temperature: float = 1.0
-    # The teacher-text cache folder (null: cache_dir/teacher_text/<key of what it depends on>);
-    # a folder made for another teacher, tokenizer, prompt set or settings is refused.
     teacher_text_dir: str | None = None
     generation_prompts: int = 16
     generation_tokens: int = 64
-    # Tokens of a continuation prompt (both sets; chat prompts hold a passage of text).
     fidelity_prompt_tokens: int = 32
-    # Sequences generated at once (left-padded) by the torch rows and the teacher.
     generation_batch_size: int = 8
-    # Extra corpora, each scored like the held-out blocks on its first extra_corpus_blocks
-    # blocks of data.block_size tokens: a file or glob (.txt/.md/.rst one document per file,
-    # .json/.jsonl/.parquet one per record in data.text_column), or
-    # "hf:<dataset>[:<config>][@<split>][#<text column>]" (datasets.load_dataset; split
-    # default "test"). Set "extra:<name>": the file name, or the dataset's with its config.
+    # Files, globs or hf:<dataset>[:<config>][@<split>][#<column>] (distill/extra_corpus.py).
     extra_corpora: list[str] = field(default_factory=list)
     extra_corpus_blocks: int = 16
 
@@ -534,108 +473,3 @@ class PublishConfig:
 
     def problems(self) -> list[str]:
         return []
-
-
-@dataclass
-class PipelineConfig:
-    pair: PairConfig = field(default_factory=PairConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    publish: PublishConfig = field(default_factory=PublishConfig)
-    # Converted teachers and tokenized corpora are cached here and shared by runs
-    # (DISTILL_CACHE in the environment wins: distill.caches.cache_root).
-    cache_dir: str = "~/.cache/distill"
-    # Stage scripts (quantize, evaluate, publish) given a previous run dir work on it.
-    run_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        problems = []
-        for section in (self.pair, self.data, self.loss, self.train, self.quant, self.eval):
-            problems.extend(section.problems())
-        problems.extend(self.publish.problems())
-        if self.train.select_checkpoint == "best_quantized" and not self.quant.methods:
-            problems.append(
-                "train.select_checkpoint=best_quantized scores checkpoints with "
-                "quant.methods[0], but quant.methods is empty: list a method or use "
-                "train.select_checkpoint=last"
-            )
-        problems.extend(self._distill_signal_problems())
-        if problems:
-            raise ConfigError(f"{len(problems)} invalid config field(s): " + "; ".join(problems))
-
-    def _distill_signal_problems(self) -> list[str]:
-        """Combinations on-policy sampling and hidden-state matching cannot work with."""
-        out = []
-        tc, loss = self.train, self.loss
-        if tc.on_policy_fraction > 0.0:
-            if tc.teacher_mode == "cached":
-                out.append(
-                    f"train.on_policy_fraction={tc.on_policy_fraction} needs the online teacher "
-                    "(the cache holds its view of the training blocks, not of the student's "
-                    "samples): set train.teacher_mode=online or train.on_policy_fraction=0"
-                )
-            if loss.kd_ratio == 0.0:
-                out.append(
-                    f"train.on_policy_fraction={tc.on_policy_fraction} with loss.kd_ratio=0: "
-                    "the student's samples are scored by the divergence alone (no CE on its "
-                    "own text), so they would get no loss: raise loss.kd_ratio or set "
-                    "train.on_policy_fraction=0"
-                )
-            if tc.sample_prompt_tokens >= self.data.block_size:
-                out.append(
-                    f"train.sample_prompt_tokens={tc.sample_prompt_tokens}: the prompt is the "
-                    f"start of a data.block_size={self.data.block_size} block, so it must be "
-                    "shorter than the block"
-                )
-        if loss.hidden_weight > 0.0:
-            if tc.teacher_mode == "cached":
-                out.append(
-                    f"loss.hidden_weight={loss.hidden_weight} needs the teacher's hidden states, "
-                    "which only the online teacher gives (the cache stores top-k log-probs): "
-                    "set train.teacher_mode=online or loss.hidden_weight=0"
-                )
-            if self.pair.student.init != "from_teacher":
-                out.append(
-                    f"loss.hidden_weight={loss.hidden_weight} matches each student layer to the "
-                    "teacher layer it was copied from; a pair.student.init="
-                    f"{self.pair.student.init} student has no such layers: use "
-                    "pair.student.init=from_teacher or loss.hidden_weight=0"
-                )
-        return out
-
-
-def register_configs() -> None:
-    """Register the schema so ``configs/pipeline.yaml`` can list ``pipeline_schema`` first."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
-
-
-def to_pipeline_config(cfg: DictConfig) -> PipelineConfig:
-    """Convert a composed Hydra config into the typed, validated dataclass.
-
-    Raises:
-        ConfigError: naming every invalid or missing field.
-    """
-    missing = [k for k in sorted(OmegaConf.missing_keys(cfg)) if not k.startswith("hydra")]
-    if missing:
-        raise ConfigError(
-            "missing required value(s): "
-            + ", ".join(missing)
-            + " (set them on the command line, e.g. "
-            + f"{missing[0]}=...)"
-        )
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
-    container.pop("hydra", None)
-    schema = OmegaConf.structured(PipelineConfig)
-    try:
-        merged = OmegaConf.merge(schema, container)
-    except Exception as err:  # omegaconf's own type errors: keep their message, drop the trace
-        raise ConfigError(str(err).splitlines()[0]) from None
-    obj = OmegaConf.to_object(merged)
-    assert isinstance(obj, PipelineConfig)
-    return obj

@@ -1,0 +1,95 @@
+"""``memory_vs_quality.png``: a report's variants as two panels a person reads at a glance.
+
+Left, perplexity against weight MB (both log scales, the Pareto front dashed); right, deployed
+decode speed against perplexity, the marker's shape naming the runtime. One colour per
+variant, named in one shared legend, so no label overprints a point.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from distill.evaluate.figures import deployed, pareto_front, runtime_family
+
+MB = 1_000_000  # decimal megabyte, as disk sizes are quoted
+
+
+_RUNTIME_MARKERS = {"llama.cpp": "s", "torch.compile": "o", "eager": "^"}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _pareto_line(ax: Any, points: list[tuple[float, float]]) -> None:
+    """The undominated (bytes, perplexity) points joined in a dashed staircase."""
+    front = sorted(p for p, keep in zip(points, pareto_front(points), strict=True) if keep)
+    if len(front) > 1:
+        xs, ys = zip(*front, strict=True)
+        ax.step(xs, ys, where="post", color="0.4", ls="--", lw=1, zorder=1, label="Pareto front")
+
+
+def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
+    """Two panels: perplexity against weight MB (both log, Pareto front dashed), and deployed
+    decode speed against perplexity. One colour per variant, named in one shared legend (no
+    labels on the points, so none overprint); the teacher is a star; the marker shape of
+    the speed panel is the runtime."""
+    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    rows = [v for v in report["variants"] if _finite(v.get("perplexity"))]
+    fig = Figure(figsize=(11, 5.2), dpi=120)
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    colours = [f"C{i % 10}" for i in range(len(rows))]
+    plain = FuncFormatter(lambda x, _pos: f"{x:g}")
+    for v, c in zip(rows, colours, strict=True):
+        teacher = v["name"].startswith("teacher")
+        left.scatter(
+            [v["weight_bytes"] / MB],
+            [v["perplexity"]],
+            s=160 if teacher else 50,
+            marker="*" if teacher else "o",
+            color=c,
+            edgecolor="black",
+            lw=0.5,
+            zorder=3,
+            label=v["name"],
+        )
+        runtime, decode, _ = deployed(v)
+        if _finite(decode):
+            right.scatter(
+                [v["perplexity"]],
+                [decode],
+                s=160 if teacher else 60,
+                color=c,
+                marker="*" if teacher else _RUNTIME_MARKERS.get(runtime_family(runtime), "D"),
+                edgecolor="black",
+                lw=0.5,
+                zorder=3,
+            )
+    _pareto_line(left, [(v["weight_bytes"] / MB, v["perplexity"]) for v in rows])
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+    for scale in (left.set_xscale, left.set_yscale, right.set_xscale):
+        scale("log")
+    # Plain numbers (20, 50, 100), not 10^x: variants often span under a decade, where only
+    # minor ticks fall; the 2x and 5x minor ticks are labelled so labels do not collide.
+    minor = FuncFormatter(lambda x, _pos: f"{x:g}" if f"{x:.0e}"[0] in "25" else "")
+    for axis in (left.xaxis, left.yaxis, right.xaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(minor)
+    left.set_xlabel("weight memory (MB, log scale)")
+    left.set_ylabel("held-out perplexity (log scale, lower is better)")
+    left.set_title("Memory vs quality")
+    right.set_xlabel("held-out perplexity (log scale, lower is better)")
+    right.set_ylabel("decode tokens/s, batch 1, deployed runtime")
+    right.set_title("Decode speed where deployed\n(■ llama.cpp, ● torch.compile)")
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 4), 1, 1))
+    fig.savefig(path)
