@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, tiny_overrides
 
 
@@ -62,13 +64,23 @@ def test_submitit_local_sweep_writes_two_run_dirs_that_report_aggregates(
         "1",
         "multirun.yaml",
     ]
-    # Each job ran the whole pipeline in its own run dir, on its own sweep point.
-    ratios = []
-    for job in ("0", "1"):
+    # Each job ran the whole pipeline in its own run dir, on its own sweep point, and trained
+    # with it: the logged loss of every step is (1 - kd_ratio) * ce + kd_ratio * kd, so pure
+    # CE (kd_ratio 0) and pure KD (kd_ratio 1) tell apart a job that ignored its point.
+    for job, kd_ratio in (("0", 0.0), ("1", 1.0)):
         report = json.loads((sweep / job / "report.json").read_text())
-        ratios.append(report["config"]["loss"]["kd_ratio"])
+        assert report["config"]["loss"]["kd_ratio"] == kd_ratio
         assert (sweep / job / "final" / "model.safetensors").is_file()
-    assert ratios == [0.0, 1.0]
+        lines = (sweep / job / "metrics.jsonl").read_text().splitlines()
+        steps = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+        assert len(steps) == 4
+        for r in steps:
+            want = (1 - kd_ratio) * r["ce"] + kd_ratio * r["kd"]
+            assert r["loss"] == pytest.approx(want, rel=1e-5), (job, r)
+            if kd_ratio == 1.0:  # both parts computed, and apart: the loss is not the CE
+                assert abs(r["ce"] - r["kd"]) > 1e-3 and r["ce"] > 0, r
+            else:  # pure CE: no divergence computed at all, so the loss is not the KD
+                assert r["kd"] == 0.0 and r["loss"] > 0, r
     # Both jobs shared one cache_dir and built it at once: one tokenized corpus for both.
     assert len(list((tmp_path / "cache" / "data").iterdir())) == 1
 

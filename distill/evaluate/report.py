@@ -20,7 +20,6 @@ from distill.evaluate.plot import plot_memory_vs_quality
 from distill.run_dir import REPORT_PLOT, RunDir, process_tag
 
 
-
 def human_bytes(value: float | None) -> str:
     """``1234567`` -> ``"1.2 MB"`` (decimal units, as disk sizes are quoted); None -> "—"."""
     if value is None:

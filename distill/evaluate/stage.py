@@ -53,7 +53,13 @@ from distill.evaluate.memory import (
 from distill.evaluate.report import write_report
 from distill.evaluate.rows import evaluate_saved, evaluate_teacher
 from distill.metrics import blocks_problem
-from distill.models import Teacher, default_threads, llama_cpp_problem, runtime_name
+from distill.models import (
+    Teacher,
+    check_model_files,
+    default_threads,
+    llama_cpp_problem,
+    runtime_name,
+)
 from distill.run_dir import (
     RunDir,
     Variant,
@@ -104,6 +110,9 @@ def saved_variants(cfg: PipelineConfig, run_dir: Path) -> list[Variant]:
             "run_dir=<a run with final/>"
         )
     present, missing = variants(run_dir, cfg.quant.methods, cfg.quant.gguf)
+    for v in present:  # one line for a damaged weight file, before any model loads
+        if not v.is_gguf:
+            check_model_files(str(v.path), v.name)
     for path in missing:
         if path == rd.student_init:
             log.warning("%s/student_init is missing: not evaluated", run_dir)

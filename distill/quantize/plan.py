@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.models.conv1d import CONFIG_KEY as CONV1D_CONFIG_KEY
-from distill.models.conv1d import conv1d_to_linear
+from distill.models import CONFIG_KEY as CONV1D_CONFIG_KEY
+from distill.models import conv1d_to_linear
 from distill.quantize.gptq import Int4Groups, rtn_int4
 from distill.quantize.torchao import (
     AO_CONFIGS,

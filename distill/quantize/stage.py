@@ -38,7 +38,7 @@ from torch import nn
 from distill.caches import cache_root
 from distill.config import PipelineConfig
 from distill.data import PackedSplits, splits_for
-from distill.models import Teacher, weight_bytes
+from distill.models import Teacher, check_model_files, weight_bytes
 from distill.quantize import parity
 from distill.quantize.folder import quantize_to_folder
 from distill.quantize.gptq import Int4Groups
@@ -288,6 +288,7 @@ def run(
             f"{final.final} holds no trained model: run scripts/distill.py first, or set run_dir "
             "to a finished run"
         )
+    check_model_files(str(final.final), "student")  # one line for a damaged final/
     if finished(cfg, run_dir):
         log.info(
             "quantize: %s already holds this config's variants; not quantizing again",

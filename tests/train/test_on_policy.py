@@ -146,7 +146,8 @@ def test_the_student_samples_its_own_micro_batches_not_the_teacher() -> None:
 
     by_student, by_teacher = written_by(student), written_by(teacher)
     assert by_student != by_teacher  # the two models tell apart under one seed
-    rows = [tuple(r[4:][m[4:].bool()].tolist()) for r, m in zip(got.input_ids, got.attention_mask)]
+    pairs = zip(got.input_ids, got.attention_mask, strict=True)
+    rows = [tuple(r[4:][m[4:].bool()].tolist()) for r, m in pairs]
     assert rows == by_student
 
 

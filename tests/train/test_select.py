@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from distill.data import PackedSplits
 from distill.config import to_pipeline_config
+from distill.data import PackedSplits
 from distill.models.conv1d import load_causal_lm
 from distill.train import loop as train
 from distill.train import select_checkpoint as select

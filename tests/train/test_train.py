@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 
 from distill.config import TrainConfig, to_pipeline_config
 from distill.data import prepare_data
-from distill.models import load_teacher
 from distill.errors import DistillError
+from distill.models import load_teacher
 from distill.run_dir import RunDir
 from distill.train import loop as train
 from distill.train import step as train_step_module
 from distill.train.checkpoint import complete_checkpoints
-from distill.train.run_state import config_fingerprint
 from distill.train.losses import KDLoss
+from distill.train.run_state import config_fingerprint
 from distill.train.step import Batch, NonFiniteError, StepContext, lr_at, train_step
 from tests.conftest import compose, tiny_llama, tiny_overrides
 
@@ -275,3 +275,21 @@ def test_a_run_trains_on_the_teachers_own_text(
     corpus_rows = {tuple(r) for r in corpus.train.tolist()}
     from_corpus = sum(tuple(r) in corpus_rows for r in blocks.tolist())
     assert from_corpus == blocks.shape[0] // 2
+
+
+def test_shard_placement_without_a_sharding_launch_fails_before_weights_load(
+    tmp_path: Path, tiny_teacher_dir, tiny_corpus_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """teacher_placement=shard on a plain launch would replicate the teacher and say nothing."""
+    from tests.test_pipeline import no_weights_loaded
+
+    cfg = tiny_cfg(
+        tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache", ["train.teacher_placement=shard"]
+    )
+    no_weights_loaded(monkeypatch)
+    with pytest.raises(DistillError) as err:
+        train.run(cfg, tmp_path / "run")
+    message = str(err.value)
+    assert "train.teacher_placement=shard" in message and "shards no weights" in message
+    assert "configs/accelerate/fsdp.yaml" in message and "teacher_placement=replicate" in message
+    assert not (tmp_path / "run" / "student_init").exists()
