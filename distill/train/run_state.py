@@ -45,26 +45,34 @@ def finished_state(cfg: PipelineConfig, rd: RunDir) -> TrainerState | None:
     The fingerprint is taken on the process count recorded there, so a run trained under
     ``accelerate launch`` is recognised by a later one-process ``scripts/pipeline.py run_dir=``.
 
+    This config may still continue a ``final/`` it did not finish: with ``train.resume=auto``
+    when the newest checkpoint is this config's, only short of more ``train.max_steps``, and
+    from any checkpoint ``train.resume`` names by path.
+
     Raises:
-        DistillError: ``final/`` exists but this config did not finish it, and no checkpoint
-            is named to continue from (training would overwrite it).
+        DistillError: ``final/`` exists but this config did not finish it and cannot continue
+            it (training would overwrite another config's student).
     """
     if not (rd.final / "config.json").is_file():
         return None
     found = complete_checkpoints(rd.checkpoints)
     state = read_trainer_state(found[-1]) if found else None
+    ours = state is not None and state.config_fingerprint == config_fingerprint(
+        cfg, state.num_processes
+    )
     if state is None:
         why = f"no complete checkpoint in {rd.checkpoints} records which config made it"
-    elif state.config_fingerprint != config_fingerprint(cfg, state.num_processes):
+    elif not ours:
         why = f"{found[-1].name} was written with another pair/data/loss/train config"
     elif state.step < cfg.train.max_steps:
         why = f"its newest checkpoint is step {state.step} of train.max_steps={cfg.train.max_steps}"
     else:
         return state
-    if cfg.train.resume is not None and found:
+    named = cfg.train.resume not in (None, "auto")
+    if found and (named or (ours and cfg.train.resume == "auto")):
         return None  # asked to continue: training resumes and rewrites final/
     raise DistillError(
         f"{rd.final} holds a student this config did not finish ({why}); training would "
-        "overwrite it. Train into a new run dir, continue it with train.resume=auto, or "
-        f"delete {rd.final} to retrain there"
+        f"overwrite it. Train into a new run dir, or delete {rd.final} and {rd.checkpoints} "
+        "to retrain there"
     )
