@@ -382,10 +382,13 @@ def score_blocks(
             if batch_mask is not None:
                 batch, batch_mask = trim_to_mask(batch, batch_mask)
             ids = batch.to(device)
-            log_probs = forward_log_probs(model, ids)
-            if batch_mask is not None:
+            if batch_mask is None:
+                log_probs = forward_log_probs(model, ids)
+            else:  # normalised at the scored positions only: (n, V)
                 keep = target_mask(batch_mask).to(device)
-                log_probs = log_probs[:, :-1][keep]  # (n, V): the scored positions only
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1][keep]
+                log_probs = F.log_softmax(logits.float(), dim=-1)
+                del logits
             if on_log_probs is not None:
                 on_log_probs(log_probs)
             ref = None if reference is None else reference[i]

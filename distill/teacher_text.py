@@ -62,6 +62,9 @@ class GenerationManifest:
     max_new_tokens: int
     temperature: float
     seed: int
+    # Batch b samples under seed + b, and greedy tokens can turn on padding: the batch size
+    # is part of what the text is.
+    batch_size: int
     format: int = FORMAT_VERSION
 
 
@@ -134,6 +137,7 @@ def teacher_samples(
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
         seed=seed,
+        batch_size=batch_size,
     )
     path = (
         Path(folder).expanduser() if folder else cache_dir / "teacher_text" / manifest_key(manifest)

@@ -2,23 +2,64 @@
 them, and how much of them repeats.
 
 Used by the fidelity sets (:mod:`distill.evaluate.fidelity`): the teacher's own text is
-scored like this for every variant, and every variant's greedy answers are scored by the
-teacher.
+scored like this for every variant, and every variant's greedy answers to the same prompts
+are scored by the teacher (:class:`TeacherJudge`, which reads each prompt once and keeps its
+KV cache, so a variant's answers cost the teacher only their own tokens).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
-from distill.metrics import score_blocks
+from distill.metrics import eval_mode, token_nll
+from distill.sampling import cache_keyword
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from distill.teacher_text import Sample
+
+
+@contextmanager
+def embedding_table_once(model: torch.nn.Module) -> Iterator[bool]:
+    """While active, a quantized input embedding looks rows up in its table dequantized once.
+
+    torchao's quantized tensors run ``embedding`` as "dequantize the whole table, then look
+    up" on every call: 134 ms a forward for SmolLM2's 49,152 x 576 table in int8, three
+    quarters of an eager int8 decode step. Looking the same rows up in the table dequantized
+    once gives the same values, which is checked here bit for bit on a sample of rows before
+    anything uses it; if they differ, or the table is a plain tensor, nothing changes. Yields
+    whether the table was swapped. For quality passes (answers, scoring), never for timing:
+    a timed model runs as it was loaded.
+    """
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    embedding = model.get_input_embeddings()
+    weight = embedding.weight
+    if not isinstance(embedding, torch.nn.Embedding) or not is_traceable_wrapper_subclass(
+        weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    ):
+        yield False
+        return
+    with torch.inference_mode():
+        table = weight.dequantize()
+        probe = torch.arange(0, table.shape[0], max(1, table.shape[0] // 97), device=table.device)
+        same = torch.equal(F.embedding(probe, table), embedding(probe))
+    if not same:
+        yield False
+        return
+    embedding.forward = lambda ids: F.embedding(ids, table, embedding.padding_idx)
+    try:
+        yield True
+    finally:
+        del embedding.forward  # the class's own forward again
+        del table
 
 
 def pad_rows(
@@ -44,17 +85,48 @@ def pad_samples(samples: Sequence[Sample], pad_id: int = 0) -> tuple[torch.Tenso
     return pad_rows([s.prompt for s in samples], [s.completion for s in samples], pad_id)
 
 
-def answers_nll(
-    teacher: PreTrainedModel,
-    prompts: Sequence[Sequence[int]],
-    answers: Sequence[Sequence[int]],
-    batch_size: int,
-) -> tuple[float, int]:
-    """The teacher's mean per-token NLL (nats) of ``answers`` given their ``prompts``, and
-    the answer tokens scored: the CE of :func:`score_blocks` with the prompts masked."""
-    tokens, mask = pad_rows(prompts, answers)
-    sums = score_blocks(teacher, tokens, batch_size, None, mask=mask)
-    return sums.mean_ce, sums.num_tokens
+class TeacherJudge:
+    """The teacher's NLL of answers to a fixed set of prompts, each prompt read once.
+
+    Every prompt's KV cache and its last position's log-probabilities (the first answer
+    token's) are computed at construction; :meth:`nll` then runs the teacher over the answer
+    tokens alone, on a copy of that prompt's cache. The figure is the CE of a plain forward
+    over prompt + answer with the prompt masked (up to float rounding: the same positions,
+    the same model), at a fraction of its cost when every variant answers the same prompts.
+    """
+
+    def __init__(self, teacher: PreTrainedModel, prompts: Sequence[Sequence[int]]) -> None:
+        self.teacher = teacher
+        self.device = next(teacher.parameters()).device
+        self._cache = cache_keyword(teacher)
+        self._prompts: list[tuple[object, torch.Tensor]] = []
+        with torch.inference_mode(), eval_mode(teacher):
+            for prompt in prompts:
+                ids = torch.tensor([list(prompt)], device=self.device)
+                out = teacher(input_ids=ids, use_cache=True)
+                first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+                self._prompts.append((out[self._cache], first))
+
+    def nll(self, answers: Sequence[Sequence[int]]) -> tuple[float, int]:
+        """Mean per-token NLL (nats) of ``answers`` (one per prompt, in order) and the answer
+        tokens scored; NaN and 0 when every answer is empty."""
+        if len(answers) != len(self._prompts):
+            raise ValueError(f"{len(answers)} answers for {len(self._prompts)} prompts")
+        total, count = 0.0, 0
+        with torch.inference_mode(), eval_mode(self.teacher):
+            for (cache, first), answer in zip(self._prompts, answers, strict=True):
+                if not answer:
+                    continue
+                total -= float(first[answer[0]])
+                if len(answer) > 1:
+                    ids = torch.tensor([list(answer[:-1])], device=self.device)
+                    kwargs = {self._cache: copy.deepcopy(cache)}
+                    out = self.teacher(input_ids=ids, use_cache=True, **kwargs)
+                    log_probs = F.log_softmax(out.logits[0].float(), dim=-1)
+                    targets = torch.tensor(list(answer[1:]), device=self.device)
+                    total += float(token_nll(log_probs, targets).double().sum())
+                count += len(answer)
+        return (total / count if count else float("nan")), count
 
 
 def repeated_ngram_share(answers: Sequence[Sequence[int]], n: int = 4) -> float:

@@ -47,6 +47,7 @@ import torch
 from distill.config import EvalConfig
 from distill.evaluate.timing import median_rate
 from distill.metrics import model_device
+from distill.sampling import cache_keyword
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -97,14 +98,6 @@ class CompiledDecode:
 
 
 Forward = Callable[..., Any]
-
-
-def _cache_keyword(model: Any) -> str:
-    """``cache`` where the forward takes it (transformers >= 5.2x, which warns on
-    ``past_key_values``), else ``past_key_values``: the project allows any transformers 5."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @contextlib.contextmanager
@@ -171,7 +164,7 @@ def greedy_static(
     """
     batch, length = prompt.shape
     positions = torch.arange(length, device=prompt.device)
-    cache_arg = {_cache_keyword(model): cache}
+    cache_arg = {cache_keyword(model): cache}
     logits = model(
         input_ids=prompt,
         **cache_arg,

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.config import PipelineConfig
-from distill.evaluate.answers import answers_nll, pad_samples, repeated_ngram_share
+from distill.evaluate.answers import TeacherJudge, pad_samples, repeated_ngram_share
 from distill.evaluate.extra_corpora import extra_blocks
 from distill.extra_corpus import ExtraCorpus
 from distill.metrics import ScoreSums, batches_of, quality_fields, score_blocks, score_positions
@@ -178,18 +178,24 @@ def _rows(scored: ScoredSet, batch_size: int) -> Iterator[tuple[list[int], torch
 
 def score_set_gguf(runtime: LlamaRuntime, scored: ScoredSet, batch_size: int) -> ScoreSums:
     """:class:`ScoredSet` quality of a GGUF file from llama.cpp's logits, positions masked as
-    the torch rows' are (:func:`distill.metrics.score_positions`).
+    the torch rows' are (:func:`distill.metrics.score_positions`). A row whose scored
+    positions are a completion after its prompt gets logits at those positions only
+    (:meth:`~distill.models.LlamaRuntime.completion_logits`).
 
     Raises:
         LlamaCppError: llama.cpp cannot run the file.
     """
-    rows = list(_rows(scored, batch_size))
-    vocab = rows[0][2].shape[-1]
-    logits = runtime.iter_logits([r[0] for r in rows], vocab)
     total = ScoreSums()
-    for (tokens, keep, ref), row_logits in zip(rows, logits, strict=True):
-        log_probs = F.log_softmax(row_logits[:-1], dim=-1)[keep]
+    for tokens, keep, ref in _rows(scored, batch_size):
+        vocab = ref.shape[-1]
         targets = torch.tensor(tokens[1:], dtype=torch.long)[keep]
+        start = int(keep.nonzero()[0]) if keep.any() else 0
+        if keep[start:].all() and start > 0:  # a completion: tokens[start + 1:]
+            logits = runtime.completion_logits(tokens[: start + 1], tokens[start + 1 :], vocab)
+            log_probs = F.log_softmax(logits, dim=-1)
+        else:
+            (logits,) = runtime.iter_logits([tokens], vocab)
+            log_probs = F.log_softmax(logits[:-1], dim=-1)[keep]
         total = total + score_positions(log_probs, ref, targets)
     return total
 
@@ -217,17 +223,17 @@ class Fidelity:
 
     sets: list[ScoredSet]
     generation: GenerationSet | None
-    teacher: Any
+    # The teacher reading every variant's answers (None without the generation set).
+    judge: TeacherJudge | None
+    vocab_size: int
     stop: list[int]
     batch_size: int
     generation_batch_size: int
     teacher_row: dict[str, Any] = field(default_factory=dict)
 
     def _generation_fields(self, answers: Sequence[tuple[int, ...]]) -> dict[str, Any]:
-        assert self.generation is not None
-        nll, count = answers_nll(
-            self.teacher, self.generation.prompts, answers, self.generation_batch_size
-        )
+        assert self.generation is not None and self.judge is not None
+        nll, count = self.judge.nll(answers)
         ratio = nll / self.generation.teacher_nll if self.generation.teacher_nll else None
         return {
             "teacher_nll": nll,
@@ -268,12 +274,11 @@ class Fidelity:
         """
         out = {s.name: set_fields(score_set_gguf(runtime, s, self.batch_size)) for s in self.sets}
         if self.generation is not None:
-            vocab = self.teacher.get_output_embeddings().weight.shape[0]
             answers = runtime.generate(
                 self.generation.prompts,
                 self.generation.max_new_tokens,
                 self.stop,
-                vocab_size=vocab,
+                vocab_size=self.vocab_size,
                 desc=f"answers {name}",
             )
             out[GENERATION] = self._generation_fields(answers)
@@ -313,9 +318,9 @@ class Fidelity:
         return out
 
     def release(self) -> None:
-        """Drop the references and the teacher once every row is scored."""
+        """Drop the references and the teacher's prompt caches once every row is scored."""
         self.sets.clear()
-        self.teacher = None
+        self.judge = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +377,9 @@ def _teacher_text(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher)
     )
 
 
-def _generation(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher) -> GenerationSet:
+def _generation(
+    inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher, judge: TeacherJudge
+) -> GenerationSet:
     from distill.caches import cache_root
     from distill.data import tokenizer_fingerprint
     from distill.teacher_text import teacher_samples
@@ -394,12 +401,12 @@ def _generation(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher) -
     answers = [s.completion for s in own.samples]
 
     def score_own() -> dict[str, Any]:
-        nll, count = answers_nll(teacher.model, prompts, answers, ev.generation_batch_size)
+        nll, count = judge.nll(answers)
         return {"nll": nll, "tokens": count, "repeats": repeated_ngram_share(answers)}
 
     # The teacher's NLL of its own answers depends only on what the cache already holds:
-    # scored once, kept beside the answers (named by the batch size it was scored in).
-    own_figures = own.figures(f"teacher-nll-batch{ev.generation_batch_size}", score_own)
+    # scored once, kept beside the answers (named by how it was scored).
+    own_figures = own.figures("teacher-nll-prompt-cache", score_own)
     nll = own_figures["nll"]
     kind = "chat" if any(p.kind == "chat" for p in inputs.generation) else "continuation"
     return GenerationSet(
@@ -441,7 +448,9 @@ def build_fidelity(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher
     row = {
         s.name: set_fields(_reference(model, s, ev.batch_size, f"teacher {s.name}")) for s in sets
     }
-    generation = _generation(inputs, cfg, teacher) if inputs.generation else None
+    prompts = [p.tokens for p in inputs.generation]
+    judge = TeacherJudge(model, prompts) if prompts else None
+    generation = _generation(inputs, cfg, teacher, judge) if judge is not None else None
     if generation is not None:
         row[GENERATION] = {
             "teacher_nll": generation.teacher_nll,
@@ -453,8 +462,8 @@ def build_fidelity(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher
     return Fidelity(
         sets=sets,
         generation=generation,
-        # Kept only to score answers: a run without the generation set frees it as before.
-        teacher=model if generation is not None else None,
+        judge=judge,
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
         stop=stop_ids(model),
         batch_size=ev.batch_size,
         generation_batch_size=ev.generation_batch_size,

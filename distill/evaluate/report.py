@@ -56,6 +56,12 @@ def teacher_speed(report: dict[str, Any], runtime: str) -> float | None:
     return None
 
 
+def _pct(value: float | None) -> str:
+    """``0.518`` -> ``"51.8%"``; a missing or NaN share -> "—" (no stray %)."""
+    cell = _num(value, 1, 100.0)
+    return cell + "%" if cell != "—" else cell
+
+
 def _speed_cell(v: dict[str, Any], decode: float | None) -> str:
     if decode is not None:
         return _num(decode, 1)
@@ -80,7 +86,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {v['name']} | {runtime} | {human_bytes(v['weight_bytes'])} "
             f"| {_num(v['perplexity'], 2)} | {_num(v['kl_to_teacher'], 4)} "
-            f"| {_num(v['top1_agreement'], 1, 100.0)}% | {_speed_cell(v, decode)} "
+            f"| {_pct(v['top1_agreement'])} | {_speed_cell(v, decode)} "
             f"| {_num(ratio, 2)}{'×' if ratio is not None else ''} | {_num(prefill, 0)} |"
         )
     return "\n".join(lines)
@@ -119,11 +125,10 @@ def format_fidelity_table(report: dict[str, Any]) -> str:
         cells = [v["name"]]
         for n in scored:
             f = sets.get(n) or {}
-            top1 = _num(f.get("top1_agreement"), 1, 100.0)
             cells += [
                 _num(f.get("perplexity"), 2),
                 _num(f.get("kl_to_teacher"), 4),
-                top1 + ("%" if top1 != "—" else ""),
+                _pct(f.get("top1_agreement")),
             ]
         if GENERATION_SET in names:
             g = sets.get(GENERATION_SET) or {}
@@ -177,7 +182,10 @@ def format_diagnostics_table(report: dict[str, Any]) -> str:
             f"| {_num(v.get('prefill_tokens_per_s'), 0)} "
             f"| {_num(v.get('decode_tokens_per_s'), 1)} |"
         )
-    return "\n".join(lines)
+    untimed = [
+        f"{v['name']}: {v['eager_timing']}" for v in report["variants"] if v.get("eager_timing")
+    ]
+    return "\n".join(lines + ([""] + [f"- {u}." for u in untimed] if untimed else []))
 
 
 def _deployed_bound(v: dict[str, Any]) -> float | None:

@@ -4,7 +4,9 @@ Each row is measured in this order, so that no measurement disturbs another:
 
 1. peak memory over loading the model (a saved variant) and its pass over the held-out blocks
    (:class:`distill.evaluate.memory.PeakMemory`; the window closes before anything is timed);
-2. the fidelity sets (:mod:`distill.evaluate.fidelity`);
+2. the fidelity sets (:mod:`distill.evaluate.fidelity`), a quantized embedding table
+   dequantized once for them (:func:`distill.evaluate.answers.embedding_table_once`: the
+   same values, checked);
 3. eager prefill and decode (:mod:`distill.evaluate.speed`): diagnostics only;
 4. compiled decode where ``eval.compiled_decode`` names the row
    (:mod:`distill.evaluate.compiled_decode`): the row's deployed PyTorch speed.
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distill.config import EvalConfig
+from distill.evaluate.answers import embedding_table_once
 from distill.evaluate.compiled_decode import compiled_decode_fields
 from distill.evaluate.gguf_runtime import gguf_row
 from distill.evaluate.memory import PeakMemory, kv_cache_bytes_per_token, kv_dtype_bytes
@@ -80,6 +83,7 @@ def evaluate_variant(
     memory: PeakMemory | None = None,
     collect: list[torch.Tensor] | None = None,
     fidelity: Fidelity | None = None,
+    timed_as: str | None = None,
 ) -> dict[str, Any]:
     """Quality, footprint and speed of one loaded model: one row of the report.
 
@@ -97,6 +101,8 @@ def evaluate_variant(
             CPU (how the teacher's reference is built in its own pass); they are excluded
             from the peak.
         fidelity: the fidelity sets to score the model on too (its row's ``fidelity``).
+        timed_as: the row that times this model's architecture and dtype already (the
+            student for student_init): its eager speed is not measured a second time.
 
     Raises:
         ValueError: the teacher batches do not line up with ``blocks``.
@@ -125,8 +131,20 @@ def evaluate_variant(
         peak = tracker.stop()
     window = "the held-out pass" + ("" if own_memory else " and loading")
     loaded_bytes = weight_bytes(model)
-    scored = fidelity.score_model(name, model) if fidelity is not None else None
-    speed = measure_speed(model, blocks, cfg)  # with nothing else running
+    scored = None
+    if fidelity is not None:  # after the peak window: the table copy is not the model's
+        with embedding_table_once(model):
+            scored = fidelity.score_model(name, model)
+    if timed_as is None:
+        speed = measure_speed(model, blocks, cfg)  # with nothing else running
+    else:
+        speed = {
+            "prefill_tokens_per_s": None,
+            "decode_tokens_per_s": None,
+            "decode_tokens": cfg.decode_tokens,
+            "prompt_tokens": decode_prompt(blocks.reshape(1, -1), cfg, None).shape[1],
+            "eager_timing": f"not timed: the architecture and dtype of {timed_as}, timed there",
+        }
     prompt = decode_prompt(blocks.reshape(1, -1), cfg, max_positions(model.config))
     compiled = compiled_decode_fields(name, model, prompt, cfg)
     row = {
@@ -174,6 +192,8 @@ def evaluate_saved(
     fidelity: Fidelity | None = None,
 ) -> dict[str, Any]:
     """Evaluate one saved variant: its report row (with its ``fidelity`` sets, when given).
+    ``student_init`` is not timed: it has the student's architecture and dtype (training
+    changes neither), so its eager speed is the student's.
 
     A model folder is loaded inside its peak-memory window and evaluated in PyTorch on
     ``device``; a GGUF file runs in llama.cpp (:func:`distill.evaluate.gguf_runtime.gguf_row`,
@@ -199,6 +219,7 @@ def evaluate_saved(
             variant.path,
             memory=memory,
             fidelity=fidelity,
+            timed_as="student" if variant.name == "student_init" else None,
         )
     if variant.record_key is not None:
         record = records.get(variant.record_key, {})

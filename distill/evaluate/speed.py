@@ -73,15 +73,24 @@ def greedy_generation_config(model: Any, new_tokens: int) -> Any:
     )
 
 
+# Eager decode diagnostics stop repeating once their timed runs took this long together
+# (an eager int8 student at 5 tok/s takes 6 s a run; eval.repeats=3 of them would be 18 s).
+EAGER_DECODE_BUDGET_S = 3.0
+
+
 def measure_decode(
     model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, repeats: int
-) -> float:
+) -> tuple[float, int]:
     """New tokens per second of greedy ``generate`` after ``prompt``, all sequences together.
 
     The time covers the whole ``generate`` call (the prompt's prefill included), divided by
     the ``B * new_tokens`` it must produce: ``min_new_tokens = max_new_tokens`` so an early EOS
     cannot shorten the run and flatter a variant. The untimed warm-up decodes 2 tokens: the
-    same kernels (prefill, then a step on the cache) at a fraction of a slow model's cost.
+    same kernels (prefill, then a step on the cache) at a fraction of a slow model's cost;
+    timed runs stop once they took :data:`EAGER_DECODE_BUDGET_S` together.
+
+    Returns:
+        (tokens per second at the median timed run, how many runs were timed).
 
     Args:
         prompt: ``(B, P)`` token ids (B sequences decoded as one batch).
@@ -102,8 +111,10 @@ def measure_decode(
         return out
 
     warm = greedy_generation_config(model, min(2, new_tokens))
-    times = time_runs(generate, repeats, device, warmup=lambda: generate(warm))
-    return median_rate(ids.shape[0] * new_tokens, times)
+    times = time_runs(
+        generate, repeats, device, warmup=lambda: generate(warm), budget_s=EAGER_DECODE_BUDGET_S
+    )
+    return median_rate(ids.shape[0] * new_tokens, times), len(times)
 
 
 def decode_prompt(flat: torch.Tensor, cfg: EvalConfig, limit: int | None) -> torch.Tensor:
@@ -138,14 +149,14 @@ def measure_speed(model: PreTrainedModel, blocks: torch.Tensor, cfg: EvalConfig)
     )
     prompt = decode_prompt(flat, cfg, limit)
     prompt_len = prompt.shape[1]
-    decode_rate = measure_decode(model, prompt, cfg.decode_tokens, cfg.repeats)
+    decode_rate, decode_runs = measure_decode(model, prompt, cfg.decode_tokens, cfg.repeats)
     batch_rate = None
     if cfg.decode_batch_size > 1:
         need = cfg.decode_batch_size * prompt_len
         prompts = (
             flat[:, :need] if flat.shape[1] >= need else prompt.repeat(1, cfg.decode_batch_size)
         )
-        batch_rate = measure_decode(
+        batch_rate, _ = measure_decode(
             model,
             prompts.reshape(cfg.decode_batch_size, prompt_len),
             cfg.decode_tokens,
@@ -155,6 +166,7 @@ def measure_speed(model: PreTrainedModel, blocks: torch.Tensor, cfg: EvalConfig)
         "prefill_tokens_per_s": prefill_rate,
         "prefill_tokens": prefill_len,
         "decode_tokens_per_s": decode_rate,
+        "decode_timed_runs": decode_runs,
         "decode_tokens": cfg.decode_tokens,
         "prompt_tokens": prompt_len,
         "decode_batch_size": cfg.decode_batch_size if batch_rate is not None else None,

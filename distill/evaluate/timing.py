@@ -29,12 +29,17 @@ def time_runs(
     repeats: int,
     device: torch.device,
     warmup: Callable[[], object] | None = None,
+    budget_s: float | None = None,
 ) -> list[float]:
-    """Wall seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call (of
-    ``warmup`` when given: a shorter run through the same kernels)."""
+    """Wall seconds of up to ``repeats`` calls of ``fn`` after one untimed warm-up call (of
+    ``warmup`` when given: a shorter run through the same kernels). With ``budget_s``, no
+    further call once the timed ones took that long together: a run of many seconds is its
+    own average over many steps, and repeating it adds minutes, not accuracy."""
     (warmup or fn)()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
+        if budget_s is not None and times and sum(times) >= budget_s:
+            break
         sync(device)
         t0 = time.perf_counter()
         fn()

@@ -153,6 +153,33 @@ class LlamaRuntime:
             self._eval(row)
             yield torch.from_numpy(self.llm.scores[: self.llm.n_tokens, :keep])
 
+    def completion_logits(
+        self, prompt: Sequence[int], completion: Sequence[int], vocab_size: int | None = None
+    ) -> torch.Tensor:
+        """fp32 logits ``(len(completion), V)`` of the positions that predict each completion
+        token (the prompt's last position, then every completion token but the last), from
+        an empty KV cache. The prompt is read for its cache with the LM head computed at its
+        last position only, so scoring a completion costs no logits for its prompt.
+
+        Raises:
+            LlamaCppError: the file fails to decode, or has fewer than ``vocab_size`` tokens.
+            ValueError: an empty prompt or completion, or more tokens than the context opened.
+        """
+        if not prompt or not completion:
+            raise ValueError("need a non-empty prompt and completion")
+        keep = self._keep(vocab_size)
+        self._check_fits(len(prompt) + len(completion))
+        self.llm.reset()
+        with _last_only(self.llm):
+            self._eval(prompt)
+        first = torch.from_numpy(self._last_logits(keep).copy())[None]
+        if len(completion) == 1:
+            return first
+        start = self.llm.n_tokens
+        self._eval(completion[:-1])
+        rest = torch.from_numpy(self.llm.scores[start : start + len(completion) - 1, :keep])
+        return torch.cat([first, rest])
+
     def tokenize(self, text: str) -> list[int]:
         """The ids llama.cpp's tokenizer (embedded in the file) gives ``text``, as a runtime
         tokenizes a prompt: BOS added when the file asks for it, special tokens parsed."""

@@ -172,7 +172,7 @@ def quantize_to_folder(
     Args:
         src: Hugging Face model folder (config, safetensors, tokenizer files).
         dst: output folder; replaced if it exists.
-        method: one of ``config.QUANT_METHODS``.
+        method: one of ``distill.names.QUANT_METHODS``.
         include_embeddings: also quantize the input embedding and the (tied) LM head.
         group_size: values per scale for ``int4_weight_only``.
         device: where to quantize; default CUDA for int4 when available (packed layout, that

@@ -1,7 +1,7 @@
 """Write a student as one GGUF file for llama.cpp-family runtimes.
 
-The file holds the weights in one of ``config.GGUF_TYPES`` (quantized in numpy by the ``gguf``
-package) and the tokenizer (:mod:`distill.quantize.gguf_tokenizer`), so ``llama-cli -m
+The file holds the weights in one of ``distill.names.GGUF_TYPES`` (quantized in numpy by the
+``gguf`` package) and the tokenizer (:mod:`distill.quantize.gguf_tokenizer`), so ``llama-cli -m
 student-q4_0.gguf`` needs nothing else. Architectures: llama (RoPE ``default`` or Llama 3's
 ``llama3``), qwen2, qwen3 and gpt2, each laid out as llama.cpp's own converter writes it
 (:mod:`distill.quantize.gguf_arch`):
@@ -164,7 +164,7 @@ def export_gguf(
     The file is written next to ``path`` under a temporary name and renamed into place.
 
     Args:
-        gguf_type: one of ``config.GGUF_TYPES`` for the 2-D weights.
+        gguf_type: one of ``distill.names.GGUF_TYPES`` for the 2-D weights.
         include_embeddings: quantize the embedding (and tied head); false keeps it F16.
         name: ``general.name`` (defaults to the file's stem).
         int4_groups: ``q4_0`` only: GPTQ groups (group size 32) per ``nn.Linear`` module

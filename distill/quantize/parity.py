@@ -254,7 +254,7 @@ def compare(
     """Parity figures of one artifact; every logits tensor is ``(B, T, V)`` on ``ids`` ``(B, T)``.
 
     Position ``t`` predicts ``ids[:, t + 1]``: ``T - 1`` positions per block are scored.
-    Perplexity, KL and top-1 are :mod:`distill.evaluate.metrics`' (the evaluate report's).
+    Perplexity, KL and top-1 are :mod:`distill.metrics`' (the evaluate report's).
     """
     # score_logits(model, reference): CE of the first, KL(reference || first).
     to_in_memory = score_logits(reloaded, in_memory, ids)
@@ -278,7 +278,7 @@ def limits_for(artifact: Artifact) -> dict[str, float | None]:
     """The thresholds ``artifact`` is judged by: its runtime's fidelity and its method's
     quantization ceiling (``kl_to_float``; None where the method has none)."""
     fidelity = LLAMA_CPP_LIMITS.get(artifact.name) if artifact.gguf_file else FOLDER_LIMITS
-    if fidelity is None:  # a GGUF type added to config.GGUF_TYPES without measured limits
+    if fidelity is None:  # a GGUF type added to names.GGUF_TYPES without measured limits
         raise KeyError(f"no llama.cpp parity limits for {artifact.name}: add them to parity.py")
     return {**fidelity, "kl_to_float": MAX_KL_TO_FLOAT.get(artifact.name)}
 

@@ -189,7 +189,7 @@ def quantize_model(
 
     Args:
         model: a causal LM on ``device``.
-        method: one of ``config.QUANT_METHODS``.
+        method: one of ``distill.names.QUANT_METHODS``.
         group_size: values per scale for ``int4_weight_only``.
         device: ``"cpu"`` or ``"cuda"``; picks the int4 tensor layout.
         calibrated: CPU ``int4_weight_only``: GPTQ groups per Linear name (others are RTN).

@@ -163,7 +163,7 @@ def storage_of(method: str, device: str) -> str:
 
 
 def check_method(method: str) -> None:
-    """Raises: QuantizeError: ``method`` is not one of ``config.QUANT_METHODS``."""
+    """Raises: QuantizeError: ``method`` is not one of ``distill.names.QUANT_METHODS``."""
     if method not in QUANT_METHODS:
         raise QuantizeError(
             f"unknown quant method {method!r}: choose from {', '.join(QUANT_METHODS)}"

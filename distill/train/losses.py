@@ -21,7 +21,7 @@ distributions shrinks like ``1/T**2``, and the factor keeps the KD term's weight
 ``(1 - kd_ratio) * ce + kd_ratio * kd`` independent of ``T``. It is applied the same way to
 every loss, so the switch means one thing.
 
-The divergences are named once, in :data:`distill.config.LOSSES` (the values ``loss.name``
+The divergences are named once, in :data:`distill.names.LOSSES` (the values ``loss.name``
 accepts); :data:`DIVERGENCES` implements exactly those names, checked at import.
 """
 
@@ -281,10 +281,8 @@ DIVERGENCES: dict[str, Callable[[Tensor, Tensor, KDLoss], Tensor]] = {
     "tvd": tvd,
     "skew_kl": skew_kl,
 }
-if tuple(DIVERGENCES) != LOSSES:  # config.LOSSES is what loss.name accepts: keep them one list
-    raise ImportError(
-        f"DIVERGENCES {tuple(DIVERGENCES)} differ from distill.config.LOSSES {LOSSES}"
-    )
+if tuple(DIVERGENCES) != LOSSES:  # names.LOSSES is what loss.name accepts: keep them one list
+    raise ImportError(f"DIVERGENCES {tuple(DIVERGENCES)} differ from distill.names.LOSSES {LOSSES}")
 
 
 @dataclass(frozen=True)

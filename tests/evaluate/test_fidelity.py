@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import distill.evaluate.fidelity
 import distill.sampling
 import distill.teacher_text
 from distill.caches import CacheMismatchError
@@ -28,7 +27,7 @@ from distill.config import (
 from distill.data import PackedSplits
 from distill.evaluate import report as report_files
 from distill.evaluate import stage as evaluate
-from distill.evaluate.answers import pad_samples
+from distill.evaluate.answers import TeacherJudge, pad_samples
 from distill.evaluate.extra_corpora import FidelityError
 from distill.models import Teacher
 from distill.teacher_text import Sample
@@ -254,13 +253,13 @@ def test_teacher_text_is_cached_and_refused_for_another_teacher(
     monkeypatch.setattr(distill.sampling, "generate", counting)
     monkeypatch.setattr(distill.teacher_text, "generate", counting)
     scored: list[int] = []
-    real_nll = distill.evaluate.fidelity.answers_nll
+    real_nll = TeacherJudge.nll
 
-    def counting_nll(*args, **kwargs):
+    def counting_nll(self, answers):
         scored.append(1)
-        return real_nll(*args, **kwargs)
+        return real_nll(self, answers)
 
-    monkeypatch.setattr(distill.evaluate.fidelity, "answers_nll", counting_nll)
+    monkeypatch.setattr(TeacherJudge, "nll", counting_nll)
     second = _evaluate(cfg, run_dir)
     # The teacher's text and greedy answers come from the caches, and so does the teacher's
     # NLL of its own answers: only the two variants answer, and only their answers are scored.
@@ -307,3 +306,27 @@ def test_repeated_ngrams_show_a_loop() -> None:
     # Counted within each answer, pooled over answers; too-short answers add nothing.
     assert repeated_ngram_share([loop, (1, 2, 3, 4, 5, 6), (1, 2)]) == pytest.approx(7 / 12)
     assert math.isnan(repeated_ngram_share([(1, 2)]))
+
+
+def test_a_quantized_table_dequantized_once_gives_the_same_answers() -> None:
+    """embedding_table_once: an int8 model's greedy answers and logits are bit for bit what
+    the model as loaded gives; a float model is left untouched."""
+    from distill.evaluate.answers import embedding_table_once
+    from distill.quantize.plan import quantize_model
+    from distill.sampling import generate
+
+    model = tiny_llama(WORD_VOCAB, layers=2, seed=4, tie=False).to(torch.bfloat16)
+    quantize_model(model, "int8_weight_only", include_embeddings=True)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        want = generate(model, prompts, max_new_tokens=6, temperature=0.0, seed=0, batch_size=2)
+        logits = model(input_ids=ids).logits
+        with embedding_table_once(model) as swapped:
+            assert swapped
+            got = generate(model, prompts, max_new_tokens=6, temperature=0.0, seed=0, batch_size=2)
+            assert torch.equal(model(input_ids=ids).logits, logits)
+        assert "forward" not in model.get_input_embeddings().__dict__  # restored
+    assert got == want
+    with embedding_table_once(word_llama(0)) as swapped:
+        assert not swapped

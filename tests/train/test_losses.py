@@ -108,7 +108,7 @@ ALL = list(LOSSES)
 
 
 def test_loss_names_are_one_list_and_unknown_names_name_the_choices() -> None:
-    # config.LOSSES is what loss.name accepts; every one of them has a divergence, no other.
+    # names.LOSSES is what loss.name accepts; every one of them has a divergence, no other.
     assert tuple(DIVERGENCES) == LOSSES
     with pytest.raises(ValueError, match="unknown loss 'mse': choose one of forward_kl, "):
         per_token("mse", torch.zeros(1, 1, 2), torch.zeros(1, 1, 2))
