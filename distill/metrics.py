@@ -110,6 +110,84 @@ def kl_per_position(teacher_lp: torch.Tensor, model_lp: torch.Tensor) -> torch.T
     return terms.masked_fill_(teacher_lp == float("-inf"), 0.0).sum(-1)
 
 
+# The lowest finite fp32: log-probabilities clamped to it give 0 (not 0 * -inf = NaN) where the
+# other factor is a probability of 0.
+_LOWEST = torch.finfo(torch.float32).min
+
+
+@dataclass(frozen=True)
+class TeacherSide:
+    """The teacher's half of every comparison at ``n`` scored positions, computed once.
+
+    KL(teacher || model) = sum p log p - sum p log q: with the teacher's probabilities ``p``
+    and its ``sum p log p`` kept, scoring a model is one product-sum over the vocabulary per
+    position (no exp, no second argmax), a third of recomputing both from the teacher's
+    log-probs for every model scored against them.
+
+    Attributes:
+        probs: ``(n, V)`` fp32 probabilities.
+        neg_entropy: ``(n,)`` fp32 ``sum p log p``.
+        top1: ``(n,)`` the teacher's most likely token.
+    """
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    top1: torch.Tensor
+
+    @classmethod
+    def of(cls, parts: Sequence[torch.Tensor]) -> TeacherSide:
+        """From the teacher's log-probs ``(n_i, V)`` at consecutive positions, part by part
+        (a row of a batch each): temporaries stay one part's size."""
+        n, vocab = sum(p.shape[0] for p in parts), parts[0].shape[-1]
+        like = parts[0]
+        probs = torch.empty(n, vocab, dtype=torch.float32, device=like.device)
+        neg_entropy = torch.empty(n, dtype=torch.float32, device=like.device)
+        top1 = torch.empty(n, dtype=torch.long, device=like.device)
+        start = 0
+        for part in parts:
+            end = start + part.shape[0]
+            torch.exp(part.float(), out=probs[start:end])
+            neg_entropy[start:end] = (probs[start:end] * part.float().clamp_min(_LOWEST)).sum(-1)
+            top1[start:end] = part.argmax(-1)
+            start = end
+        return cls(probs, neg_entropy, top1)
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+    def __getitem__(self, rows: slice) -> TeacherSide:
+        return TeacherSide(self.probs[rows], self.neg_entropy[rows], self.top1[rows])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.probs.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.probs, self.neg_entropy, self.top1))
+
+    def to(self, device: torch.device | str) -> TeacherSide:
+        if self.probs.device == torch.device(device):
+            return self
+        return TeacherSide(*(t.to(device) for t in (self.probs, self.neg_entropy, self.top1)))
+
+    def split(self, sizes: Sequence[int]) -> list[TeacherSide]:
+        """Consecutive parts of ``sizes`` positions each (views)."""
+        out, start = [], 0
+        for size in sizes:
+            out.append(self[start : start + size])
+            start += size
+        return out
+
+    def kl(self, model_lp: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || model) per position ``(n,)`` from the model's log-probs ``(n, V)``."""
+        kl = self.neg_entropy - (self.probs * model_lp).sum(-1)
+        bad = ~torch.isfinite(kl)
+        if bad.any():  # 0 * -inf where the teacher gives 0: exact terms for those positions
+            kl[bad] = kl_per_position(self.probs[bad].log(), model_lp[bad])
+        return kl
+
+
 @dataclass(frozen=True)
 class ScoreSums:
     """Sums over scored positions; add them across batches, divide once at the end.
@@ -162,7 +240,7 @@ def quality_fields(sums: ScoreSums) -> dict[str, Any]:
 
 
 def score_positions(
-    model_lp: torch.Tensor, teacher_lp: torch.Tensor | None, targets: torch.Tensor
+    model_lp: torch.Tensor, teacher: TeacherSide | None, targets: torch.Tensor
 ) -> ScoreSums:
     """CE, KL(teacher || model) and top-1 agreement summed over already chosen positions.
 
@@ -170,23 +248,20 @@ def score_positions(
 
     Args:
         model_lp: ``(n, V)`` fp32 log-probs of the evaluated model at the scored positions.
-        teacher_lp: ``(n, V)`` the teacher's log-probs at the same positions (any device);
-            None when the model is the teacher (KL 0 and agreement 1 by construction, so only
-            the CE is computed).
+        teacher: the teacher at the same positions (any device); None when the model is the
+            teacher (KL 0 and agreement 1 by construction, so only the CE is computed).
         targets: ``(n,)`` the token each position predicts.
     """
     n = int(targets.numel())
-    if teacher_lp is None:
-        return ScoreSums(float(token_nll(model_lp, targets).double().sum()), 0.0, n, n)
-    teacher_lp = teacher_lp.to(model_lp.device)
-    ce = token_nll(model_lp, targets)
-    kl = kl_per_position(teacher_lp, model_lp)
-    agree = model_lp.argmax(-1) == teacher_lp.argmax(-1)
+    ce_total = float(token_nll(model_lp, targets).double().sum())
+    if teacher is None:
+        return ScoreSums(ce_total, 0.0, n, n)
+    teacher = teacher.to(model_lp.device)
     return ScoreSums(
-        ce_sum=float(ce.double().sum()),
-        kl_sum=float(kl.double().sum()),
-        top1_matches=int(agree.sum()),
-        num_tokens=int(targets.numel()),
+        ce_sum=ce_total,
+        kl_sum=float(teacher.kl(model_lp).double().sum()),
+        top1_matches=int((model_lp.argmax(-1) == teacher.top1).sum()),
+        num_tokens=n,
     )
 
 
@@ -247,13 +322,13 @@ def score_log_probs(
     if teacher_lp is not None:
         teacher_lp = teacher_lp[:, :-1].float().to(model_lp.device)
     targets = tokens[:, 1:].to(model_lp.device)
-    vocab = model_lp.shape[-1]
-    if mask is None:
-        flat = teacher_lp.reshape(-1, vocab) if teacher_lp is not None else None
-        return score_positions(model_lp.reshape(-1, vocab), flat, targets.reshape(-1))
-    keep = target_mask(mask).to(model_lp.device)
-    picked = teacher_lp[keep] if teacher_lp is not None else None
-    return score_positions(model_lp[keep], picked, targets[keep])
+    keep = (
+        target_mask(mask).to(model_lp.device)
+        if mask is not None
+        else torch.ones(targets.shape, dtype=torch.bool, device=model_lp.device)
+    )
+    side = TeacherSide.of([teacher_lp[keep]]) if teacher_lp is not None else None
+    return score_positions(model_lp[keep], side, targets[keep])
 
 
 def score_logits(
@@ -317,13 +392,12 @@ def perplexity(model: Any, blocks: torch.Tensor, batch_size: int) -> float:
 
 
 @torch.inference_mode()
-def log_probs_per_batch(model: Any, blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """``model``'s fp32 log-probs ``(b, T, V)`` per batch of :func:`batches_of`, on its device.
-
-    The teacher's reference for :func:`score_blocks`, computed once and reused.
-    """
-    with eval_mode(model):
-        return [forward_log_probs(model, b) for b in batches_of(blocks, batch_size)]
+def teacher_sides(teacher: Any, blocks: torch.Tensor, batch_size: int) -> list[TeacherSide]:
+    """The teacher's :class:`TeacherSide` per batch of :func:`batches_of` ``blocks``, on its
+    device: the reference :func:`score_blocks` takes, computed once and reused."""
+    sides: list[TeacherSide] = []
+    score_blocks(teacher, blocks, batch_size, None, on_reference=sides.append)
+    return sides
 
 
 def trim_to_mask(batch: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,25 +414,24 @@ def score_blocks(
     model: Any,
     blocks: torch.Tensor,
     batch_size: int,
-    reference: Sequence[torch.Tensor] | None,
+    reference: Sequence[TeacherSide] | None,
     *,
     mask: torch.Tensor | None = None,
-    on_log_probs: Callable[[torch.Tensor], None] | None = None,
+    on_reference: Callable[[TeacherSide], None] | None = None,
     desc: str | None = None,
 ) -> ScoreSums:
     """Score ``model`` on ``blocks`` ``(N, T)`` against the teacher's batches, in eval mode.
 
     Args:
-        reference: the teacher's log-probs (or logits) per batch of :func:`batches_of`, any
-            device: ``(b, T, V)`` without a mask, ``(n, V)`` at the ``n`` scored positions of
-            the batch (row by row, in order) with one; ``None`` when ``model`` is the teacher
-            itself (KL is then 0 and agreement 1 by construction).
+        reference: the teacher per batch of :func:`batches_of`, at the batch's scored
+            positions row by row (``b * (T - 1)`` of them without a mask), any device;
+            ``None`` when ``model`` is the teacher itself (KL is then 0 and agreement 1 by
+            construction).
         mask: ``(N, T)`` 1 on the target tokens to score (see :func:`score_logits`): rows of
             different lengths right-padded into ``blocks``, a prompt masked before its
             completion. None scores every position of the packed blocks.
-        on_log_probs: called with each batch's fp32 log-probs, in the reference's shape (how
-            the evaluate stage keeps the teacher's reference from the teacher's own pass;
-            with a mask only the scored positions are kept).
+        on_reference: called with each batch's :class:`TeacherSide` of ``model`` itself (how
+            the teacher's reference is kept from the teacher's own pass).
         desc: a progress bar label; no bar when None.
 
     Raises:
@@ -379,49 +452,41 @@ def score_blocks(
     bar = tqdm(total=blocks.shape[0], desc=desc, unit="block", leave=False, disable=desc is None)
     with eval_mode(model), bar:
         for i, (batch, batch_mask) in enumerate(zip(batches, masks, strict=True)):
-            if batch_mask is not None:
-                batch, batch_mask = trim_to_mask(batch, batch_mask)
-            ids = batch.to(device)
-            if batch_mask is None:
-                log_probs = forward_log_probs(model, ids)
-            else:  # normalised at the scored positions only: (n, V)
-                keep = target_mask(batch_mask).to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1][keep]
-                log_probs = F.log_softmax(logits.float(), dim=-1)
-                del logits
-            if on_log_probs is not None:
-                on_log_probs(log_probs)
+            parts, targets = _scored_positions(model, batch.to(device), batch_mask)
+            if on_reference is not None:
+                on_reference(TeacherSide.of(parts))
             ref = None if reference is None else reference[i]
-            if ref is not None and ref.shape != log_probs.shape:
+            if ref is not None and (
+                len(ref) != sum(len(t) for t in targets) or ref.vocab_size != parts[0].shape[-1]
+            ):
                 raise ValueError(
-                    f"teacher batch {i} has shape {tuple(ref.shape)}, the model's "
-                    f"{tuple(log_probs.shape)}: vocabularies, blocks or masks differ"
+                    f"teacher batch {i} has {len(ref)} positions of {ref.vocab_size} tokens, "
+                    f"the model {sum(len(t) for t in targets)} of {parts[0].shape[-1]}: "
+                    "vocabularies, blocks or masks differ"
                 )
-            if batch_mask is None:
-                total = total + _score_rows(log_probs, ref, ids)
-            else:
-                targets = ids[:, 1:][keep]
-                total = total + _score_chunks(log_probs, ref, targets, ids.shape[1])
-            del log_probs  # the vocab-sized activations dominate memory
+            sides = ref.split([len(t) for t in targets]) if ref is not None else [None] * len(parts)
+            # One row's positions at a time: scoring makes fp32 temporaries the size of its
+            # input, and at (B, T, V) they, not the model, would set the peak memory.
+            for part, side, part_targets in zip(parts, sides, targets, strict=True):
+                total = total + score_positions(part, side, part_targets)
+            del parts  # the vocab-sized activations dominate memory
             bar.update(batch.shape[0])
     return total
 
 
-# Scoring makes several fp32 temporaries the size of its input, and at (B, T, V) they, not the
-# model, would set the peak memory: so one row (or one row's worth of positions) at a time.
-def _score_rows(log_probs: torch.Tensor, ref: torch.Tensor | None, ids: torch.Tensor) -> ScoreSums:
-    total = ScoreSums()
-    for r in range(ids.shape[0]):
-        row_ref = ref[r : r + 1] if ref is not None else None
-        total = total + score_log_probs(log_probs[r : r + 1], row_ref, ids[r : r + 1])
-    return total
-
-
-def _score_chunks(
-    log_probs: torch.Tensor, ref: torch.Tensor | None, targets: torch.Tensor, chunk: int
-) -> ScoreSums:
-    total = ScoreSums()
-    for s in range(0, targets.numel(), chunk):
-        part = ref[s : s + chunk] if ref is not None else None
-        total = total + score_positions(log_probs[s : s + chunk], part, targets[s : s + chunk])
-    return total
+def _scored_positions(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``model``'s fp32 log-probs at the scored positions of ``ids`` ``(b, T)``, one
+    ``(n_r, V)`` part per row (views; without a mask every ``T - 1`` predicting position),
+    and each part's target tokens."""
+    if mask is None:
+        log_probs = forward_log_probs(model, ids)
+        return list(log_probs[:, :-1].unbind(0)), list(ids[:, 1:].unbind(0))
+    ids, mask = trim_to_mask(ids, mask)
+    keep = target_mask(mask).to(ids.device)
+    # Normalised at the scored positions only: (n, V).
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1][keep]
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    counts = keep.sum(1).tolist()
+    return list(log_probs.split(counts)), list(ids[:, 1:][keep].split(counts))

@@ -119,6 +119,7 @@ def test_fidelity_settings_are_validated_together() -> None:
         [
             "eval.fidelity=[teacher_text,vibes]",
             "eval.teacher_text_prompts=0",
+            "eval.teacher_text_batch_size=0",
             "eval.generation_tokens=0",
             "eval.teacher_text_temperature=-0.5",
             "eval.extra_corpora=['hf:',a/notes.txt,b/notes.txt]",
@@ -128,10 +129,11 @@ def test_fidelity_settings_are_validated_together() -> None:
     with pytest.raises(ConfigError) as err:
         to_pipeline_config(bad)
     msg = str(err.value)
-    assert msg.startswith("7 invalid"), msg
+    assert msg.startswith("8 invalid"), msg
     for needle in (
         "['vibes'] unknown; choose from teacher_text, generation",
         "eval.teacher_text_prompts=0: must be >= 1",
+        "eval.teacher_text_batch_size=0: must be >= 1",
         "eval.generation_tokens=0: must be >= 1",
         "eval.teacher_text_temperature=-0.5: must be >= 0",
         "eval.extra_corpora entry 'hf:': write hf:<dataset>[:<config>][@<split>]",

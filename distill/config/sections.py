@@ -386,10 +386,12 @@ class EvalConfig:
     teacher_text_tokens: int = 96
     teacher_text_temperature: float = 1.0
     teacher_text_dir: str | None = None
+    # Part of the set's identity: sampled rows depend on how they were batched and seeded.
+    teacher_text_batch_size: int = 8
     generation_prompts: int = 16
     generation_tokens: int = 64
     fidelity_prompt_tokens: int = 32
-    generation_batch_size: int = 8
+    generation_batch_size: int = 16
     # Files, globs or hf:<dataset>[:<config>][@<split>][#<column>] (distill/extra_corpus.py).
     extra_corpora: list[str] = field(default_factory=list)
     extra_corpus_blocks: int = 16
@@ -437,6 +439,7 @@ class EvalConfig:
             self,
             (
                 *counts,
+                "teacher_text_batch_size",
                 "generation_tokens",
                 "fidelity_prompt_tokens",
                 "generation_batch_size",

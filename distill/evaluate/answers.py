@@ -58,8 +58,7 @@ def embedding_table_once(model: torch.nn.Module) -> Iterator[bool]:
     try:
         yield True
     finally:
-        del embedding.forward  # the class's own forward again
-        del table
+        del embedding.forward  # the class's own forward again (and the table with it)
 
 
 def pad_rows(

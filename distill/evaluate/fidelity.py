@@ -43,7 +43,14 @@ from distill.config import PipelineConfig
 from distill.evaluate.answers import TeacherJudge, pad_samples, repeated_ngram_share
 from distill.evaluate.extra_corpora import extra_blocks
 from distill.extra_corpus import ExtraCorpus
-from distill.metrics import ScoreSums, batches_of, quality_fields, score_blocks, score_positions
+from distill.metrics import (
+    ScoreSums,
+    TeacherSide,
+    batches_of,
+    quality_fields,
+    score_blocks,
+    score_positions,
+)
 from distill.metrics import target_mask as scored_mask
 from distill.prompts import GENERATION_SEED, TEACHER_TEXT_SEED, Prompt, make_prompts
 
@@ -72,15 +79,15 @@ class ScoredSet:
 
     ``tokens`` ``(N, T)`` are packed blocks (``mask`` None) or prompts with what was written
     after them, right-padded, ``mask`` ``(N, T)`` marking the completion tokens scored.
-    ``reference`` is the teacher's fp32 log-probs per batch of ``batch_size`` rows, on the
-    CPU, as :func:`distill.metrics.score_blocks` takes them.
+    ``reference`` is the teacher per batch of ``batch_size`` rows at their scored positions,
+    on the CPU, as :func:`distill.metrics.score_blocks` takes it.
     """
 
     name: str
     tokens: torch.Tensor
     mask: torch.Tensor | None
     description: str
-    reference: list[torch.Tensor] = field(default_factory=list)
+    reference: list[TeacherSide] = field(default_factory=list)
 
 
 @dataclass
@@ -160,15 +167,15 @@ def fidelity_inputs(
 
 def _rows(scored: ScoredSet, batch_size: int) -> Iterator[tuple[list[int], torch.Tensor, Any]]:
     """Per row of ``scored``: its tokens up to its last target, which of its predicting
-    positions are scored ``(L - 1,)`` bool, and the teacher's log-probs there ``(n, V)``."""
+    positions are scored ``(L - 1,)`` bool, and the teacher there (a :class:`TeacherSide`)."""
     masks = batches_of(scored.mask, batch_size) if scored.mask is not None else None
     for i, (batch, ref) in enumerate(
         zip(batches_of(scored.tokens, batch_size), scored.reference, strict=True)
     ):
         if masks is None:
-            for r in range(batch.shape[0]):
-                keep = torch.ones(batch.shape[1] - 1, dtype=torch.bool)
-                yield batch[r].tolist(), keep, ref[r, :-1]
+            keep = torch.ones(batch.shape[1] - 1, dtype=torch.bool)
+            for r, part in enumerate(ref.split([batch.shape[1] - 1] * batch.shape[0])):
+                yield batch[r].tolist(), keep, part
             continue
         keeps = scored_mask(masks[i])
         for r, part in enumerate(ref.split(keeps.sum(1).tolist())):
@@ -187,7 +194,7 @@ def score_set_gguf(runtime: LlamaRuntime, scored: ScoredSet, batch_size: int) ->
     """
     total = ScoreSums()
     for tokens, keep, ref in _rows(scored, batch_size):
-        vocab = ref.shape[-1]
+        vocab = ref.vocab_size
         targets = torch.tensor(tokens[1:], dtype=torch.long)[keep]
         start = int(keep.nonzero()[0]) if keep.any() else 0
         if keep[start:].all() and start > 0:  # a completion: tokens[start + 1:]
@@ -331,8 +338,8 @@ class Fidelity:
 def _reference(
     teacher: PreTrainedModel, scored: ScoredSet, batch_size: int, label: str
 ) -> ScoreSums:
-    """The teacher's pass over ``scored``: its log-probs kept (CPU) as the set's reference,
-    and its own figures (KL 0, top-1 1 by construction)."""
+    """The teacher's pass over ``scored``: kept (CPU) as the set's reference, and its own
+    figures (KL 0, top-1 1 by construction)."""
     with torch.inference_mode():
         return score_blocks(
             teacher,
@@ -340,7 +347,7 @@ def _reference(
             batch_size,
             None,
             mask=scored.mask,
-            on_log_probs=lambda lp: scored.reference.append(lp.cpu()),
+            on_reference=lambda side: scored.reference.append(side.to("cpu")),
             desc=label,
         )
 
@@ -359,7 +366,7 @@ def _teacher_text(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher)
         max_new_tokens=ev.teacher_text_tokens,
         temperature=ev.teacher_text_temperature,
         seed=cfg.data.split_seed,
-        batch_size=ev.generation_batch_size,
+        batch_size=ev.teacher_text_batch_size,
         cache_dir=cache_root(cfg),
         folder=ev.teacher_text_dir,
         fix="eval.teacher_text_dir",

@@ -5,7 +5,7 @@ and serves its whole row from that one instance:
 
 * what the file holds: parameters and tensor bytes, as llama.cpp counts them;
 * quality on the same held-out blocks as the torch rows: llama.cpp's logits, normalised once,
-  scored against the torch teacher's log-probs by :func:`distill.metrics.score_log_probs`
+  scored against the torch teacher's log-probs by :func:`distill.metrics.score_positions`
   (perplexity, KL(teacher || variant), top-1); peak memory is taken over opening the file and
   this pass only;
 * the fidelity sets (:mod:`distill.evaluate.fidelity`): llama.cpp's logits and its own
@@ -39,7 +39,7 @@ from distill.config import EvalConfig
 from distill.evaluate.fidelity import longest_row
 from distill.evaluate.memory import PeakMemory, kv_cache_bytes_per_token
 from distill.evaluate.speed import decode_prompt, max_positions, prefill_prompt
-from distill.metrics import ScoreSums, quality_fields, score_log_probs
+from distill.metrics import ScoreSums, TeacherSide, quality_fields, score_positions
 from distill.models import LlamaCppError, default_threads, llama_cpp_problem, open_gguf
 
 if TYPE_CHECKING:
@@ -53,29 +53,33 @@ KV_DTYPE_BYTES = 2
 
 
 def score_gguf(
-    runtime: LlamaRuntime, blocks: torch.Tensor, reference: Sequence[torch.Tensor]
+    runtime: LlamaRuntime, blocks: torch.Tensor, reference: Sequence[TeacherSide]
 ) -> ScoreSums:
     """Quality of the open GGUF file on ``blocks`` ``(N, T)`` against the teacher.
 
     Args:
-        reference: the teacher's ``(b, T, V)`` log-probs per batch, in block order (as the
-            evaluate stage keeps them); llama.cpp's logits are cut to their ``V`` columns.
+        reference: the teacher per batch, in block order (as the evaluate stage keeps it:
+            ``T - 1`` positions per block); llama.cpp's logits are cut to its vocabulary.
 
     Raises:
         LlamaCppError: llama.cpp cannot run the file.
-        ValueError: the reference does not hold one ``(T, V)`` row per block.
+        ValueError: the reference does not hold ``T - 1`` positions per block.
     """
-    refs = [row for batch in reference for row in batch]  # (T, V) per block
-    if len(refs) != blocks.shape[0] or refs[0].shape[0] != blocks.shape[1]:
+    per_block = blocks.shape[1] - 1
+    positions = sum(len(side) for side in reference)
+    if positions != blocks.shape[0] * per_block:
         raise ValueError(
-            f"{len(refs)} teacher rows of {tuple(refs[0].shape)} for blocks "
-            f"{tuple(blocks.shape)}: compute them on the same blocks"
+            f"{positions} teacher positions for blocks {tuple(blocks.shape)}: compute them "
+            "on the same blocks"
         )
+    sides = [
+        part for side in reference for part in side.split([per_block] * (len(side) // per_block))
+    ]
     total = ScoreSums()
-    logits = runtime.iter_logits(blocks.tolist(), vocab_size=refs[0].shape[-1])
+    logits = runtime.iter_logits(blocks.tolist(), vocab_size=reference[0].vocab_size)
     for i, block_logits in enumerate(logits):
-        log_probs = F.log_softmax(block_logits[None], dim=-1)
-        total = total + score_log_probs(log_probs, refs[i][None], blocks[i : i + 1])
+        log_probs = F.log_softmax(block_logits[:-1], dim=-1)
+        total = total + score_positions(log_probs, sides[i], blocks[i, 1:])
     return total
 
 
@@ -83,7 +87,7 @@ def gguf_row(
     name: str,
     path: Path,
     blocks: torch.Tensor,
-    reference: Sequence[torch.Tensor],
+    reference: Sequence[TeacherSide],
     cfg: EvalConfig,
     config: Any,
     fidelity: Fidelity | None = None,

@@ -280,27 +280,42 @@ def _speed_note(variants: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _first(variants: list[dict[str, Any]], key: str) -> Any:
+    """``key`` of the first row that has it (a timed-only row has no held-out count)."""
+    return next((v[key] for v in variants if v.get(key)), None)
+
+
+def _teacher_references(variants: list[dict[str, Any]]) -> str:
+    """Where the teacher's own speed was measured, the rows' "× teacher" divides by."""
+    by_name = {v["name"]: v for v in variants}
+    where = []
+    if (by_name.get("teacher-gguf-f16") or {}).get("deployed_decode_tokens_per_s"):
+        where.append("its F16 GGUF in llama.cpp")
+    if (by_name.get("teacher") or {}).get("decode_compiled_tokens_per_s"):
+        where.append("the compiled teacher in torch.compile")
+    if not where:
+        return "× teacher is empty: the teacher's speed was not measured in a deployed runtime."
+    return (
+        f"× teacher divides by the teacher's rate in the same runtime ({', '.join(where)}), "
+        "and is left empty where the teacher was not measured there."
+    )
+
+
 def _notes(report: dict[str, Any]) -> list[str]:
     variants = report["variants"]
-    last = variants[-1] if variants else {}
+    scored = _first(variants, "scored_tokens") or 0
+    in_llama = any(v.get("quality_scored") for v in variants)
     notes = [
-        f"- Quality on the same {last.get('scored_tokens', 0):,} held-out next-token positions "
+        f"- Quality on the same {scored:,} held-out next-token positions "
         "for every variant. KL is KL(teacher || variant) in nats per position; top-1 agreement "
-        "is how often the variant's most likely next token is the teacher's. GGUF rows are "
-        "scored from llama.cpp's own logits.",
+        "is how often the variant's most likely next token is the teacher's."
+        + (" GGUF rows are scored from llama.cpp's own logits." if in_llama else ""),
         f"- Speed at batch size 1, in the runtime each variant deploys to: "
         f"{_speed_note(variants, report.get('machine') or {})}. Decode: "
-        f"{last.get('decode_tokens', 'n/a')} greedy tokens after a "
-        f"{last.get('prompt_tokens', 'n/a')}-token prompt, median of the repeats; "
-        "× teacher divides by the teacher's rate in the same runtime (its F16 GGUF in "
-        "llama.cpp, the compiled teacher in torch.compile), and is left empty where the "
-        "teacher was not measured there.",
+        f"{_first(variants, 'decode_tokens') or 'n/a'} greedy tokens after a "
+        f"{_first(variants, 'prompt_tokens') or 'n/a'}-token prompt, median of the repeats; "
+        f"{_teacher_references(variants)}",
     ]
-    described = {}
-    for v in variants:  # the short runtime column, spelled out once per runtime
-        if v.get("runtime") and v.get("deployed_runtime") and v.get("llama_cpp_threads"):
-            described.setdefault(v["runtime"], v["deployed_runtime"])
-    notes += [f"- {name}: {how}." for name, how in sorted(described.items()) if name != how]
     for v in variants:
         if v.get("llama_cpp_error"):
             notes.append(f"- {v['name']}: not run in llama.cpp: {v['llama_cpp_error']}")

@@ -31,7 +31,7 @@ from distill.evaluate.compiled_decode import compiled_decode_fields
 from distill.evaluate.gguf_runtime import gguf_row
 from distill.evaluate.memory import PeakMemory, kv_cache_bytes_per_token, kv_dtype_bytes
 from distill.evaluate.speed import decode_prompt, max_positions, measure_speed
-from distill.metrics import model_device, quality_fields, score_blocks
+from distill.metrics import TeacherSide, model_device, quality_fields, score_blocks
 from distill.models import disk_bytes, load_causal_lm, param_count, weight_bytes
 from distill.run_dir import Variant
 
@@ -76,12 +76,12 @@ def evaluate_variant(
     name: str,
     model: PreTrainedModel,
     blocks: torch.Tensor,
-    teacher_logits_batches: Sequence[torch.Tensor] | None,
+    reference: Sequence[TeacherSide] | None,
     cfg: EvalConfig,
     folder: Path | None = None,
     *,
     memory: PeakMemory | None = None,
-    collect: list[torch.Tensor] | None = None,
+    collect: list[TeacherSide] | None = None,
     fidelity: Fidelity | None = None,
     timed_as: str | None = None,
 ) -> dict[str, Any]:
@@ -90,15 +90,14 @@ def evaluate_variant(
     Args:
         name: variant name written in the report.
         blocks: ``(N, T)`` int64 held-out blocks (already cut to ``cfg.max_blocks``).
-        teacher_logits_batches: the teacher's ``(b, T, V)`` log-probs per batch of
-            ``cfg.batch_size`` blocks, in order; ``None`` when ``model`` is the teacher
-            (KL is then 0 and agreement 1 by construction). See
+        reference: the teacher per batch of ``cfg.batch_size`` blocks, in order; ``None``
+            when ``model`` is the teacher (KL is then 0 and agreement 1 by construction). See
             :func:`distill.metrics.score_blocks`.
         folder: the folder the model was loaded from (for ``disk_bytes``), if any.
         memory: a :class:`PeakMemory` the caller started before loading the model; without
             it the peak covers the held-out pass only and excludes loading.
-        collect: receives the model's own fp32 log-probs ``(b, T, V)`` per batch, on the
-            CPU (how the teacher's reference is built in its own pass); they are excluded
+        collect: receives the model's own :class:`~distill.metrics.TeacherSide` per batch,
+            on the CPU (how the teacher's reference is built in its own pass); it is excluded
             from the peak.
         fidelity: the fidelity sets to score the model on too (its row's ``fidelity``).
         timed_as: the row that times this model's architecture and dtype already (the
@@ -110,11 +109,11 @@ def evaluate_variant(
     own_memory = memory is None
     tracker = PeakMemory(model_device(model)).start() if memory is None else memory
 
-    def keep(log_probs: torch.Tensor) -> None:
+    def keep(side: TeacherSide) -> None:
         assert collect is not None
-        kept = log_probs.cpu()
+        kept = side.to("cpu")
         collect.append(kept)
-        tracker.exclude(kept.numel() * kept.element_size())
+        tracker.exclude(kept.nbytes)
 
     try:
         model.eval()
@@ -123,8 +122,8 @@ def evaluate_variant(
                 model,
                 blocks,
                 cfg.batch_size,
-                teacher_logits_batches,
-                on_log_probs=keep if collect is not None else None,
+                reference,
+                on_reference=keep if collect is not None else None,
                 desc=f"eval {name}",
             )
     finally:
@@ -184,7 +183,7 @@ def load_variant(folder: Path, device: torch.device) -> PreTrainedModel:
 def evaluate_saved(
     variant: Variant,
     blocks: torch.Tensor,
-    reference: Sequence[torch.Tensor],
+    reference: Sequence[TeacherSide],
     cfg: EvalConfig,
     device: torch.device,
     records: dict[str, dict[str, Any]],
@@ -231,7 +230,7 @@ def evaluate_saved(
 
 
 def evaluate_teacher(
-    teacher: PreTrainedModel, blocks: torch.Tensor, cfg: EvalConfig, reference: list[torch.Tensor]
+    teacher: PreTrainedModel, blocks: torch.Tensor, cfg: EvalConfig, reference: list[TeacherSide]
 ) -> dict[str, Any]:
     """The teacher's row; its log-probs per batch are appended to ``reference``."""
     # The teacher is already resident (the data preparation needed its tokenizer), so its

@@ -52,7 +52,7 @@ from distill.evaluate.memory import (
 )
 from distill.evaluate.report import write_report
 from distill.evaluate.rows import evaluate_saved, evaluate_teacher
-from distill.metrics import blocks_problem
+from distill.metrics import TeacherSide, blocks_problem
 from distill.models import (
     Teacher,
     check_model_files,
@@ -175,7 +175,7 @@ def _log_time(name: str) -> Iterator[None]:
 def _teacher_gguf_row(
     records: dict[str, dict[str, Any]],
     blocks: torch.Tensor,
-    reference: list[torch.Tensor],
+    reference: list[TeacherSide],
     cfg: PipelineConfig,
     teacher_config: Any,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -247,7 +247,7 @@ def run(
     if torch.cuda.is_available() and model.device.type != "cuda":
         model.to("cuda")
     device = model.device
-    reference: list[torch.Tensor] = []
+    reference: list[TeacherSide] = []
     fidelity = None
     with _log_time("teacher"):
         rows = [evaluate_teacher(model, blocks, cfg.eval, reference)]

@@ -27,7 +27,7 @@ from distill.caches import cache_root
 from distill.config import PipelineConfig, TrainConfig
 from distill.data import PackedSplits, mix_blocks, pack_token_lists, splits_for
 from distill.errors import DistillError
-from distill.metrics import log_probs_per_batch, score_blocks
+from distill.metrics import TeacherSide, score_blocks, teacher_sides
 from distill.models import Teacher, build_student, check_vocab
 from distill.preflight import preflight
 from distill.run_dir import RunDir, clear_leftovers, replace_folder, staging_folder
@@ -57,14 +57,14 @@ log = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def quick_eval(
-    model: Any, blocks: Tensor, teacher_log_probs: list[Tensor], batch_size: int
+    model: Any, blocks: Tensor, reference: list[TeacherSide], batch_size: int
 ) -> dict[str, float]:
     """Val perplexity, mean KL(teacher ‖ model) and top-1 agreement on ``blocks`` ``(N, T)``.
 
-    ``teacher_log_probs`` come from :func:`distill.metrics.log_probs_per_batch` on the same
-    blocks and batch size; the figures are :mod:`distill.metrics`'.
+    ``reference`` comes from :func:`distill.metrics.teacher_sides` on the same blocks and
+    batch size; the figures are :mod:`distill.metrics`'.
     """
-    sums = score_blocks(model, blocks, batch_size, teacher_log_probs)
+    sums = score_blocks(model, blocks, batch_size, reference)
     return {
         "val_perplexity": sums.perplexity,
         "val_kl_to_teacher": sums.kl,
@@ -119,7 +119,7 @@ class _EvalSet:
     """Held-out blocks ``(n, T)`` of the periodic eval and the teacher's side of them."""
 
     blocks: Tensor
-    teacher_eval: list[Tensor]
+    teacher_eval: list[TeacherSide]
     batch_size: int
 
 
@@ -376,7 +376,7 @@ def _step_context(
     eval_blocks = built.data.val[: tc.eval_max_blocks].to(acc.device)
     eval_bs = max(1, min(tc.batch_size, 8))
     teacher = built.teacher
-    teacher_eval = log_probs_per_batch(teacher, eval_blocks, eval_bs) if main else []
+    teacher_eval = teacher_sides(teacher, eval_blocks, eval_bs) if main else []
     if cache is not None:
         # The eval log-probs above were its last use: free its memory (the run's handle
         # reloads it when a later stage needs it).

@@ -23,6 +23,7 @@ from distill.evaluate import report as report_files
 from distill.evaluate import stage as evaluate
 from distill.evaluate.rows import evaluate_variant
 from distill.evaluate.stage import EvalError
+from distill.metrics import TeacherSide
 from distill.models import Teacher
 from distill.quantize.folder import quantize_folder
 from tests.conftest import REPORT_FIELDS, WORD_VOCAB, tiny_tokenizer
@@ -166,8 +167,11 @@ def test_missing_final_names_the_fix(tmp_path: Path) -> None:
 def test_evaluate_variant_rejects_misaligned_teacher_batches() -> None:
     model = tiny_model(0)
     blocks = torch.randint(0, 128, (4, 8))
+    whole = TeacherSide.of([torch.zeros(4 * 7, VOCAB)])  # one batch of 4, not two of 2
     with pytest.raises(ValueError, match="same blocks and batch size"):
-        evaluate_variant("x", model, blocks, [torch.zeros(4, 8, VOCAB)], EvalConfig(batch_size=2))
+        evaluate_variant("x", model, blocks, [whole], EvalConfig(batch_size=2))
+    with pytest.raises(ValueError, match="blocks or masks differ"):
+        evaluate_variant("x", model, blocks, [whole[:14], whole[:13]], EvalConfig(batch_size=2))
 
 
 def test_run_loads_teacher_and_data_when_not_given(

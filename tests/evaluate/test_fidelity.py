@@ -95,6 +95,7 @@ def config(corpus: Path, cache: Path, **eval_overrides) -> PipelineConfig:
                 "measure_bandwidth": False,
                 "teacher_text_prompts": 4,
                 "teacher_text_tokens": 6,
+                "teacher_text_batch_size": 3,
                 "generation_prompts": 3,
                 "generation_tokens": 5,
                 "fidelity_prompt_tokens": 5,
@@ -240,6 +241,7 @@ def test_teacher_text_is_cached_and_refused_for_another_teacher(
     stamp = cached.stat().st_mtime_ns
     manifest = json.loads((tmp_path / "tt" / "manifest.json").read_text())
     assert manifest["temperature"] == 1.0 and manifest["max_new_tokens"] == 6
+    assert manifest["batch_size"] == 3  # eval.teacher_text_batch_size, not the answers' batch
     # No continuation prompts need a template: without one every prompt is a continuation.
     assert {s["kind"] for s in json.loads(cached.read_text())} == {"continuation"}
 

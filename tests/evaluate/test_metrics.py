@@ -11,12 +11,14 @@ import torch.nn.functional as F
 
 from distill.metrics import (
     ScoreSums,
+    TeacherSide,
     blocks_problem,
-    log_probs_per_batch,
     perplexity,
     perplexity_from,
     score_blocks,
     score_logits,
+    score_positions,
+    teacher_sides,
 )
 from distill.quantize.parity import compare
 from tests.conftest import tiny_llama
@@ -72,6 +74,32 @@ def test_teacher_zero_probability_gives_finite_kl() -> None:
     sums = score_logits(torch.zeros(1, 2, 2), teacher, torch.tensor([[0, 1]]))
     assert math.isfinite(sums.kl)
     assert sums.kl == pytest.approx(math.log(2.0), rel=1e-6)
+
+
+def test_model_zero_probability_where_the_teacher_has_none_adds_nothing() -> None:
+    # The model gives token 1 probability 0 (log -inf) where the teacher does too: the term is
+    # 0, not 0 * -inf = NaN; where the teacher gives it mass, KL is infinite.
+    teacher = TeacherSide.of([torch.tensor([[0.0, float("-inf")], [math.log(0.5)] * 2])])
+    model = torch.tensor([[0.0, float("-inf")], [0.0, float("-inf")]])
+    assert torch.isfinite(teacher.neg_entropy).all()  # kept finite, not recomputed per model
+    kl = teacher.kl(model)
+    assert kl[0] == 0.0 and kl[1] == math.inf
+    sums = score_positions(model[:1], teacher[:1], torch.tensor([0]))
+    assert sums.kl == 0.0 and sums.top1 == 1.0
+    # A NaN of the model's own still shows.
+    assert math.isnan(float(teacher.kl(torch.tensor([[float("nan"), 0.0]] * 2))[0]))
+
+
+def test_teacher_side_kl_matches_kl_div_at_a_real_vocabulary_scale() -> None:
+    # One product-sum against the teacher's kept probabilities instead of kl_div: the two
+    # agree (in fp32, over 49k tokens with peaked distributions) to float rounding.
+    g = torch.Generator().manual_seed(8)
+    t = F.log_softmax(torch.randn(64, 49152, generator=g) * 4, -1)
+    m = F.log_softmax(torch.randn(64, 49152, generator=g) * 4, -1)
+    exact = F.kl_div(m.double(), t.double(), log_target=True, reduction="none").sum(-1)
+    got = TeacherSide.of(list(t.split(16))).kl(m).double()
+    assert float((got - exact).abs().max()) < 1e-4 * float(exact.abs().max())
+    assert float(got.mean()) == pytest.approx(float(exact.mean()), rel=1e-6)
 
 
 def test_sums_over_batches_equal_one_big_batch() -> None:
@@ -176,8 +204,8 @@ def test_perplexity_restores_train_mode_and_rejects_bad_blocks(tiny_pair, blocks
 
 def test_score_blocks_matches_torch_on_whole_models(tiny_pair, blocks: torch.Tensor) -> None:
     teacher, student = tiny_pair
-    reference = log_probs_per_batch(teacher, blocks, batch_size=2)
-    assert [r.shape[0] for r in reference] == [2, 2, 1]
+    reference = teacher_sides(teacher, blocks, batch_size=2)
+    assert [len(r) for r in reference] == [2 * 8, 2 * 8, 8]  # T - 1 positions per block
     sums = score_blocks(student, blocks, 2, reference)
     with torch.no_grad():
         ce, kl, top1 = _by_torch(student(blocks).logits, teacher(blocks).logits, blocks)
@@ -186,10 +214,10 @@ def test_score_blocks_matches_torch_on_whole_models(tiny_pair, blocks: torch.Ten
     assert sums.kl == pytest.approx(kl, rel=1e-4)
     assert sums.top1 == pytest.approx(top1)
     # The teacher against itself: KL 0, full agreement, and the reference it hands over.
-    kept: list[torch.Tensor] = []
-    own = score_blocks(teacher, blocks, 2, None, on_log_probs=kept.append)
+    kept: list[TeacherSide] = []
+    own = score_blocks(teacher, blocks, 2, None, on_reference=kept.append)
     assert own.kl == pytest.approx(0.0, abs=1e-7) and own.top1 == 1.0
-    assert all(torch.equal(a, b) for a, b in zip(kept, reference, strict=True))
+    assert all(torch.equal(a.probs, b.probs) for a, b in zip(kept, reference, strict=True))
     with pytest.raises(ValueError, match="same blocks and batch size"):
         score_blocks(student, blocks, 3, reference)
 
@@ -220,7 +248,7 @@ def test_training_quick_eval_reports_these_metrics(tiny_pair, blocks: torch.Tens
     from distill.train.loop import quick_eval
 
     teacher, student = tiny_pair
-    reference = log_probs_per_batch(teacher, blocks, batch_size=2)
+    reference = teacher_sides(teacher, blocks, batch_size=2)
     student.train()
     try:
         got = quick_eval(student, blocks, reference, batch_size=2)
@@ -278,9 +306,9 @@ def test_masked_score_blocks_scores_completions_only(tiny_pair) -> None:
     for r, (row, start) in enumerate(zip(rows, starts, strict=True)):
         blocks[r, : len(row)] = row
         mask[r, start : len(row)] = 1
-    kept: list[torch.Tensor] = []
-    own = score_blocks(teacher, blocks, 2, None, mask=mask, on_log_probs=kept.append)
-    assert [k.shape for k in kept] == [(6 + 4, VOCAB), (3, VOCAB)]  # scored positions only
+    kept: list[TeacherSide] = []
+    own = score_blocks(teacher, blocks, 2, None, mask=mask, on_reference=kept.append)
+    assert [k.probs.shape for k in kept] == [(6 + 4, VOCAB), (3, VOCAB)]  # scored ones only
     assert own.kl == pytest.approx(0.0, abs=1e-7) and own.top1 == 1.0
     sums = score_blocks(student, blocks, 2, kept, mask=mask)
     # By hand: each row alone, unpadded, through torch's formulas on its target positions.
@@ -296,12 +324,11 @@ def test_masked_score_blocks_scores_completions_only(tiny_pair) -> None:
     assert sums.ce_sum == pytest.approx(ce, rel=1e-5)
     assert sums.kl_sum == pytest.approx(kl, rel=1e-4)
     assert sums.top1_matches == top1
-    # An all-ones mask over packed blocks is the unmasked scorer (reference kept per position).
+    # An all-ones mask over packed blocks is the unmasked scorer, on the same reference.
     packed = torch.randint(0, VOCAB, (3, 9), generator=g)
-    ref = log_probs_per_batch(teacher, packed, 2)
-    flat = [r[:, :-1].reshape(-1, VOCAB) for r in ref]
+    ref = teacher_sides(teacher, packed, 2)
     unmasked = score_blocks(student, packed, 2, ref)
-    masked = score_blocks(student, packed, 2, flat, mask=torch.ones_like(packed))
+    masked = score_blocks(student, packed, 2, ref, mask=torch.ones_like(packed))
     assert masked.num_tokens == unmasked.num_tokens
     assert masked.ce_sum == pytest.approx(unmasked.ce_sum, rel=1e-6)
     assert masked.kl_sum == pytest.approx(unmasked.kl_sum, rel=1e-5)

@@ -66,6 +66,37 @@ def test_speed_is_compared_with_the_teacher_in_the_same_runtime() -> None:
     assert "no deployed speed for student-int4_weight_only" in notes
 
 
+def test_notes_state_only_what_was_measured() -> None:
+    # A default run: nothing compiled, the teacher timed as its F16 GGUF only, and that
+    # timed-only row (last, with no held-out positions) must not set the count.
+    rows = [
+        _row("teacher", scored_tokens=8160, decode_tokens=32, prompt_tokens=64),
+        _row(
+            "student-gguf-q8_0",
+            scored_tokens=8160,
+            quality_scored=True,
+            deployed_runtime="llama.cpp 0.3.36",
+            deployed_decode_tokens_per_s=120.0,
+        ),
+        _row(
+            "teacher-gguf-f16",
+            scored_tokens=0,
+            quality_scored=False,
+            decode_tokens=32,
+            deployed_runtime="llama.cpp 0.3.36",
+            deployed_decode_tokens_per_s=50.0,
+        ),
+    ]
+    notes = "\n".join(report_files._notes({"variants": rows}))
+    assert "the same 8,160 held-out" in notes and "32 greedy tokens after a 64-token" in notes
+    assert "(its F16 GGUF in llama.cpp)" in notes and "torch.compile" not in notes
+    assert "GGUF rows are scored from llama.cpp's own logits" in notes
+    compiled = "\n".join(report_files._notes(_report()))
+    assert "its F16 GGUF in llama.cpp, the compiled teacher in torch.compile" in compiled
+    bare = "\n".join(report_files._notes({"variants": rows[:1]}))
+    assert "teacher's speed was not measured" in bare and "GGUF rows are" not in bare
+
+
 def test_a_gguf_row_llama_cpp_could_not_run_says_so() -> None:
     table = report_files.format_table(_report())
     assert _line(table, "student-gguf-q8_0")[6] == "not run (see notes)"

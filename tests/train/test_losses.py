@@ -312,3 +312,19 @@ def test_fused_head_refuses_post_processed_logits() -> None:
     model.config.final_logit_softcapping = 30.0
     reason = fused_head(model)
     assert isinstance(reason, str) and "final_logit_softcapping" in reason
+
+
+def test_no_divergence_is_chosen_for_the_user() -> None:
+    """A step, the chunked loss and KDLoss itself all need the loss named: none falls back to
+    forward KL when it is left out (a run could otherwise train with a loss no one chose)."""
+    import inspect
+
+    from distill.train.chunked_loss import chunked_distill_loss
+    from distill.train.step import StepContext
+
+    with pytest.raises(TypeError):
+        KDLoss()  # type: ignore[call-arg]
+    for fn, name in ((StepContext, "kd_loss"), (chunked_distill_loss, "kd_loss")):
+        parameter = inspect.signature(fn).parameters[name]
+        assert parameter.default is inspect.Parameter.empty, fn
+    assert make_kd_loss(LossConfig(name="jsd", beta=0.3)).name == "jsd"
