@@ -1,6 +1,6 @@
 """distill: a teacher language model distilled into a small quantized student.
 
-Importing any part of the package first silences two known, harmless messages that every
+Importing any part of the package first silences three known, harmless messages that every
 command would otherwise print (nothing else is hidden; stdlib only, so the parity child that
 imports :mod:`distill.models.conv1d` alone pays nothing for it):
 
@@ -8,7 +8,9 @@ imports :mod:`distill.models.conv1d` alone pays nothing for it):
   is imported on a CPU-only torch: those two extensions hold CUDA kernels (MX-FP8, SM90
   CUTLASS) that cannot load there and that no CPU path uses;
 * torch's pytree logs a deprecation warning when torchao registers its own enums
-  (``KernelPreference``, ...) with ``register_constant``, torchao's code, not ours.
+  (``KernelPreference``, ...) with ``register_constant``, torchao's code, not ours;
+* torchao's ``kernel.intmm`` warns ``Detected no triton`` on import: Triton kernels are GPU
+  kernels, so on a CPU-only torch there is nothing they could have run.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ def _cpu_torch() -> bool:
 
 
 class _KnownNoise(logging.Filter):
-    """Drops exactly the two messages described in the module docstring."""
+    """Drops exactly the three messages described in the module docstring."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "torchao.kernel.intmm":
+            return not (_cpu_torch() and "Detected no triton" in record.getMessage())
         if record.name == "torchao":
             message = record.getMessage()
             cuda_only = any(name in message for name in _CUDA_ONLY_EXTENSIONS)
@@ -45,7 +49,7 @@ def _silence_known_noise() -> None:
     noise = _KnownNoise()
     # Filters on the emitting loggers themselves (not handlers): they hold whatever handlers
     # torch's logging setup attaches later, and other loggers are untouched.
-    for name in ("torchao", "torch.utils._pytree"):
+    for name in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _KnownNoise) for f in logger.filters):
             logger.addFilter(noise)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,59 @@ def tiny_corpus_dir(tmp_path_factory) -> Path:
     for i in range(6):
         (folder / f"doc{i}.txt").write_text(f"Document {i}. " + CORPUS)
     return folder
+
+
+# The stages tests/kill_runner.py kills a pipeline inside, in order ("none": left to finish).
+KILL_STAGES = ("train", "quantize", "evaluate", "publish", "none")
+
+
+def _hidden(run_dir: Path) -> list[str]:
+    """Hidden entries of the run dir but Hydra's own record of the first run (.hydra)."""
+    return sorted(
+        p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != ".hydra"
+    )
+
+
+@pytest.fixture(scope="session")
+def resume_chain(tmp_path_factory, tiny_teacher_dir: Path, tiny_corpus_dir: Path) -> dict:
+    """One tiny pipeline run dir taken through every stage by a chain of processes, each
+    killed with SIGKILL inside the next stage (tests/kill_runner.py) and the next one
+    rerunning it with ``run_dir=``; the last one finishes. Per stage: the process's exit
+    code, stdout, stderr and log, and what the run dir held after it. Shared by the resume
+    tests and the tiny end-to-end test (one pipeline's worth of runs instead of two)."""
+    root = tmp_path_factory.mktemp("resume")
+    run_dir = root / "run"
+    first = [
+        *tiny_overrides(tiny_teacher_dir, tiny_corpus_dir, root / "cache"),
+        "quant.gguf=[q8_0]",  # one file of each kind is enough here
+        f"hydra.run.dir={run_dir}",
+    ]
+    # An empty matplotlib cache, as on a fresh machine: building its font list must not be
+    # announced in the run's log.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLCONFIGDIR": str(root / "matplotlib")}
+    out: dict = {}
+    for i, stage in enumerate(KILL_STAGES):
+        args = first if i == 0 else [f"run_dir={run_dir}", f"hydra.run.dir={root}/rerun{i}"]
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "kill_runner.py"), stage, *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=600,
+            env=env,
+        )
+        log_dir = run_dir if i == 0 else root / f"rerun{i}"
+        out[stage] = {
+            "returncode": proc.returncode,
+            "stdout": proc.stdout,
+            "stderr": proc.stderr,
+            "log": (log_dir / "pipeline.log").read_text(),
+            "entries": sorted(p.name for p in run_dir.iterdir()),
+            "hidden": _hidden(run_dir),
+            "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")),
+        }
+    out["run_dir"] = run_dir
+    return out
 
 
 def compose(overrides: list[str]):

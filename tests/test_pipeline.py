@@ -14,7 +14,14 @@ import torch
 
 from distill.config import to_pipeline_config
 from distill.models import Teacher
-from tests.conftest import REPO, REPORT_FIELDS, compose, tiny_gpt2, tiny_overrides
+from tests.conftest import (
+    KILL_STAGES,
+    REPO,
+    REPORT_FIELDS,
+    compose,
+    tiny_gpt2,
+    tiny_overrides,
+)
 
 
 def run_script(
@@ -38,7 +45,13 @@ def run_pipeline(
 
 
 # Printed by torchao / torch at import on a CPU-only torch; distill/__init__.py drops them.
-LIBRARY_NOISE = ("Failed to load", "_C_mxfp8", "_C_cutlass_90a", "register_constant()")
+LIBRARY_NOISE = (
+    "Failed to load",
+    "_C_mxfp8",
+    "_C_cutlass_90a",
+    "register_constant()",
+    "Detected no triton",
+)
 
 
 # configs/quant/default.yaml: torchao folders, then GGUF files.
@@ -154,29 +167,24 @@ def check_published_parity(run_dir: Path, report: dict) -> None:
             assert got[key] == pytest.approx(want[key], rel=1e-5), (name, key)
 
 
-def test_pipeline_on_tiny_teacher(
-    tmp_path: Path, tiny_teacher_dir: Path, tiny_corpus_dir: Path
-) -> None:
-    run_dir = tmp_path / "run"
-    proc = run_pipeline(
-        tiny_overrides(tiny_teacher_dir, tiny_corpus_dir, tmp_path / "cache")
-        + [f"hydra.run.dir={run_dir}"],
-        # An empty matplotlib cache, as on a fresh machine: building its font list must not
-        # be announced in the run's log.
-        env={"MPLCONFIGDIR": str(tmp_path / "matplotlib")},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not [n for n in LIBRARY_NOISE if n in proc.stderr], proc.stderr[-3000:]
-    assert "fontManager" not in proc.stderr + proc.stdout
-    report = check_run_dir(run_dir, DEFAULT_METHODS, parity=False)
-    assert "publish folder:" in proc.stdout and "student-int8_weight_only" in proc.stdout
+def test_pipeline_on_tiny_teacher(tmp_path: Path, resume_chain: dict) -> None:
+    """The tiny teacher's run dir after the resume chain (tests/conftest.py): every stage ran
+    through scripts/pipeline.py, quietly; then each later stage runs alone on it, rebuilding
+    what it owns, and the published files give the parity figures the report holds."""
+    for stage in KILL_STAGES:
+        stderr = resume_chain[stage]["stderr"]
+        assert not [n for n in LIBRARY_NOISE if n in stderr], (stage, stderr[-3000:])
+        assert "fontManager" not in stderr + resume_chain[stage]["stdout"], stage
+    done = resume_chain["none"]
+    assert done["returncode"] == 0, done["stderr"][-3000:]
+    assert "publish folder:" in done["stdout"] and "student-int8_weight_only" in done["stdout"]
+    rd = tmp_path / "run"
+    shutil.copytree(resume_chain["run_dir"], rd)
+    report = check_run_dir(rd, DEFAULT_METHODS, ["q8_0"], parity=False)
     by_name = {v["name"]: v for v in report["variants"]}
     assert by_name["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
     assert by_name["student-int8_weight_only"]["weight_bytes"] < by_name["student"]["weight_bytes"]
 
-    # Each later stage also runs alone on the finished run dir, rebuilding what it owns.
-    rd = run_dir
     stages = [
         ("quantize", [rd / "quantized"], [rd / "quantized" / "quantize.json"]),
         ("evaluate", [rd / "report.json", rd / "report.md"], [rd / "report.json"]),
@@ -188,13 +196,13 @@ def test_pipeline_on_tiny_teacher(
         extra = ["eval.max_blocks=1"] if script == "evaluate" else []
         proc = run_script(
             script,
-            [f"run_dir={run_dir}", f"hydra.run.dir={tmp_path}/{script}-alone", *extra],
+            [f"run_dir={rd}", f"hydra.run.dir={tmp_path}/{script}-alone", *extra],
             env={"HYDRA_FULL_ERROR": "1"},
             timeout=300,
         )
         assert proc.returncode == 0, (script, proc.stderr[-3000:])
         assert all(p.exists() for p in rebuilt), (script, rebuilt)
-    report = check_run_dir(run_dir, DEFAULT_METHODS)
+    report = check_run_dir(rd, DEFAULT_METHODS, ["q8_0"])
     assert report["config"]["eval"]["max_blocks"] == 1  # the stage's own override applied
 
 
@@ -271,7 +279,11 @@ def test_commands_print_no_known_library_noise(tmp_path: Path) -> None:
     """torchao's CUDA-extension load failures and torch's pytree deprecation are dropped
     (distill/__init__.py); any other warning still shows."""
     code = (
-        "import logging, torch.utils._pytree as p, distill.quantize.stage, torchao.quantization;"
+        # Handlers on the root logger, as a Hydra command has (torchao's loggers have a
+        # NullHandler of their own, so without one nothing would print either way).
+        "import logging; logging.basicConfig();"
+        "import torch.utils._pytree as p, distill.quantize.stage, torchao.quantization;"
+        "import torchao.kernel.intmm;"
         "logging.getLogger('torchao').warning('another torchao warning');"
         "p.log.warning('another pytree warning')"
     )
@@ -289,7 +301,10 @@ def test_smoke_on_embedded_default(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_pipeline([f"hydra.run.dir={run_dir}", "experiment=quick"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = check_run_dir(run_dir, DEFAULT_METHODS)
+    # Every artifact passed the quantize stage's own parity check (fresh process, llama.cpp);
+    # re-deriving those figures from the published files is test_pipeline_on_tiny_teacher's
+    # (here it would quantize the real student a second time, GPTQ included: ~30 s).
+    report = check_run_dir(run_dir, DEFAULT_METHODS, parity=False)
     by_name = {v["name"]: v for v in report["variants"]}
     assert by_name["student"]["weight_bytes"] <= 0.6 * by_name["teacher"]["weight_bytes"]
     assert (

@@ -2,67 +2,24 @@
 training, continues) what was not, and no half-written ``quantized/`` or ``publish/`` is ever
 left where a user or a later stage would read it.
 
-One tiny run dir goes through the whole chain, each process killed with SIGKILL inside the
-next stage (tests/kill_runner.py) and the next one rerunning it with ``run_dir=``: killed in
-training, then in quantize, in evaluate, in publish, then left to finish. Each test below
-checks one kill and the rerun after it.
+One tiny run dir goes through the whole chain (``resume_chain`` in tests/conftest.py), each
+process killed with SIGKILL inside the next stage (tests/kill_runner.py) and the next one
+rerunning it with ``run_dir=``: killed in training, then in quantize, in evaluate, in
+publish, then left to finish. Each test below checks one kill and the rerun after it.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, tiny_overrides
 from tests.test_pipeline import DEFAULT_METHODS, check_run_dir
-
-STAGES = ("train", "quantize", "evaluate", "publish", "none")
-
-
-def _hidden(run_dir: Path) -> list[str]:
-    """Hidden entries of the run dir but Hydra's own record of the first run (.hydra)."""
-    return sorted(
-        p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != ".hydra"
-    )
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, tiny_teacher_dir: Path, tiny_corpus_dir: Path) -> dict:
-    """Every process of the chain: its exit code, its log, and what the run dir held after."""
-    root = tmp_path_factory.mktemp("resume")
-    run_dir = root / "run"
-    first = [
-        *tiny_overrides(tiny_teacher_dir, tiny_corpus_dir, root / "cache"),
-        "quant.gguf=[q8_0]",  # one file of each kind is enough here
-        f"hydra.run.dir={run_dir}",
-    ]
-    out = {}
-    for i, stage in enumerate(STAGES):
-        args = first if i == 0 else [f"run_dir={run_dir}", f"hydra.run.dir={root}/rerun{i}"]
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "kill_runner.py"), stage, *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=600,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        log_dir = run_dir if i == 0 else root / f"rerun{i}"
-        out[stage] = {
-            "returncode": proc.returncode,
-            "stderr": proc.stderr,
-            "log": (log_dir / "pipeline.log").read_text(),
-            "entries": sorted(p.name for p in run_dir.iterdir()),
-            "hidden": _hidden(run_dir),
-            "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")),
-        }
-    out["run_dir"] = run_dir
-    return out
+def chain(resume_chain: dict) -> dict:
+    return resume_chain
 
 
 def test_killed_in_training_the_rerun_continues_from_the_checkpoint(chain: dict) -> None:
