@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from distill.config import PipelineConfig, register_configs, to_pipeline_config
+from distill.config import WIDTH_KEYS, PipelineConfig, register_configs, to_pipeline_config
 from distill.errors import DistillError
 from distill.evaluate import FAILED_FILE
 
@@ -46,6 +46,9 @@ def _cli_overrides() -> list[str]:
 
 # The two ways to give a from_teacher student's depth; a pair file sets one of them.
 DEPTH_KEYS = ("pair.student.num_layers", "pair.student.layers")
+# A budget on the command line replaces every key of a pair file's shape.
+BUDGET_KEY = "pair.student.budget"
+SHAPE_KEYS = (*DEPTH_KEYS, *(f"pair.student.{k}" for k in WIDTH_KEYS))
 
 
 def _override_key(override: str) -> str:
@@ -54,7 +57,8 @@ def _override_key(override: str) -> str:
 
 
 def depth_from_command_line(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """``cfg`` with a student depth given on the command line winning over the other key.
+    """``cfg`` with a student depth given on the command line winning over the other key, and
+    a budget given there winning over every shape key (depth and widths) of the pair file.
 
     The default pair file lists ``pair.student.layers``; without this, ``pair.student.
     num_layers=8`` on the command line (or a ``-m pair.student.num_layers=8,14`` sweep) would
@@ -64,6 +68,16 @@ def depth_from_command_line(cfg: DictConfig, overrides: list[str]) -> DictConfig
     (:meth:`distill.config.StudentConfig.problems` fails when they disagree).
     """
     given = {_override_key(o) for o in overrides}
+    if BUDGET_KEY in given:
+        # A budget chooses depth and widths: the pair file's shape gives way to it.
+        cleared = [k for k in SHAPE_KEYS if k not in given and OmegaConf.select(cfg, k) is not None]
+        if not cleared:
+            return cfg
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            for key in cleared:
+                OmegaConf.update(cfg, key, None, merge=False)
+        return cfg
     on_command_line = [key for key in DEPTH_KEYS if key in given]
     if len(on_command_line) != 1:
         return cfg

@@ -17,7 +17,10 @@ TEACHER_PLACEMENTS = ("replicate", "shard")
 HIDDEN_LOSSES = ("cosine", "mse")
 # Fidelity sets eval.fidelity may list (distill/evaluate/fidelity.py); each eval.extra_corpora
 # entry adds an "extra:<name>" set besides them.
-FIDELITY_SETS = ("teacher_text", "generation")
+FIDELITY_SETS = ("teacher_text", "generation", "general")
+# The sets each variant answers (the teacher judging the answers): held-out corpus prompts,
+# and the teacher's own general questions.
+ANSWER_SETS = ("generation", "general")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SELECT_CHECKPOINT = ("last", "best_quantized")
 CALIBRATIONS = ("gptq", "none")

@@ -11,6 +11,11 @@ came from (``<doc id>@<char offset>``).
 Chat prompts wrap a passage of a document in one of a few instructions and go through the
 tokenizer's chat template, so an instruct teacher answers as it was tuned to; a tokenizer
 without a chat template gets continuation prompts only.
+
+An instruct teacher can also write the user's side: given only its chat template's user
+prefix (:func:`user_prefix`) it drafts a question of the kind it was tuned to answer, on any
+topic, not only the corpus's. :func:`usable_questions` keeps the drafts worth asking
+(:func:`distill.teacher_text.teacher_questions` samples them).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ KINDS = ("continuation", "chat")
 TRAIN_PROMPT_SEED = 1_000
 TEACHER_TEXT_SEED = 1_000_003
 GENERATION_SEED = 2_000_003
+# The teacher's own questions: those it trains on, and the evaluation's ``general`` set.
+OWN_TRAIN_SEED = 3_000_017
+GENERAL_SEED = 4_000_037
 
 # Instructions a user might give about a passage; {passage} is a window of a document. Written
 # for any prose corpus, so prompts can be drawn from whatever the user trains on.
@@ -149,3 +157,56 @@ def prompts_hash(prompts: Sequence[Prompt]) -> str:
     for p in prompts:
         h.update(json.dumps([p.kind, p.source, list(p.tokens)]).encode())
     return h.hexdigest()[:16]
+
+
+# A stand-in message, to find where the user's text starts in the rendered template.
+_MARK = "\u2063distill-user-turn\u2063"
+
+
+def user_prefix(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The chat template's tokens before a user's text (system turn included, when the
+    template adds one): what the teacher continues to write a question of its own.
+
+    Raises:
+        PromptError: the tokenizer has no chat template, or its template does not put the
+            user's text into the rendered turn verbatim.
+    """
+    if not has_chat_template(tokenizer):
+        raise PromptError("the teacher's tokenizer has no chat template: it has no user turn")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _MARK}], add_generation_prompt=False, tokenize=False
+    )
+    if not isinstance(text, str) or _MARK not in text:
+        raise PromptError("the chat template does not render the user's text verbatim")
+    prefix = text[: text.index(_MARK)]
+    return tuple(int(i) for i in tokenizer(prefix, add_special_tokens=False)["input_ids"])
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def looping(text: str, n: int = 3, share: float = 0.2) -> bool:
+    """Whether more than ``share`` of ``text``'s word ``n``-grams repeat an earlier one."""
+    words = _words(text)
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return bool(grams) and (len(grams) - len(set(grams))) / len(grams) > share
+
+
+def usable_questions(
+    drafts: Sequence[tuple[str, bool]], *, min_words: int = 3, exclude: Sequence[str] = ()
+) -> list[str]:
+    """The drafts worth asking, in order: ``(text, ended)`` pairs, ``ended`` meaning the
+    teacher closed its turn (a draft cut off at the token limit is dropped). Also dropped:
+    fewer than ``min_words`` words, looping text (:func:`looping`), and a draft equal (case
+    and spacing aside) to an earlier one or to one in ``exclude``."""
+    seen = {" ".join(_words(q)) for q in exclude}
+    out = []
+    for text, ended in drafts:
+        question = text.strip()
+        key = " ".join(_words(question))
+        if not ended or len(key.split()) < min_words or looping(question) or key in seen:
+            continue
+        seen.add(key)
+        out.append(question)
+    return out

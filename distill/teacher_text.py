@@ -24,14 +24,25 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from distill.caches import claim, is_complete, manifest_key, mark_complete
-from distill.prompts import TRAIN_PROMPT_SEED, Prompt, make_prompts, prompts_hash
+from distill.prompts import (
+    GENERAL_SEED,
+    OWN_TRAIN_SEED,
+    TRAIN_PROMPT_SEED,
+    Prompt,
+    chat_tokens,
+    has_chat_template,
+    make_prompts,
+    prompts_hash,
+    usable_questions,
+    user_prefix,
+)
 from distill.run_dir import write_json_atomic
-from distill.sampling import generate
+from distill.sampling import generate, stop_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from distill.config import DataConfig
+    from distill.config import DataConfig, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -206,16 +217,34 @@ def _generate_in_parts(
     return out
 
 
-def training_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
-    """The prompts the teacher's training text answers: drawn from the *training* documents
-    only (the train/val split), under :data:`~distill.prompts.TRAIN_PROMPT_SEED`."""
+def own_share_count(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many training prompts are the teacher's own questions: ``data.generated_own_share``
+    of them, none for a tokenizer without a chat template (said once in the log)."""
+    if cfg.generated_own_share == 0.0:
+        return 0
+    if not has_chat_template(tokenizer):
+        log.warning(
+            "data.generated_own_share=%s is ignored: the teacher's tokenizer has no chat "
+            "template, so it has no user turn to write",
+            cfg.generated_own_share,
+        )
+        return 0
+    return round(cfg.generated_prompts * cfg.generated_own_share)
+
+
+def training_prompts(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, num_prompts: int | None = None
+) -> list[Prompt]:
+    """The corpus prompts the teacher's training text answers (``num_prompts``, default
+    ``data.generated_prompts``): drawn from the *training* documents only (the train/val
+    split), under :data:`~distill.prompts.TRAIN_PROMPT_SEED`."""
     from distill.data import load_documents, split_documents
 
     train_docs, _ = split_documents(load_documents(cfg), cfg.val_fraction, cfg.split_seed)
     return make_prompts(
         train_docs,
         tokenizer,
-        cfg.generated_prompts,
+        cfg.generated_prompts if num_prompts is None else num_prompts,
         chat_share=cfg.generated_chat_share,
         prompt_tokens=cfg.generated_prompt_tokens,
         seed=TRAIN_PROMPT_SEED + cfg.split_seed,
@@ -229,9 +258,13 @@ def training_samples(
     cache_dir: Path,
     *,
     teacher_weights: str,
+    exclude: Sequence[str] = (),
 ) -> list[Sample]:
     """The teacher's text for training (``data.teacher_generated_fraction``): completions of
-    :func:`training_prompts`, generated once and cached.
+    :func:`training_prompts` and, for ``data.generated_own_share`` of them, of questions the
+    teacher wrote itself (:func:`teacher_questions` under
+    :data:`~distill.prompts.OWN_TRAIN_SEED`, never one in ``exclude``: the evaluation's),
+    generated once and cached.
 
     Raises:
         CacheMismatchError: ``data.generated_dir`` holds another teacher's or prompt set's
@@ -239,10 +272,30 @@ def training_samples(
     """
     from distill.data import tokenizer_fingerprint
 
+    n_own = own_share_count(cfg, tokenizer)
+    prompts = (
+        training_prompts(cfg, tokenizer, cfg.generated_prompts - n_own)
+        if n_own < cfg.generated_prompts
+        else []
+    )
+    if n_own:
+        seed = OWN_TRAIN_SEED + cfg.split_seed
+        questions = teacher_questions(
+            teacher,
+            tokenizer,
+            n_own,
+            seed=seed,
+            teacher_weights=teacher_weights,
+            batch_size=cfg.generated_batch_size,
+            cache_dir=cache_dir,
+            exclude=exclude,
+            what="training text: the teacher's own questions",
+        )
+        prompts += own_prompts(tokenizer, questions, seed)
     return teacher_samples(
         teacher,
         tokenizer_fingerprint(tokenizer),
-        training_prompts(cfg, tokenizer),
+        prompts,
         teacher_weights=teacher_weights,
         max_new_tokens=cfg.generated_tokens,
         temperature=cfg.generated_temperature,
@@ -253,3 +306,99 @@ def training_samples(
         fix="data.generated_dir",
         what="training text",
     ).samples
+
+
+OWN = "own"
+# Drafts sampled per question wanted (the filters drop cut-off, looping and repeated ones),
+# and the tokens a draft may take.
+DRAFTS_PER_QUESTION = 4
+QUESTION_TOKENS = 48
+
+
+def teacher_questions(
+    teacher: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    num_questions: int,
+    *,
+    seed: int,
+    teacher_weights: str,
+    batch_size: int,
+    cache_dir: Path,
+    exclude: Sequence[str] = (),
+    what: str = "the teacher's own questions",
+) -> list[str]:
+    """Up to ``num_questions`` questions the teacher writes itself: ``DRAFTS_PER_QUESTION``
+    times as many drafts sampled at temperature 1 after its chat template's user prefix
+    (:func:`~distill.prompts.user_prefix`), cached like any teacher text, then filtered by
+    :func:`~distill.prompts.usable_questions` (``exclude``: questions never to return).
+
+    Raises:
+        PromptError: the tokenizer has no chat template.
+    """
+    from distill.data import tokenizer_fingerprint
+
+    prefix = user_prefix(tokenizer)
+    drafts = teacher_samples(
+        teacher,
+        tokenizer_fingerprint(tokenizer),
+        [
+            Prompt(OWN, f"{OWN}:{seed}#{i}", prefix)
+            for i in range(num_questions * DRAFTS_PER_QUESTION)
+        ],
+        teacher_weights=teacher_weights,
+        max_new_tokens=QUESTION_TOKENS,
+        temperature=1.0,
+        seed=seed,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        what=what,
+    ).samples
+    stops = set(stop_ids(teacher))
+    texts = []
+    for sample in drafts:
+        ended = bool(sample.completion) and sample.completion[-1] in stops
+        body = sample.completion[:-1] if ended else sample.completion
+        texts.append((tokenizer.decode(list(body), skip_special_tokens=True), ended))
+    questions = usable_questions(texts, exclude=exclude)[:num_questions]
+    if len(questions) < num_questions:
+        log.warning(
+            "%s: %d usable of %d drafts, %d wanted",
+            what,
+            len(questions),
+            len(drafts),
+            num_questions,
+        )
+    return questions
+
+
+def own_prompts(
+    tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], seed: int
+) -> list[Prompt]:
+    """The teacher's questions as chat turns ready for its answer."""
+    return [
+        Prompt(OWN, f"{OWN}:{seed}#{i}", chat_tokens(tokenizer, q)) for i, q in enumerate(questions)
+    ]
+
+
+def general_questions(
+    cfg: PipelineConfig, teacher: Any, tokenizer: PreTrainedTokenizerBase, teacher_weights: str
+) -> list[str]:
+    """The questions of the evaluation's ``general`` set (``eval.general_prompts`` of them):
+    the teacher's own, drawn under :data:`~distill.prompts.GENERAL_SEED`, a seed training
+    never uses; training drops any of them from its own questions.
+
+    Raises:
+        PromptError: the tokenizer has no chat template.
+    """
+    from distill.caches import cache_root
+
+    return teacher_questions(
+        teacher,
+        tokenizer,
+        cfg.eval.general_prompts,
+        seed=GENERAL_SEED + cfg.data.split_seed,
+        teacher_weights=teacher_weights,
+        batch_size=cfg.eval.generation_batch_size,
+        cache_dir=cache_root(cfg),
+        what="fidelity: the teacher's own questions",
+    )

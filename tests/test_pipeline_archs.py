@@ -1,10 +1,11 @@
 """The whole pipeline on a tiny teacher of every architecture the GGUF writer supports.
 
 For a Llama-3-style llama (``llama3`` RoPE, untied head), Qwen2, Qwen3 (head_dim > hidden /
-heads) and GPT-2 teacher of 4 layers, a ``from_teacher`` student of layers [0, 3] is
-distilled, quantized (GGUF F16 and Q8_0), evaluated and published in this process. The
-report's GGUF rows must have been scored in llama.cpp and have passed the quantize stage's
-parity check; the published files must load in llama.cpp with the architecture and
+heads) and GPT-2 teacher of 4 layers, a ``from_teacher`` student of layers [0, 3] (narrowed
+too, but for GPT-2: fewer MLP channels, one key/value group, and for llama3 and qwen3 a
+smaller hidden size) is distilled, quantized (GGUF F16 and Q8_0), evaluated and published in
+this process. The report's GGUF rows must have been scored in llama.cpp and have passed the
+quantize stage's parity check; the published files must load in llama.cpp with the architecture and
 pre-tokenizer of their source and reproduce the transformers student (``final/``) within the
 tolerances ``tests/quantize/test_gguf_llama_cpp.py`` measured.
 
@@ -48,13 +49,20 @@ class Arch:
     tie: bool
     gguf_arch: str  # general.architecture
     gguf_pre: str  # tokenizer.ggml.pre: the pre-tokenizer llama.cpp runs
+    # The student's width cut (distill/models/width.py) on top of the depth cut. qwen2's
+    # llama.cpp loader assumes heads * head_dim = hidden, so its hidden size is kept.
+    width: tuple[str, ...] = ()
+
+
+_MLP_AND_HEADS = ("pair.student.intermediate_size=96", "pair.student.num_key_value_heads=1")
+_ALL_WIDTHS = (*_MLP_AND_HEADS, "pair.student.hidden_size=48")
 
 
 # Llama 3 ships an untied head and its own split regex; Qwen2 and Qwen3 share Qwen's regex.
 ARCHS = {
-    "llama3": Arch("llama3", tie=False, gguf_arch="llama", gguf_pre="llama-bpe"),
-    "qwen2": Arch("qwen2", tie=True, gguf_arch="qwen2", gguf_pre="qwen2"),
-    "qwen3": Arch("qwen2", tie=True, gguf_arch="qwen3", gguf_pre="qwen2"),
+    "llama3": Arch("llama3", tie=False, gguf_arch="llama", gguf_pre="llama-bpe", width=_ALL_WIDTHS),
+    "qwen2": Arch("qwen2", tie=True, gguf_arch="qwen2", gguf_pre="qwen2", width=_MLP_AND_HEADS),
+    "qwen3": Arch("qwen2", tie=True, gguf_arch="qwen3", gguf_pre="qwen2", width=_ALL_WIDTHS),
     "gpt2": Arch("gpt2", tie=True, gguf_arch="gpt2", gguf_pre="gpt-2"),
 }
 
@@ -172,7 +180,8 @@ def test_pipeline_on_each_gguf_architecture(
     from distill.cli import save_config
 
     teacher = save_teacher(arch, tmp_path / "teacher")
-    cfg = to_pipeline_config(compose(arch_overrides(teacher, tiny_corpus_dir, tmp_path / "cache")))
+    overrides = arch_overrides(teacher, tiny_corpus_dir, tmp_path / "cache")
+    cfg = to_pipeline_config(compose([*overrides, *ARCHS[arch].width]))
     run_dir = tmp_path / "run"
     save_config(cfg, run_dir)  # as scripts/pipeline.py does
     pipeline.run(cfg, run_dir)
@@ -188,5 +197,8 @@ def test_pipeline_on_each_gguf_architecture(
     student = json.loads((run_dir / "final" / "config.json").read_text())
     assert student["model_type"] == ARCHS[arch].gguf_arch
     assert student.get("num_hidden_layers", student.get("n_layer")) == 2
+    for override in ARCHS[arch].width:  # the width cut reached the saved student
+        key, value = override.removeprefix("pair.student.").split("=")
+        assert student[key] == int(value), (key, student[key])
     check_gguf_rows(report)
     check_published_files(run_dir, ARCHS[arch], tmp_path)

@@ -3,10 +3,11 @@
 The dataclasses are registered in Hydra's ConfigStore as ``pipeline_schema``;
 ``configs/pipeline.yaml`` lists it first in its defaults so every YAML value is type-checked
 against them on composition. Range checks that OmegaConf cannot express live in each
-section's ``problems()`` (:mod:`distill.config.sections`); ``PipelineConfig.__post_init__``
-gathers the problems of every section and of their combinations and raises one
-:class:`~distill.errors.ConfigError` naming all of them, so a user fixes a bad command line in
-one go. The values enumerated fields accept are listed in :mod:`distill.names`.
+section's ``problems()`` (:mod:`distill.config.sections`, :mod:`distill.config.pair`);
+``PipelineConfig.__post_init__`` gathers the problems of every section and of their
+combinations and raises one :class:`~distill.errors.ConfigError` naming all of them, so a user
+fixes a bad command line in one go. The values enumerated fields accept are listed in
+:mod:`distill.names`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
+from distill.config.pair import WIDTH_KEYS, PairConfig, StudentConfig, TeacherConfig
 from distill.config.sections import (
     DataConfig,
     EvalConfig,
     LossConfig,
-    PairConfig,
     PublishConfig,
     QuantConfig,
-    StudentConfig,
-    TeacherConfig,
     TrainConfig,
 )
 from distill.errors import ConfigError
@@ -39,6 +38,7 @@ __all__ = [
     "StudentConfig",
     "TeacherConfig",
     "TrainConfig",
+    "WIDTH_KEYS",
     "register_configs",
     "to_pipeline_config",
 ]

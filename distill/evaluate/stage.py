@@ -213,9 +213,9 @@ def run(
     ``teacher`` is the run's handle (the pipeline hands over the one training used) and
     ``splits`` the run's packed data; each is made here when None. Saved variants are loaded
     one at a time and freed after their row is written. Every model folder runs on the
-    teacher's device (CUDA when available); GGUF files run in llama.cpp on the CPU. While the
-    ``generation`` set is on the teacher stays loaded to the end, to score every variant's
-    answers.
+    teacher's device (CUDA when available); GGUF files run in llama.cpp on the CPU. While an
+    answer set (``generation``, ``general``) is on the teacher stays loaded to the end, to
+    score every variant's answers.
 
     Returns:
         ``{"variants": [row, ...], "fidelity": {set: description}, "training": ...,
@@ -252,12 +252,11 @@ def run(
     with _log_time("teacher"):
         rows = [evaluate_teacher(model, blocks, cfg.eval, reference)]
         if inputs is not None:
-            # Holds the teacher while the generation set is on: it scores every variant's
-            # answers.
+            # Holds the teacher while an answer set is on: it scores every variant's answers.
             fidelity = build_fidelity(inputs, cfg, teacher)
             rows[0]["fidelity"] = fidelity.teacher_row
     teacher_config = model.config
-    del model  # the handle may still hold it (the pipeline's, or the generation set's)
+    del model  # the handle may still hold it (the pipeline's, or the answer sets')
     records = read_quantize_records(run_dir)
     gguf = any(v.is_gguf for v in saved)
     student_config = _student_config(run_dir) if gguf else None

@@ -29,6 +29,15 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "build_student_from_teacher": "student",
         "decoder_layers": "student",
         "num_layers_of": "student",
+        "model_from_state": "student",
+        # width pruning
+        "KEPT_CHANNELS_ATTR": "width",
+        "Width": "width",
+        "head_layout": "width",
+        "kept_hidden": "width",
+        "measure_importance": "width",
+        "prune_width": "width",
+        "width_config": "width",
         # saved folders (GPT-2's Conv1D stored as Linear loads with load_causal_lm)
         "CONFIG_KEY": "conv1d",
         "conv1d_to_linear": "conv1d",

@@ -16,8 +16,10 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from distill.models.footprint import weights_hash
 from distill.models.layer_cache import greedy_layers
 from distill.models.load import ModelError, load_causal_lm, load_config, load_tokenizer
+from distill.models.shape_search import candidates, default_depths, search_shape, shape_config
 from distill.models.student import (
     build_student_from_config,
     build_student_from_teacher,
@@ -27,11 +29,51 @@ from distill.models.student import (
     num_layers_of,
     subset_config,
 )
+from distill.models.width import Width, check_width, prune_width, width_config
 
 if TYPE_CHECKING:
     from distill.config import StudentConfig
 
 log = logging.getLogger(__name__)
+
+
+def width_of(cfg: StudentConfig) -> Width:
+    """The width cut a from_teacher student config asks for."""
+    return Width(cfg.intermediate_size, cfg.num_key_value_heads, cfg.hidden_size)
+
+
+def budget_shape(
+    cfg: StudentConfig,
+    teacher: PreTrainedModel,
+    train_blocks: torch.Tensor | None,
+    cache_dir: Path | None,
+    teacher_key: Callable[[], str] | None,
+) -> tuple[list[int], Width]:
+    """The layers and width of the best-scored shape within ``pair.student.budget``
+    (:func:`distill.models.shape_search.search_shape`, cached).
+
+    Raises:
+        ModelError: no training blocks or cache folder to search with, or no shape fits.
+    """
+    if train_blocks is None or cache_dir is None:
+        raise ModelError("pair.student.budget needs the training blocks to score shapes on")
+    assert cfg.budget is not None
+    depths = list(cfg.budget_depths or default_depths(teacher.config, cfg.budget))
+    key = teacher_key() if teacher_key is not None else weights_hash(teacher)
+    shape, layers, ranked = search_shape(teacher, train_blocks, cfg.budget, depths, cache_dir, key)
+    log.info(
+        "student: budget %.3f of the teacher -> %d layers, MLP %d, %d kv groups, hidden %d "
+        "(%.1fM parameters; KL %.3f pruned, the best of %d shapes)",
+        cfg.budget,
+        shape.num_layers,
+        shape.intermediate_size,
+        shape.num_key_value_heads,
+        shape.hidden_size,
+        ranked[0]["params"] / 1e6,
+        ranked[0]["kl"],
+        len(ranked),
+    )
+    return layers, shape.width()
 
 
 def student_layers(
@@ -89,12 +131,27 @@ def build_student(
 
     Raises:
         ModelError: see :func:`student_layers`, :func:`build_student_from_teacher`,
-            :func:`build_student_from_config` and :func:`distill.models.load.load_causal_lm`.
+            :func:`build_student_from_config`, :func:`distill.models.load.load_causal_lm`;
+            a width cut beyond the teacher's or of an architecture width pruning lacks.
     """
     if cfg.init == "from_teacher":
-        layers = student_layers(cfg, teacher, train_blocks, cache_dir, teacher_key)
+        if cfg.budget is not None:
+            layers, width = budget_shape(cfg, teacher, train_blocks, cache_dir, teacher_key)
+        else:
+            width = width_of(cfg)
+            check_width(teacher.config, width)  # before any search or copy
+            layers = student_layers(cfg, teacher, train_blocks, cache_dir, teacher_key)
         torch.manual_seed(seed)
-        return build_student_from_teacher(teacher, layers), None
+        student = build_student_from_teacher(teacher, layers)
+        if not width.cuts():
+            return student, None
+        if train_blocks is None:
+            raise ModelError(
+                "a width cut (pair.student.intermediate_size / num_key_value_heads / "
+                "hidden_size) needs training blocks to rank channels on"
+            )
+        calibration = train_blocks[: cfg.width_calibration_blocks]
+        return prune_width(student, width, calibration), None
     torch.manual_seed(seed)
     if cfg.init == "from_config":
         return build_student_from_config(teacher.config, dict(cfg.config_overrides)), None
@@ -115,14 +172,26 @@ def planned_config(cfg: StudentConfig, teacher_config: Any) -> Any:
         ModelError: as :func:`check_layers`, :func:`check_num_layers`,
             :func:`config_with_overrides`; a pretrained student's config cannot be read.
     """
+    if cfg.init == "from_teacher" and cfg.budget is not None:
+        # The shape is chosen later, by measurement; the deepest candidate stands for it.
+        depths = cfg.budget_depths or default_depths(teacher_config, cfg.budget)
+        shapes = candidates(teacher_config, cfg.budget, list(depths))
+        if not shapes:
+            raise ModelError(
+                f"pair.student.budget={cfg.budget}: no shape of depths {sorted(depths)} fits"
+            )
+        return shape_config(teacher_config, shapes[-1][0])
     if cfg.init == "from_teacher":
         n_teacher = num_layers_of(teacher_config)
+        width = width_of(cfg)
         if cfg.layers is not None:
             check_layers(list(cfg.layers), n_teacher)
-            return subset_config(teacher_config, list(cfg.layers))
-        assert cfg.num_layers is not None
-        check_num_layers(cfg.num_layers, n_teacher)
-        return subset_config(teacher_config, list(range(cfg.num_layers)))
+            depth_cut = subset_config(teacher_config, list(cfg.layers))
+        else:
+            assert cfg.num_layers is not None
+            check_num_layers(cfg.num_layers, n_teacher)
+            depth_cut = subset_config(teacher_config, list(range(cfg.num_layers)))
+        return width_config(depth_cut, width) if width.cuts() else depth_cut
     if cfg.init == "from_config":
         return config_with_overrides(teacher_config, dict(cfg.config_overrides))
     assert cfg.name_or_path is not None

@@ -111,7 +111,6 @@ def build_student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> P
     prefix, _ = decoder_layers(teacher)
     config = subset_config(teacher.config, layers)
     setattr(config, TEACHER_LAYERS_ATTR, list(layers))
-    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     source = teacher.state_dict()
     new_index = {old: new for new, old in enumerate(layers)}
@@ -122,16 +121,29 @@ def build_student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> P
             mapped[key] = value
         elif int(m.group(1)) in new_index:
             mapped[f"{prefix}.{new_index[int(m.group(1))]}.{m.group(2)}"] = value
-    missing, unexpected = student.load_state_dict(mapped, strict=False)
+    return model_from_state(config, mapped)
+
+
+def model_from_state(config: Any, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A fresh fp32 model of ``config`` holding ``state`` (every tensor it has, the tied
+    head aside), in eval mode like ``from_pretrained`` (the loop switches to train()).
+
+    Raises:
+        ModelError: ``state`` lacks a tensor the model has, or has one it lacks.
+    """
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied heads appear under both names or only one depending on the architecture.
-    tied = set(getattr(student, "_tied_weights_keys", None) or [])
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and "lm_head" not in k]
     if missing or unexpected:
-        raise ModelError(f"layer copy mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ModelError(
+            f"weight copy mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if getattr(config, "tie_word_embeddings", False):
-        student.tie_weights()
-    student.to(torch.float32)
-    return student.eval()  # like from_pretrained; the loop switches to train()
+        model.tie_weights()
+    model.to(torch.float32)
+    return model.eval()
 
 
 def config_with_overrides(teacher_config: Any, overrides: dict[str, Any]) -> Any:

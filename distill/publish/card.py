@@ -121,10 +121,18 @@ def _quant_notes(
 
 def _student_init(student: StudentConfig) -> str:
     if student.init == "from_teacher":
-        return (
+        depth = (
             f"initialised from teacher layers {list(student.layers)}"
             if student.layers is not None
             else f"initialised from {student.num_layers} of the teacher's layers"
+        )
+        cuts = [
+            f"{key} {getattr(student, key)}"
+            for key in ("intermediate_size", "num_key_value_heads", "hidden_size")
+            if getattr(student, key) is not None
+        ]
+        return depth + (
+            f", cut in width to {', '.join(cuts)} by activation importance" if cuts else ""
         )
     if student.init == "from_config":
         return "randomly initialised from the teacher's config with overrides"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import DistillError
-from distill.models import TEACHER_LAYERS_ATTR, decoder_layers, num_layers_of
+from distill.models import TEACHER_LAYERS_ATTR, decoder_layers, kept_hidden, num_layers_of
 from distill.train.losses import reduce_masked
 
 if TYPE_CHECKING:
@@ -40,13 +40,21 @@ class HiddenStateError(DistillError):
 @dataclass(frozen=True)
 class HiddenMatch:
     """The decoder blocks of student and teacher, the matched ``(student, teacher)`` layer
-    index pairs, the distance (``cosine`` or ``mse``) and the loss weight."""
+    index pairs, the distance (``cosine`` or ``mse``), the loss weight and, for a student cut
+    in hidden size, the teacher channels its states are compared with."""
 
     student_layers: nn.ModuleList
     teacher_layers: nn.ModuleList
     pairs: tuple[tuple[int, int], ...]
     kind: str
     weight: float
+    # The teacher's hidden channels the student kept (a hidden-size cut); None: all of them.
+    teacher_channels: Tensor | None = None
+
+    def teacher_view(self, states: Tensor) -> Tensor:
+        if self.teacher_channels is None:
+            return states
+        return states.index_select(-1, self.teacher_channels.to(states.device))
 
 
 def layer_pairs(student_config: Any) -> list[tuple[int, int]]:
@@ -97,15 +105,21 @@ def hidden_match(loss_cfg: LossConfig, student: Any, teacher: Any) -> HiddenMatc
             "distill from the teacher the student was cut from, or set loss.hidden_weight=0"
         )
     d_s, d_t = int(student.config.hidden_size), int(teacher.config.hidden_size)
+    # A width-cut student's residual stream is the teacher's kept channels, in index order.
+    kept = kept_hidden(student.config)
+    channels = None
     if d_s != d_t:
-        raise HiddenStateError(
-            f"hidden sizes differ (student {d_s}, teacher {d_t}): states cannot be compared "
-            "without a projection; set loss.hidden_weight=0"
-        )
+        if kept is None or len(kept) != d_s or max(kept) >= d_t:
+            raise HiddenStateError(
+                f"hidden sizes differ (student {d_s}, teacher {d_t}) and the student records "
+                "no kept teacher channels of that size: states cannot be compared without a "
+                "projection; set loss.hidden_weight=0"
+            )
+        channels = torch.tensor(kept)
     _, s_layers = decoder_layers(student)
     _, t_layers = decoder_layers(teacher)
     return HiddenMatch(
-        s_layers, t_layers, tuple(pairs), loss_cfg.hidden_loss, loss_cfg.hidden_weight
+        s_layers, t_layers, tuple(pairs), loss_cfg.hidden_loss, loss_cfg.hidden_weight, channels
     )
 
 
@@ -159,7 +173,11 @@ def hidden_state_loss(
     """
     terms = [
         reduce_masked(
-            per_position(student_out[s][:, :-1], teacher_out[t][:, :-1].detach(), match.kind),
+            per_position(
+                student_out[s][:, :-1],
+                match.teacher_view(teacher_out[t][:, :-1]).detach(),
+                match.kind,
+            ),
             valid,
             num_tokens,
         )

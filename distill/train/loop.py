@@ -292,16 +292,24 @@ def _with_teacher_text(
     fraction = cfg.data.teacher_generated_fraction
     if fraction == 0.0:
         return data
-    from distill.teacher_text import training_samples
+    from distill.prompts import has_chat_template
+    from distill.teacher_text import general_questions, training_samples
 
     tokenizer = teacher.tokenizer
     with accelerator.main_process_first():
+        # The evaluation's general questions are never among the teacher's own training ones.
+        asked = cfg.data.generated_own_share > 0 and "general" in cfg.eval.fidelity
+        asked = asked and has_chat_template(tokenizer)
+        exclude = (
+            general_questions(cfg, teacher.model, tokenizer, teacher.weights_key) if asked else []
+        )
         samples = training_samples(
             cfg.data,
             teacher.model,
             tokenizer,
             cache_root(cfg),
             teacher_weights=teacher.weights_key,
+            exclude=exclude,
         )
     generated = pack_token_lists(
         [s.prompt + s.completion for s in samples], tokenizer.eos_token_id, cfg.data.block_size

@@ -100,6 +100,7 @@ def config(corpus: Path, cache: Path, **eval_overrides) -> PipelineConfig:
                 "generation_tokens": 5,
                 "fidelity_prompt_tokens": 5,
                 "generation_batch_size": 2,
+                "general_prompts": 2,
                 **eval_overrides,
             }
         ),
@@ -166,6 +167,7 @@ def test_a_variant_identical_to_the_teacher_is_faithful_on_every_set(
         tmp_path / "cache",
         extra_corpora=[str(corpus / "extra" / "notes.txt")],
         teacher_text_dir=str(tmp_path / "tt"),
+        fidelity=["teacher_text", "generation"],  # general: the test below
     )
     start = time.perf_counter()
     report = _evaluate(cfg, run_dir, tokenizer=tokenizer)
@@ -230,6 +232,46 @@ def test_a_variant_identical_to_the_teacher_is_faithful_on_every_set(
     assert "- extra:notes.txt: " in md and "- generation: the teacher's mean NLL" in md
     on_disk = json.loads((run_dir / "report.json").read_text())
     assert on_disk["variants"][2]["fidelity"] == json.loads(json.dumps(rows["student"]["fidelity"]))
+
+
+def test_the_general_set_asks_the_teachers_own_questions_and_the_teacher_judges(
+    corpus: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import distill.teacher_text as teacher_text
+    from distill.models import load_causal_lm
+    from distill.prompts import chat_tokens
+
+    # The drafting is tested in tests/test_own_questions.py; here, what the set does with them.
+    questions = ["w5 w6 w7 w8", "w9 w10 w11", "w12 w13 w14 w15"]
+    monkeypatch.setattr(teacher_text, "general_questions", lambda *args: questions)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    cfg = config(corpus, tmp_path / "cache", fidelity=["general"])
+    report = _evaluate(cfg, run_dir, tokenizer=tokenizer)
+    rows = {v["name"]: v for v in report["variants"]}
+    assert list(report["fidelity"]) == ["general"]
+    assert rows["teacher"]["fidelity"]["general"]["teacher_nll_ratio"] == 1.0
+    prompts = [list(chat_tokens(tokenizer, q)) for q in questions]
+    variant = load_causal_lm(run_dir / "student_init").eval()
+    want = _teacher_nll(prompts, _greedy(variant, prompts, cfg.eval.generation_tokens))
+    own = _teacher_nll(prompts, _greedy(word_llama(0), prompts, cfg.eval.generation_tokens))
+    other = rows["student_init"]["fidelity"]["general"]
+    assert other["prompts"] == 3
+    assert other["teacher_nll"] == pytest.approx(want, rel=1e-4)
+    assert other["teacher_nll_ratio"] == pytest.approx(want / own, rel=1e-4)
+    assert rows["student"]["fidelity"]["general"]["teacher_nll_ratio"] == pytest.approx(1.0)
+    md = (run_dir / "report.md").read_text()
+    assert "general answers: teacher NLL" in md and "- general: the teacher's mean NLL" in md
+
+
+def test_without_a_chat_template_the_general_set_is_left_out_saying_why(
+    corpus: Path, run_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(corpus, tmp_path / "cache", fidelity=["generation", "general"])
+    with caplog.at_level("INFO"):
+        report = _evaluate(cfg, run_dir)  # the word tokenizer has no template
+    assert list(report["fidelity"]) == ["generation"]
+    assert "the general set is left out: the tokenizer has no chat template" in caplog.text
 
 
 def test_teacher_text_is_cached_and_refused_for_another_teacher(

@@ -202,3 +202,26 @@ def test_matching_errors_come_before_any_step() -> None:
     odd.config.distill_teacher_layers = [0]
     with pytest.raises(HiddenStateError, match="names 1 layers, but it has 2"):
         hidden_match(cfg, odd, teacher)
+
+
+def test_a_student_cut_in_hidden_size_is_compared_with_the_teachers_kept_channels() -> None:
+    from distill.models import Width, prune_width
+
+    teacher = tiny_llama(64, layers=4, seed=1)
+    silent = [3, 10, 17, 30]  # no norm reads them, so the cut drops exactly these
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            layer.input_layernorm.weight[silent] = 0.0
+            layer.post_attention_layernorm.weight[silent] = 0.0
+        teacher.model.norm.weight[silent] = 0.0
+    ids = torch.randint(0, 64, (2, 8))
+    student = prune_width(build_student_from_teacher(teacher, [0, 3]), Width(hidden_size=28), ids)
+    match = hidden_match(LossConfig(hidden_weight=1.0), student, teacher)
+    kept = [c for c in range(32) if c not in silent]
+    assert match.teacher_channels.tolist() == kept
+    states = torch.arange(2 * 3 * 32, dtype=torch.float32).reshape(2, 3, 32)
+    assert torch.equal(match.teacher_view(states), states[..., kept])
+    _, parts = micro_batch_loss(
+        _ctx(student, teacher, kind="mse"), Batch(ids, ids), torch.tensor(14.0)
+    )
+    assert 0.0 < parts["hidden"] < 1.0  # the kept channels line up: far below unrelated states
