@@ -111,7 +111,7 @@ def test_out_of_range_values_are_named(override: str, needle: str) -> None:
 
 def test_fidelity_settings_are_validated_together() -> None:
     pcfg = to_pipeline_config(compose([]))
-    assert pcfg.eval.fidelity == ["teacher_text", "generation"]
+    assert pcfg.eval.fidelity == ["teacher_text", "generation", "general"]
     assert pcfg.eval.extra_corpora == [] and pcfg.eval.teacher_text_prompts == 32
     ok = compose(["eval.fidelity=[]", "eval.extra_corpora=[notes/*.md,'hf:wikitext:raw@test']"])
     assert to_pipeline_config(ok).eval.extra_corpora == ["notes/*.md", "hf:wikitext:raw@test"]

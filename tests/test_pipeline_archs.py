@@ -2,7 +2,7 @@
 
 For a Llama-3-style llama (``llama3`` RoPE, untied head), Qwen2, Qwen3 (head_dim > hidden /
 heads) and GPT-2 teacher of 4 layers, a ``from_teacher`` student of layers [0, 3] (narrowed
-too, but for GPT-2: fewer MLP channels, one key/value group, and for llama3 and qwen3 a
+too, but for GPT-2: fewer MLP channels, and for llama3 and qwen3 one key/value group and a
 smaller hidden size) is distilled, quantized (GGUF F16 and Q8_0), evaluated and published in
 this process. The report's GGUF rows must have been scored in llama.cpp and have passed the
 quantize stage's parity check; the published files must load in llama.cpp with the architecture and
@@ -50,18 +50,18 @@ class Arch:
     gguf_arch: str  # general.architecture
     gguf_pre: str  # tokenizer.ggml.pre: the pre-tokenizer llama.cpp runs
     # The student's width cut (distill/models/width.py) on top of the depth cut. qwen2's
-    # llama.cpp loader assumes heads * head_dim = hidden, so its hidden size is kept.
+    # llama.cpp loader assumes heads * head_dim = hidden, so its heads and hidden are kept.
     width: tuple[str, ...] = ()
 
 
-_MLP_AND_HEADS = ("pair.student.intermediate_size=96", "pair.student.num_key_value_heads=1")
-_ALL_WIDTHS = (*_MLP_AND_HEADS, "pair.student.hidden_size=48")
+_MLP = ("pair.student.intermediate_size=96",)
+_ALL_WIDTHS = (*_MLP, "pair.student.num_key_value_heads=1", "pair.student.hidden_size=48")
 
 
 # Llama 3 ships an untied head and its own split regex; Qwen2 and Qwen3 share Qwen's regex.
 ARCHS = {
     "llama3": Arch("llama3", tie=False, gguf_arch="llama", gguf_pre="llama-bpe", width=_ALL_WIDTHS),
-    "qwen2": Arch("qwen2", tie=True, gguf_arch="qwen2", gguf_pre="qwen2", width=_MLP_AND_HEADS),
+    "qwen2": Arch("qwen2", tie=True, gguf_arch="qwen2", gguf_pre="qwen2", width=_MLP),
     "qwen3": Arch("qwen2", tie=True, gguf_arch="qwen3", gguf_pre="qwen2", width=_ALL_WIDTHS),
     "gpt2": Arch("gpt2", tie=True, gguf_arch="gpt2", gguf_pre="gpt-2"),
 }

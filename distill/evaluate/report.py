@@ -403,6 +403,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     variants = report["variants"]
     last = variants[-1] if variants else {}
     lines = ["# Evaluation report", "", format_table(report), "", *_notes(report)]
+    lines += student_lines(report.get("student"))
     fidelity = fidelity_lines(report, "## Fidelity to the teacher")
     lines += ["", *fidelity] if fidelity else []
     lines += _memory_section(report)
@@ -429,6 +430,43 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {v['name']} leaves these modules in float: {kept}")
     lines.append(f"\n![memory vs quality]({REPORT_PLOT})\n")
     return "\n".join(lines)
+
+
+def student_lines(shape: dict[str, Any] | None) -> list[str]:
+    """The student's shape against the teacher's, and why it was chosen when a budget chose
+    it: a note under the headline."""
+    if not shape:
+        return []
+    depth, of = shape["num_layers"]
+    kept = shape.get("teacher_layers")
+    parts = [f"{depth} of the teacher's {of} layers" + (f" ({kept})" if kept else "")]
+    names = {
+        "intermediate_size": "MLP",
+        "num_key_value_heads": "kv groups",
+        "hidden_size": "hidden",
+    }
+    for key, label in names.items():
+        own, teacher = shape.get(key) or [None, None]
+        if own is not None and own != teacher:
+            parts.append(f"{label} {own:,} of {teacher:,}")
+    line = "- Student: " + ", ".join(parts) + "."
+    search = shape.get("shape_search")
+    if search:
+        chosen, other = search["chosen"], search.get("runner_up")
+        line += (
+            f" Chosen for pair.student.budget={search['budget']} as the lowest KL to the teacher "
+            f"before training ({chosen['kl']:.3f}, {chosen['params'] / 1e6:.1f}M parameters) of "
+            f"{search['candidates']} shapes that fit"
+        )
+        if other:
+            s = other["shape"]
+            line += (
+                f"; the runner-up, {s['num_layers']} layers with MLP {s['intermediate_size']}, "
+                f"{s['num_key_value_heads']} kv groups, hidden {s['hidden_size']}, had "
+                f"{other['kl']:.3f}"
+            )
+        line += "."
+    return [line]
 
 
 def _torch_device(variants: list[dict[str, Any]]) -> str:

@@ -151,6 +151,19 @@ def _student_config(run_dir: Path) -> Any:
     return AutoConfig.from_pretrained(RunDir(run_dir).final)
 
 
+def student_shape(student: Any, teacher: Any) -> dict[str, Any]:
+    """The student's shape beside the teacher's (``[student, teacher]`` per width), the teacher
+    layers it kept, and what a budget's shape search found, from the two configs."""
+    out: dict[str, Any] = {
+        "num_layers": [student.num_hidden_layers, teacher.num_hidden_layers],
+        "teacher_layers": getattr(student, "distill_teacher_layers", None),
+        "shape_search": getattr(student, "distill_shape_search", None),
+    }
+    for key in ("intermediate_size", "num_key_value_heads", "hidden_size"):
+        out[key] = [getattr(student, key, None), getattr(teacher, key, None)]
+    return out
+
+
 def _llama_cpp_machine(cfg: PipelineConfig) -> dict[str, Any]:
     """The llama.cpp runtime GGUF rows ran in, for ``report.json``'s machine section."""
     problem = llama_cpp_problem()
@@ -276,6 +289,7 @@ def run(
     if fidelity is not None:
         fidelity.release()  # the sets' teacher log-probs, and the teacher it held
     report = _assemble(cfg, rows, sets, device, llama_cpp)
+    report["student"] = student_shape(student_config or _student_config(run_dir), teacher_config)
     report["stamp"] = stage_stamp(cfg, run_dir)
     write_report(report, run_dir)
     return report

@@ -19,7 +19,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from distill.models.footprint import weights_hash
 from distill.models.layer_cache import greedy_layers
 from distill.models.load import ModelError, load_causal_lm, load_config, load_tokenizer
-from distill.models.shape_search import candidates, default_depths, search_shape, shape_config
+from distill.models.shape_search import (
+    SHAPE_SEARCH_ATTR,
+    candidates,
+    default_depths,
+    search_shape,
+    shape_config,
+)
 from distill.models.student import (
     build_student_from_config,
     build_student_from_teacher,
@@ -48,9 +54,10 @@ def budget_shape(
     train_blocks: torch.Tensor | None,
     cache_dir: Path | None,
     teacher_key: Callable[[], str] | None,
-) -> tuple[list[int], Width]:
+) -> tuple[list[int], Width, dict[str, Any]]:
     """The layers and width of the best-scored shape within ``pair.student.budget``
-    (:func:`distill.models.shape_search.search_shape`, cached).
+    (:func:`distill.models.shape_search.search_shape`, cached), and what the search found:
+    the budget, the candidates' count, the chosen one's and the runner-up's records.
 
     Raises:
         ModelError: no training blocks or cache folder to search with, or no shape fits.
@@ -73,7 +80,9 @@ def budget_shape(
         ranked[0]["kl"],
         len(ranked),
     )
-    return layers, shape.width()
+    summary = {"budget": cfg.budget, "candidates": len(ranked), "chosen": ranked[0]}
+    summary["runner_up"] = ranked[1] if len(ranked) > 1 else None
+    return layers, shape.width(), summary
 
 
 def student_layers(
@@ -135,8 +144,9 @@ def build_student(
             a width cut beyond the teacher's or of an architecture width pruning lacks.
     """
     if cfg.init == "from_teacher":
+        search = None
         if cfg.budget is not None:
-            layers, width = budget_shape(cfg, teacher, train_blocks, cache_dir, teacher_key)
+            layers, width, search = budget_shape(cfg, teacher, train_blocks, cache_dir, teacher_key)
         else:
             width = width_of(cfg)
             check_width(teacher.config, width)  # before any search or copy
@@ -151,7 +161,10 @@ def build_student(
                 "hidden_size) needs training blocks to rank channels on"
             )
         calibration = train_blocks[: cfg.width_calibration_blocks]
-        return prune_width(student, width, calibration), None
+        student = prune_width(student, width, calibration)
+        if search is not None:  # saved in config.json: the report says why this shape
+            setattr(student.config, SHAPE_SEARCH_ATTR, search)
+        return student, None
     torch.manual_seed(seed)
     if cfg.init == "from_config":
         return build_student_from_config(teacher.config, dict(cfg.config_overrides)), None

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 MLP_STEP = 32
 # Hidden sizes tried, as fractions of the teacher's.
 HIDDEN_FRACTIONS = (1.0, 0.875, 0.75)
+# The student config attribute holding what the search found (saved in config.json).
+SHAPE_SEARCH_ATTR = "distill_shape_search"
 # Training blocks the candidates are cut and scored on.
 SCORE_BLOCKS = 8
 _FORMAT = 1
@@ -194,6 +196,7 @@ def search_shape(
     ranked = _read(path)
     if ranked is None:
         ranked = _run(teacher, train_blocks, blocks, shapes, cache_dir, teacher_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, {"ranked": ranked})
         log.info("shape search: cached in %s", path)
     best = Shape(**ranked[0]["shape"])

@@ -96,7 +96,11 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path, tmp_path: Path) -> 
 
     on_disk = json.loads((tiny_run / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert set(on_disk) == {"variants", "fidelity", "training", "machine", "config", "stamp"}
+    assert set(on_disk) == {
+        *("variants", "fidelity", "training", "machine", "config", "student", "stamp")
+    }
+    # final/'s shape (1 layer) beside the teacher's (tiny_model's default depth)
+    assert on_disk["student"]["num_layers"] == [1, teacher.model.config.num_hidden_layers]
     assert set(on_disk["fidelity"]) == {"teacher_text", "generation"}
     bandwidth = on_disk["machine"]["bandwidth_bytes_per_s"]
     assert bandwidth > 1e8

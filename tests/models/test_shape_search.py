@@ -70,13 +70,24 @@ def test_the_built_student_is_the_best_scored_shape_and_the_search_is_cached(
 
     monkeypatch.setattr(shape_search, "_run", no_search)
     cfg = StudentConfig(layers=None, budget=0.7, budget_depths=[2, 3, 4])
-    student, _ = build_student(cfg, teacher, 0, train_blocks=BLOCKS, cache_dir=tmp_path)
+    student, _ = build_student(
+        cfg, teacher, 0, train_blocks=BLOCKS, cache_dir=tmp_path, teacher_key=lambda: "key"
+    )
     c = student.config
     assert c.distill_teacher_layers == layers
     assert (c.num_hidden_layers, c.intermediate_size) == (shape.num_layers, shape.intermediate_size)
     assert (c.num_key_value_heads, c.hidden_size) == (shape.num_key_value_heads, shape.hidden_size)
     assert count_params(c) <= 0.7 * count_params(teacher.config)
     assert planned_config(cfg, teacher.config).num_hidden_layers == 4  # the deepest stands in
+    # The report says which shape was chosen and why.
+    from distill.evaluate.report import student_lines
+    from distill.evaluate.stage import student_shape
+
+    (line,) = student_lines(student_shape(c, teacher.config))
+    assert f"{shape.num_layers} of the teacher's 4 layers ({layers})" in line
+    assert "Chosen for pair.student.budget=0.7 as the lowest KL to the teacher" in line
+    assert f"({ranked[0]['kl']:.3f}, " in line and f"of {len(ranked)} shapes that fit" in line
+    assert f"had {ranked[1]['kl']:.3f}" in line
 
 
 def test_a_budget_nothing_fits_and_bad_settings_are_named(teacher, tmp_path: Path) -> None:
