@@ -311,6 +311,10 @@ def test_smoke_on_embedded_default(tmp_path: Path) -> None:
         by_name["student-int8_weight_only"]["weight_bytes"]
         <= 0.3 * by_name["student"]["weight_bytes"]
     )
+    # The real teacher has a chat template: it wrote the general set's questions, and every
+    # torch and GGUF row answered them.
+    for name in ("student", "student-gguf-q8_0"):
+        assert by_name[name]["fidelity"]["general"]["prompts"] >= 1, name
     # experiment=quick compiles nothing (see its comment): the torch rows deploy eager, and
     # say so.
     assert "not in eval.compiled_decode" in by_name["student"]["deployed_runtime"]
