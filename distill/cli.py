@@ -57,36 +57,32 @@ def _override_key(override: str) -> str:
 
 
 def depth_from_command_line(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """``cfg`` with a student depth given on the command line winning over the other key, and
-    a budget given there winning over every shape key (depth and widths) of the pair file.
+    """``cfg`` with a student shape given on the command line replacing the pair file's.
 
-    The default pair file lists ``pair.student.layers``; without this, ``pair.student.
-    num_layers=8`` on the command line (or a ``-m pair.student.num_layers=8,14`` sweep) would
-    be overruled by that list and every run would train the same student. So when exactly
-    one of :data:`DEPTH_KEYS` is on the command line, the other one (from a config file) is
-    cleared. Both on the command line, or both in files, are left for the schema to check
-    (:meth:`distill.config.StudentConfig.problems` fails when they disagree).
+    The default pair file lists ``pair.student.layers`` and an MLP width; without this,
+    ``pair.student.num_layers=8`` on the command line (or a ``-m pair.student.num_layers=8,14``
+    sweep) would be overruled by that list, and a depth for another teacher would inherit a
+    width cut made for this one. So a depth on the command line (exactly one of
+    :data:`DEPTH_KEYS`) clears the other depth key and the width keys the command line does
+    not give too, and a budget clears every shape key it does not give (it chooses depth and
+    widths itself). Both depth keys on the command line, or both in files, are left for the
+    schema to check (:meth:`distill.config.StudentConfig.problems` fails when they disagree).
     """
     given = {_override_key(o) for o in overrides}
-    if BUDGET_KEY in given:
-        # A budget chooses depth and widths: the pair file's shape gives way to it.
-        cleared = [k for k in SHAPE_KEYS if k not in given and OmegaConf.select(cfg, k) is not None]
-        if not cleared:
-            return cfg
-        cfg = copy.deepcopy(cfg)
-        with open_dict(cfg):
-            for key in cleared:
-                OmegaConf.update(cfg, key, None, merge=False)
-        return cfg
     on_command_line = [key for key in DEPTH_KEYS if key in given]
-    if len(on_command_line) != 1:
+    if BUDGET_KEY in given:
+        clear = list(SHAPE_KEYS)
+    elif len(on_command_line) == 1:
+        clear = [k for k in SHAPE_KEYS if k != on_command_line[0]]
+    else:
         return cfg
-    (other,) = set(DEPTH_KEYS) - set(on_command_line)
-    if OmegaConf.select(cfg, other) is None:
+    cleared = [k for k in clear if k not in given and OmegaConf.select(cfg, k) is not None]
+    if not cleared:
         return cfg
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
-        OmegaConf.update(cfg, other, None, merge=False)
+        for key in cleared:
+            OmegaConf.update(cfg, key, None, merge=False)
     return cfg
 
 

@@ -195,14 +195,16 @@ def resume_chain(tmp_path_factory, tiny_teacher_dir: Path, tiny_corpus_dir: Path
 
 
 def compose(overrides: list[str]):
-    """The real shipped config, composed as a script would, with ``overrides``."""
+    """The real shipped config, composed as a script would, with ``overrides`` (a student
+    shape among them replacing the pair file's, as on the command line)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import distill.cli  # noqa: F401  (registers the schema)
+    from distill.cli import depth_from_command_line  # also registers the schema
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return hydra_compose(config_name="pipeline", overrides=overrides)
+        cfg = hydra_compose(config_name="pipeline", overrides=overrides)
+    return depth_from_command_line(cfg, overrides)
 
 
 def tiny_overrides(teacher_dir: Path, corpus_dir: Path, cache_dir: Path) -> list[str]:
