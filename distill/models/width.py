@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 
 # The student config attribute recording which channels each cut kept (teacher indices).
 KEPT_CHANNELS_ATTR = "distill_kept_channels"
-# Architectures whose layout width pruning knows (transformers' model_type). GPT-2 fuses
-# q/k/v into one Conv1D and ties its head size to n_embd / n_head: not supported.
-WIDTH_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma2", "gemma3")
+# Architectures whose layout width pruning knows and tests (transformers' model_type; Gemma 3
+# is its text model). GPT-2 fuses q/k/v into one Conv1D and ties its head size to n_embd /
+# n_head: not supported.
+WIDTH_ARCHS = ("llama", "qwen2", "qwen3", "gemma3_text")
 # Norms whose output is a normalised block input (hidden-channel importance is read there).
 _BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")
 
