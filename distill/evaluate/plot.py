@@ -31,6 +31,35 @@ def _pareto_line(ax: Any, points: list[tuple[float, float]]) -> None:
         ax.step(xs, ys, where="post", color="0.4", ls="--", lw=1, zorder=1, label="Pareto front")
 
 
+def _labelled(low: float, high: float) -> bool:
+    """Whether a 1x, 2x or 5x power of ten (the ticks that carry labels) lies in [low, high]."""
+    for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
+        if any(low <= m * 10.0**exponent <= high for m in (1, 2, 5)):
+            return True
+    return False
+
+
+def _label_a_short_span(axis: Any) -> None:
+    """A log axis whose points span too little for any labelled tick (held-out perplexities
+    26.9 and 27.6, say) gets ticks at the extremes of its data, so it can still be read."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    low, high = sorted(axis.get_view_interval())
+    if low <= 0 or _labelled(low, high):
+        return
+    values = [v for line in axis.axes.collections for v in _coords(line, axis)]
+    if values:
+        axis.set_major_locator(FixedLocator([min(values), max(values)]))
+        axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:.4g}"))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _coords(collection: Any, axis: Any) -> list[float]:
+    offsets = collection.get_offsets()
+    column = 0 if axis is axis.axes.xaxis else 1
+    return [float(row[column]) for row in offsets if _finite(float(row[column]))]
+
+
 def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
     """Two panels: perplexity against weight MB (both log, Pareto front dashed), and deployed
     decode speed against perplexity. One colour per variant, named in one shared legend (no
@@ -83,6 +112,7 @@ def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
     for axis in (left.xaxis, left.yaxis, right.xaxis):
         axis.set_major_formatter(plain)
         axis.set_minor_formatter(minor)
+        _label_a_short_span(axis)
     left.set_xlabel("weight memory (MB, log scale)")
     left.set_ylabel("held-out perplexity (log scale, lower is better)")
     left.set_title("Memory vs quality")

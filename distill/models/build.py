@@ -189,10 +189,6 @@ def planned_config(cfg: StudentConfig, teacher_config: Any) -> Any:
         # The shape is chosen later, by measurement; the deepest candidate stands for it.
         depths = cfg.budget_depths or default_depths(teacher_config, cfg.budget)
         shapes = candidates(teacher_config, cfg.budget, list(depths))
-        if not shapes:
-            raise ModelError(
-                f"pair.student.budget={cfg.budget}: no shape of depths {sorted(depths)} fits"
-            )
         return shape_config(teacher_config, shapes[-1][0])
     if cfg.init == "from_teacher":
         n_teacher = num_layers_of(teacher_config)

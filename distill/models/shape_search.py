@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distill import metrics
 from distill.data import blocks_hash
+from distill.models.footprint import param_count
 from distill.models.layer_cache import greedy_layers
 from distill.models.load import ModelError
 from distill.models.student import (
@@ -87,8 +88,7 @@ def shape_config(teacher_config: Any, shape: Shape) -> Any:
 def count_params(config: Any) -> int:
     """Parameters of a model of ``config`` (tied tensors once), built on the meta device."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+        return param_count(AutoModelForCausalLM.from_config(config))
 
 
 def _hidden_sizes(teacher_config: Any) -> list[int]:
@@ -120,8 +120,8 @@ def candidates(teacher_config: Any, budget: float, depths: list[int]) -> list[tu
     :data:`MLP_STEP` that fits. Ordered by depth, then groups, then hidden size.
 
     Raises:
-        ModelError: a depth the teacher does not have, or an architecture width pruning
-            does not support.
+        ModelError: a depth the teacher does not have, an architecture width pruning does
+            not support, or no shape that fits.
     """
     n_teacher = num_layers_of(teacher_config)
     bad = [d for d in depths if not 1 <= d <= n_teacher]
@@ -151,6 +151,11 @@ def candidates(teacher_config: Any, budget: float, depths: list[int]) -> list[tu
                 if mlp >= MLP_STEP:
                     shape = Shape(depth, mlp, groups, hidden)
                     out.append((shape, base + (mlp // MLP_STEP - 1) * step))
+    if not out:
+        raise ModelError(
+            f"pair.student.budget={budget}: no shape of depths {sorted(depths)} fits "
+            "(one MLP block per layer is the least kept); raise the budget or add smaller depths"
+        )
     return out
 
 
@@ -187,11 +192,6 @@ def search_shape(
     """
     blocks = train_blocks[:SCORE_BLOCKS]
     shapes = candidates(teacher.config, budget, depths)
-    if not shapes:
-        raise ModelError(
-            f"pair.student.budget={budget}: no shape of depths {sorted(depths)} fits "
-            "(one MLP block per layer is the least kept); raise the budget or add smaller depths"
-        )
     path = _cache_path(cache_dir, teacher_key, blocks, budget, depths)
     ranked = _read(path)
     if ranked is None:

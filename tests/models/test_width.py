@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from distill.config import StudentConfig
 from distill.models import ModelError, Width, build_student, planned_config, prune_width
 from distill.models.width import KEPT_CHANNELS_ATTR, head_layout, measure_importance, top_indices
-from tests.quantize.gguf_models import arch_model
+from tests.quantize.gguf_models import arch_model, perturb_vectors
 
 VOCAB = 97
 BLOCKS = (torch.arange(4 * 24).reshape(4, 24) * 31) % VOCAB
@@ -37,12 +37,7 @@ def tiny_gemma3(layers: int = 4):
         max_position_embeddings=64,
         initializer_range=0.1,
     )
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return perturb_vectors(AutoModelForCausalLM.from_config(config).eval())
 
 
 def model_of(arch: str):

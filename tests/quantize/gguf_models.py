@@ -79,7 +79,12 @@ def arch_model(
     }[arch]()
     for key, value in overrides.items():
         setattr(cfg, key, value)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    return perturb_vectors(AutoModelForCausalLM.from_config(cfg).eval())
+
+
+def perturb_vectors(model):
+    """``model`` with every bias and norm weight moved away from its 0 / 1 init (a misplaced
+    one then shows in the logits)."""
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
