@@ -107,6 +107,11 @@ def claim(path: Path, manifest: Any, *, what: str, fix: str) -> None:
         check_manifest(path, manifest, what=what, fix=fix)
         return
     if any(not p.name.startswith(".") for p in path.iterdir()):
+        # A concurrent writer may have linked its manifest (and begun writing) since the
+        # check above: its folder is claimed, not foreign.
+        if (path / MANIFEST).exists():
+            check_manifest(path, manifest, what=what, fix=fix)
+            return
         raise CacheError(
             f"{path} is not empty and holds no {MANIFEST}: give {fix} an empty or new folder"
         )
