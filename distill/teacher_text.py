@@ -380,6 +380,11 @@ def own_prompts(
     ]
 
 
+# The batch the general set's questions are drafted in: part of the set (sampled per batch),
+# so fixed apart from eval.generation_batch_size, which only says how answers are batched.
+GENERAL_QUESTIONS_BATCH = 16
+
+
 def general_questions(
     cfg: PipelineConfig, teacher: Any, tokenizer: PreTrainedTokenizerBase, teacher_weights: str
 ) -> list[str]:
@@ -398,7 +403,7 @@ def general_questions(
         cfg.eval.general_prompts,
         seed=GENERAL_SEED + cfg.data.split_seed,
         teacher_weights=teacher_weights,
-        batch_size=cfg.eval.generation_batch_size,
+        batch_size=GENERAL_QUESTIONS_BATCH,
         cache_dir=cache_root(cfg),
         what="fidelity: the teacher's own questions",
     )

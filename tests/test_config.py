@@ -102,6 +102,7 @@ def test_all_bad_fields_named_at_once() -> None:
         ("train.sample_prompt_tokens=0", "train.sample_prompt_tokens=0"),
         ("loss.hidden_weight=-1", "loss.hidden_weight=-1"),
         ("loss.hidden_loss=l1", "l1.*cosine, mse"),
+        ("eval.decode_batch_size=4", "eval.eager_timing=true"),
     ],
 )
 def test_out_of_range_values_are_named(override: str, needle: str) -> None:

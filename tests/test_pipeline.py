@@ -318,6 +318,11 @@ def test_smoke_on_embedded_default(tmp_path: Path) -> None:
     # experiment=quick compiles nothing (see its comment): the torch rows deploy eager, and
     # say so.
     assert "not in eval.compiled_decode" in by_name["student"]["deployed_runtime"]
+    # Eager timing is off by default: no torch row was timed, and each says why.
+    for name in ("teacher", "student", "student-int8_weight_only"):
+        row = by_name[name]
+        assert row["decode_tokens_per_s"] is None, name
+        assert row["eager_timing"] == "not timed: eval.eager_timing is off", name
     # The published folder loads with plain transformers (no distill import) and generates.
     code = (
         "import sys, transformers as t; p=sys.argv[1]; tok=t.AutoTokenizer.from_pretrained(p); "

@@ -280,6 +280,8 @@ class EvalConfig:
     decode_tokens: int = 32
     prefill_tokens: int = 256
     repeats: int = 3
+    # Eager PyTorch prefill/decode timings: diagnostics, off by default (see the yaml).
+    eager_timing: bool = False
     decode_batch_size: int = 1
     memory_context_tokens: int = 2048
     memory_batch_size: int = 1
@@ -302,7 +304,7 @@ class EvalConfig:
     general_prompts: int = 16
     generation_tokens: int = 64
     fidelity_prompt_tokens: int = 32
-    generation_batch_size: int = 16
+    generation_batch_size: int = 32
     # Files, globs or hf:<dataset>[:<config>][@<split>][#<column>] (distill/extra_corpus.py).
     extra_corpora: list[str] = field(default_factory=list)
     extra_corpus_blocks: int = 16
@@ -324,6 +326,11 @@ class EvalConfig:
             self,
             (*sizes, "decode_batch_size", "memory_context_tokens", "memory_batch_size"),
         )
+        if self.decode_batch_size > 1 and not self.eager_timing:
+            out.append(
+                f"eval.decode_batch_size={self.decode_batch_size}: batched decode is an eager "
+                "timing; set eval.eager_timing=true too"
+            )
         if self.compiled_decode and self.decode_tokens < 2:
             out.append(
                 f"eval.decode_tokens={self.decode_tokens}: eval.compiled_decode needs >= 2 "

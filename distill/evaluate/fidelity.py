@@ -222,6 +222,14 @@ def score_set_gguf(runtime: LlamaRuntime, scored: ScoredSet, batch_size: int) ->
     return total
 
 
+def _by_length(answers: Sequence[AnswerSet]) -> dict[int, list[AnswerSet]]:
+    """Answer sets grouped by their answer length, in order (one generate call per group)."""
+    groups: dict[int, list[AnswerSet]] = {}
+    for a in answers:
+        groups.setdefault(a.max_new_tokens, []).append(a)
+    return groups
+
+
 def longest_row(fidelity: Fidelity | None) -> int:
     """Tokens of the longest sequence a variant runs on these sets (the context a GGUF file
     is opened with): a scored row, or a prompt and its longest answer."""
@@ -260,17 +268,24 @@ class Fidelity:
             )
             for s in self.sets
         }
-        for a in self.answers:
+        # Every set's prompts in one generate call: a batch-1 or small-batch decode step
+        # costs about as much as a step twice as wide on CPU (it reads every weight either
+        # way; an eager int8 row also converts every weight each step), so two sets of 16
+        # answered as one batch of 32 take a little over half the time.
+        for length, sets in _by_length(self.answers).items():
+            prompts = [p for a in sets for p in a.prompts]
             answers = generate(
                 model,
-                a.prompts,
-                max_new_tokens=a.max_new_tokens,
+                prompts,
+                max_new_tokens=length,
                 temperature=0.0,
                 seed=0,
                 batch_size=self.generation_batch_size,
-                desc=f"{a.name} answers {name}",
+                desc=f"answers {name}",
             )
-            out[a.name] = a.fields(answers)
+            for a in sets:
+                out[a.name] = a.fields(answers[: len(a.prompts)])
+                answers = answers[len(a.prompts) :]
         return out
 
     def score_gguf(self, name: str, runtime: LlamaRuntime) -> dict[str, Any]:
@@ -280,15 +295,14 @@ class Fidelity:
             LlamaCppError: llama.cpp cannot run the file.
         """
         out = {s.name: set_fields(score_set_gguf(runtime, s, self.batch_size)) for s in self.sets}
-        for a in self.answers:
+        for length, sets in _by_length(self.answers).items():
+            prompts = [p for a in sets for p in a.prompts]
             answers = runtime.generate(
-                a.prompts,
-                a.max_new_tokens,
-                self.stop,
-                vocab_size=self.vocab_size,
-                desc=f"{a.name} answers {name}",
+                prompts, length, self.stop, vocab_size=self.vocab_size, desc=f"answers {name}"
             )
-            out[a.name] = a.fields(answers)
+            for a in sets:
+                out[a.name] = a.fields(answers[: len(a.prompts)])
+                answers = answers[len(a.prompts) :]
         return out
 
     def not_measured(self) -> dict[str, Any]:
@@ -389,7 +403,8 @@ def _answer_set(
         max_new_tokens=ev.generation_tokens,
         temperature=0.0,
         seed=0,
-        batch_size=ev.generation_batch_size,
+        # The batches it is answered in (the cache's key): one set never spans two.
+        batch_size=min(ev.generation_batch_size, len(prompts)),
         cache_dir=cache_root(cfg),
         what=f"fidelity: the teacher's greedy answers ({name})",
     )

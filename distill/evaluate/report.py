@@ -182,10 +182,13 @@ def format_diagnostics_table(report: dict[str, Any]) -> str:
             f"| {_num(v.get('prefill_tokens_per_s'), 0)} "
             f"| {_num(v.get('decode_tokens_per_s'), 1)} |"
         )
-    untimed = [
-        f"{v['name']}: {v['eager_timing']}" for v in report["variants"] if v.get("eager_timing")
-    ]
-    return "\n".join(lines + ([""] + [f"- {u}." for u in untimed] if untimed else []))
+    # One line per reason, naming its rows (every row shares it when eager timing is off).
+    untimed: dict[str, list[str]] = {}
+    for v in report["variants"]:
+        if v.get("eager_timing"):
+            untimed.setdefault(v["eager_timing"], []).append(v["name"])
+    notes = [f"- {', '.join(names)}: {why}." for why, names in untimed.items()]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _deployed_bound(v: dict[str, Any]) -> float | None:

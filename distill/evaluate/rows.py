@@ -134,15 +134,20 @@ def evaluate_variant(
     if fidelity is not None:  # after the peak window: the table copy is not the model's
         with embedding_table_once(model):
             scored = fidelity.score_model(name, model)
-    if timed_as is None:
+    if timed_as is None and cfg.eager_timing:
         speed = measure_speed(model, blocks, cfg)  # with nothing else running
     else:
+        why = (
+            f"the architecture and dtype of {timed_as}, timed there"
+            if timed_as is not None and cfg.eager_timing
+            else "eval.eager_timing is off"
+        )
         speed = {
             "prefill_tokens_per_s": None,
             "decode_tokens_per_s": None,
             "decode_tokens": cfg.decode_tokens,
             "prompt_tokens": decode_prompt(blocks.reshape(1, -1), cfg, None).shape[1],
-            "eager_timing": f"not timed: the architecture and dtype of {timed_as}, timed there",
+            "eager_timing": f"not timed: {why}",
         }
     prompt = decode_prompt(blocks.reshape(1, -1), cfg, max_positions(model.config))
     compiled = compiled_decode_fields(name, model, prompt, cfg)

@@ -54,6 +54,7 @@ def tiny_config(cache_dir: Path, **fidelity) -> PipelineConfig:
             decode_tokens=4,
             prefill_tokens=16,
             repeats=1,
+            eager_timing=True,  # the timing fields are checked below
             decode_batch_size=2,
             memory_context_tokens=100,
             # Between the 1-layer students' and the 2-layer teacher's weights + KV cache.

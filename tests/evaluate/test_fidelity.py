@@ -246,10 +246,12 @@ def test_the_general_set_asks_the_teachers_own_questions_and_the_teacher_judges(
     monkeypatch.setattr(teacher_text, "general_questions", lambda *args: questions)
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    cfg = config(corpus, tmp_path / "cache", fidelity=["general"])
+    # With the generation set on too: a variant answers both sets in one generate call, and
+    # each set must get its own answers back.
+    cfg = config(corpus, tmp_path / "cache", fidelity=["generation", "general"])
     report = _evaluate(cfg, run_dir, tokenizer=tokenizer)
     rows = {v["name"]: v for v in report["variants"]}
-    assert list(report["fidelity"]) == ["general"]
+    assert list(report["fidelity"]) == ["generation", "general"]
     assert rows["teacher"]["fidelity"]["general"]["teacher_nll_ratio"] == 1.0
     prompts = [list(chat_tokens(tokenizer, q)) for q in questions]
     variant = load_causal_lm(run_dir / "student_init").eval()
@@ -259,7 +261,8 @@ def test_the_general_set_asks_the_teachers_own_questions_and_the_teacher_judges(
     assert other["prompts"] == 3
     assert other["teacher_nll"] == pytest.approx(want, rel=1e-4)
     assert other["teacher_nll_ratio"] == pytest.approx(want / own, rel=1e-4)
-    assert rows["student"]["fidelity"]["general"]["teacher_nll_ratio"] == pytest.approx(1.0)
+    for name in ("generation", "general"):  # the student is the teacher's copy
+        assert rows["student"]["fidelity"][name]["teacher_nll_ratio"] == pytest.approx(1.0)
     md = (run_dir / "report.md").read_text()
     assert "general answers: teacher NLL" in md and "- general: the teacher's mean NLL" in md
 

@@ -257,10 +257,11 @@ def test_gguf_rows_run_in_llama_cpp_beside_the_teacher_in_f16(
     assert f16["quality_scored"] is False and math.isnan(f16["perplexity"])
     assert f16["parity"]["passed"] is True and f16["parity"]["kl_to_float"] < 1e-4
     assert f16["params"] == rows["teacher"]["params"]
-    # Not compiled: the torch rows show no deployed speed, only their eager diagnostics.
+    # Not compiled: the torch rows show no deployed speed, and (eager timing off by default)
+    # no eager one either.
     assert rows["student"]["runtime"] == "PyTorch"
     assert rows["student"]["deployed_decode_tokens_per_s"] is None
-    assert rows["student"]["decode_tokens_per_s"] > 0
+    assert rows["student"]["decode_tokens_per_s"] is None
     machine = report["machine"]["llama_cpp"]
     assert machine["runtime"] == runtime and machine["threads"] == 1
     assert machine["threads_source"] == "eval.llama_cpp_threads"
