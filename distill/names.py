@@ -12,6 +12,24 @@ LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
 # GGUF tensor types the ``gguf`` package quantizes in numpy (no k-quants there).
 QUANT_METHODS = ("bf16", "fp16", "int8_weight_only", "int8_dynamic", "int4_weight_only")
 GGUF_TYPES = ("f16", "q8_0", "q4_1", "q4_0")
+# GGUF types llama.cpp's own quantizer makes from our F16 file (distill/quantize/llama_quant.py):
+# the k-quant mixes runtimes' users pull, and the other types it names that need no importance
+# matrix (the IQ1/IQ2/IQ3 types require one to be usable, TQ/MXFP4 fit other models).
+LLAMA_QUANT_TYPES = (
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "q5_0",
+    "q5_1",
+    "iq4_nl",
+    "iq4_xs",
+)
 TEACHER_MODES = ("online", "cached")
 TEACHER_PLACEMENTS = ("replicate", "shard")
 HIDDEN_LOSSES = ("cosine", "mse")

@@ -43,8 +43,14 @@ def check_outputs(
     """
     if not quant.gguf:
         return
+    from distill.models import llama_cpp_problem
+    from distill.names import LLAMA_QUANT_TYPES
     from distill.quantize import GGUFExportError, check_exportable, tokenizer_metadata
 
+    made = [t for t in quant.gguf if t in LLAMA_QUANT_TYPES]
+    problem = llama_cpp_problem() if made else None
+    if problem:  # llama.cpp's quantizer makes them: without it they cannot be written
+        raise GGUFExportError(f"quant.gguf={list(quant.gguf)}: {made} need llama.cpp: {problem}")
     try:
         check_exportable(student_config)
         tokenizer_metadata(tokenizer, int(student_config.vocab_size))

@@ -17,6 +17,7 @@ from distill.names import (
     FIDELITY_SETS,
     GGUF_TYPES,
     HIDDEN_LOSSES,
+    LLAMA_QUANT_TYPES,
     LOSSES,
     MIXED_PRECISION,
     QUANT_METHODS,
@@ -254,6 +255,9 @@ class QuantConfig:
     # gptq (4-bit weights by GPTQ on calibration_blocks training blocks) or none (rounding).
     calibration: str = "gptq"
     calibration_blocks: int = 64
+    # llama.cpp-made types (names.LLAMA_QUANT_TYPES) weigh their rounding by an importance
+    # matrix of the student's activations on the calibration blocks (llama-imatrix's).
+    imatrix: bool = True
     embedding_bits: int = 8
     compute_dtype: str = "bfloat16"
 
@@ -262,7 +266,7 @@ class QuantConfig:
         out += _listed("quant.methods", self.methods, QUANT_METHODS, "method")
         if self.group_size not in (32, 64, 128, 256):
             out.append(f"quant.group_size={self.group_size}: choose one of 32, 64, 128, 256")
-        out += _listed("quant.gguf", self.gguf, GGUF_TYPES, "type")
+        out += _listed("quant.gguf", self.gguf, (*GGUF_TYPES, *LLAMA_QUANT_TYPES), "type")
         out += _choice("quant.calibration", self.calibration, CALIBRATIONS)
         out += _at_least("quant", self, ("calibration_blocks",))
         if self.embedding_bits not in (4, 8):

@@ -10,7 +10,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "run": "stage",
         "finished": "stage",
         "FAILED_FILE": "frontier",
-        "fidelity_lines": "report",
+        "fidelity_lines": "fidelity_table",
         "format_table": "report",
     },
 )

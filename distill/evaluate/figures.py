@@ -1,5 +1,5 @@
-"""Two readings of report rows that the report and the frontier share: the speed a row
-deploys at, and which (size, loss) points are undominated."""
+"""Readings of report rows that the report, its fidelity table and the frontier share: the
+speed a row deploys at, which (size, loss) points are undominated, and how a figure prints."""
 
 from __future__ import annotations
 
@@ -46,3 +46,15 @@ def pareto_front(costs: list[tuple[float, float]]) -> list[bool]:
                 break
         flags.append(not dominated)
     return flags
+
+
+def num_cell(value: float | None, digits: int, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value * scale:,.{digits}f}"
+
+
+def pct_cell(value: float | None) -> str:
+    """``0.518`` -> ``"51.8%"``; a missing or NaN share -> "—" (no stray %)."""
+    cell = num_cell(value, 1, 100.0)
+    return cell + "%" if cell != "—" else cell

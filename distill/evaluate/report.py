@@ -9,15 +9,20 @@ bandwidth bound.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+from distill.evaluate.fidelity_table import (  # noqa: F401  (also read from here by tests)
+    fidelity_lines,
+    fidelity_set_names,
+    format_fidelity_table,
+)
 from distill.evaluate.figures import deployed, runtime_family
+from distill.evaluate.figures import num_cell as _num
+from distill.evaluate.figures import pct_cell as _pct
 from distill.evaluate.memory import BANDWIDTH_METHOD
 from distill.evaluate.plot import plot_memory_vs_quality
-from distill.names import ANSWER_SETS
 from distill.run_dir import REPORT_PLOT, RunDir, process_tag
 
 
@@ -38,12 +43,6 @@ def human_count(value: float) -> str:
     return f"{value:.0f}"
 
 
-def _num(value: float | None, digits: int, scale: float = 1.0) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value * scale:,.{digits}f}"
-
-
 def teacher_speed(report: dict[str, Any], runtime: str) -> float | None:
     """The teacher's deployed decode rate in ``runtime`` (its llama.cpp F16 row for llama.cpp),
     or None when the teacher was not measured there: a ratio across runtimes would say more
@@ -55,12 +54,6 @@ def teacher_speed(report: dict[str, Any], runtime: str) -> float | None:
             if runtime_family(rt) == family and decode:
                 return decode
     return None
-
-
-def _pct(value: float | None) -> str:
-    """``0.518`` -> ``"51.8%"``; a missing or NaN share -> "—" (no stray %)."""
-    cell = _num(value, 1, 100.0)
-    return cell + "%" if cell != "—" else cell
 
 
 def _speed_cell(v: dict[str, Any], decode: float | None) -> str:
@@ -91,80 +84,6 @@ def format_table(report: dict[str, Any]) -> str:
             f"| {_num(ratio, 2)}{'×' if ratio is not None else ''} | {_num(prefill, 0)} |"
         )
     return "\n".join(lines)
-
-
-def fidelity_set_names(report: dict[str, Any]) -> list[str]:
-    """The fidelity sets the report's rows carry, in order of first appearance (the answer
-    sets, which have other figures, last)."""
-    names: list[str] = []
-    for v in report["variants"]:
-        names += [n for n in v.get("fidelity") or {} if n not in names]
-    return [n for n in names if n not in ANSWER_SETS] + [n for n in names if n in ANSWER_SETS]
-
-
-def format_fidelity_table(report: dict[str, Any]) -> str:
-    """Fidelity to the teacher, one line per variant: per scored set perplexity, KL(teacher ||
-    variant) and top-1 agreement; for each answer set the teacher's NLL of the variant's greedy
-    answers, its ratio to the teacher's NLL of its own, and the answers' repeats. Empty when
-    no row has the sets."""
-    names = fidelity_set_names(report)
-    if not names:
-        return ""
-    scored = [n for n in names if n not in ANSWER_SETS]
-    answered = [n for n in names if n in ANSWER_SETS]
-    head = ["variant"]
-    for n in scored:
-        head += [f"{n} ppl", f"{n} KL", f"{n} top-1"]
-    for n in answered:
-        head += [f"{n} answers: teacher NLL", "× teacher's own", "repeats"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for v in report["variants"]:
-        sets = v.get("fidelity")
-        if not sets:
-            continue  # a row timed only (teacher-gguf-f16)
-        cells = [v["name"]]
-        for n in scored:
-            f = sets.get(n) or {}
-            cells += [
-                _num(f.get("perplexity"), 2),
-                _num(f.get("kl_to_teacher"), 4),
-                _pct(f.get("top1_agreement")),
-            ]
-        for n in answered:
-            g = sets.get(n) or {}
-            ratio = g.get("teacher_nll_ratio")
-            ratio_cell = _num(ratio, 2)
-            repeats = _num(g.get("repeated_4grams"), 0, 100.0)
-            cells += [
-                _num(g.get("teacher_nll"), 3),
-                ratio_cell + ("×" if ratio_cell != "—" else ""),
-                repeats + ("%" if repeats != "—" else ""),
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def fidelity_lines(report: dict[str, Any], heading: str) -> list[str]:
-    """The fidelity section (``heading``, table, one line per set saying what it is), or
-    nothing when the report has no fidelity sets: report.md's and the model card's."""
-    table = format_fidelity_table(report)
-    if not table:
-        return []
-    described = report.get("fidelity") or {}
-    notes = [
-        f"- {name}: {described[name]['description']}."
-        for name in fidelity_set_names(report)
-        if (described.get(name) or {}).get("description")
-    ]
-    return [
-        heading,
-        "",
-        table,
-        "",
-        *notes,
-        "- KL is KL(teacher || variant) in nats per scored token; NLL in nats per answer "
-        "token; GGUF rows are scored and answer in llama.cpp.",
-    ]
 
 
 def format_diagnostics_table(report: dict[str, Any]) -> str:
@@ -304,6 +223,23 @@ def _teacher_references(variants: list[dict[str, Any]]) -> str:
     )
 
 
+def _llama_made_notes(variants: list[dict[str, Any]]) -> list[str]:
+    """What each GGUF file llama.cpp's quantizer made holds: a k-quant mix falls back per
+    tensor where a row is not whole 256-value blocks, so its name alone can mislead."""
+    out = []
+    for v in variants:
+        if not v.get("made_by"):
+            continue
+        types = sorted((v.get("tensor_types") or {}).items(), key=lambda kv: -kv[1])
+        held = ", ".join(f"{n} {t.upper()}" for t, n in types)
+        imatrix = "with" if v.get("imatrix") else "without"
+        out.append(
+            f"- {v['name']}: made by {v['made_by']}, {imatrix} an importance matrix; its "
+            f"tensors: {held}."
+        )
+    return out
+
+
 def _notes(report: dict[str, Any]) -> list[str]:
     variants = report["variants"]
     scored = _first(variants, "scored_tokens") or 0
@@ -333,6 +269,7 @@ def _notes(report: dict[str, Any]) -> list[str]:
             "tokens before it was timed, and it times the decode steps only."
         )
     notes += _timed_only_notes(variants)
+    notes += _llama_made_notes(variants)
     llama = (report.get("machine") or {}).get("llama_cpp") or {}
     if llama.get("teacher_gguf_error"):
         notes.append(f"- teacher-gguf-f16 not measured: {llama['teacher_gguf_error']}.")

@@ -231,6 +231,10 @@ def evaluate_saved(
         row["quant_type"] = record.get("quant_type")
         row["include_embeddings"] = record.get("include_embeddings")
         row["parity"] = record.get("parity")
+        if record.get("made_by"):  # a llama.cpp-made GGUF type: what its tensors really are
+            row["made_by"] = record["made_by"]
+            row["tensor_types"] = record.get("tensor_types")
+            row["imatrix"] = record.get("imatrix")
     return row  # a loaded model is freed here; the next window's start() collects it
 
 

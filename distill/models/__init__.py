@@ -57,6 +57,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "gguf_tokenize": "llama_cpp",
         "llama_cpp_problem": "llama_cpp",
         "open_gguf": "llama_cpp",
+        "quiet_llama_log": "llama_cpp",
         "runtime_name": "llama_cpp",
     },
 )

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from distill.errors import DistillError
+from distill.models.llama_parallel import ParallelAnswers
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,11 @@ class LlamaRuntime:
         if not prompts:
             return []
         keep = min(vocab_size or self.n_vocab, self.n_vocab)
-        with _Parallel(self, prompts, max_new_tokens) as parallel:
-            return parallel.answers(max_new_tokens, {int(t) for t in stop}, keep, desc)
+        try:
+            with ParallelAnswers(self.llm, prompts, max_new_tokens) as parallel:
+                return parallel.answers(max_new_tokens, {int(t) for t in stop}, keep, desc)
+        except RuntimeError as err:  # llama.cpp refused the context or a batch
+            raise LlamaCppError(f"llama.cpp failed on {self.path}: {err}") from err
 
     def _timed_pass(self, tokens: Sequence[int], new_tokens: int) -> Any:
         """One run from an empty cache: ``tokens`` as one batch, then ``new_tokens`` greedy
@@ -298,91 +302,6 @@ class LlamaRuntime:
         }
 
 
-class _Parallel:
-    """A second llama.cpp context on the runtime's loaded weights, holding one sequence per
-    prompt in one unified KV cache (the runtime's own context keeps one sequence)."""
-
-    def __init__(self, runtime: LlamaRuntime, prompts: Sequence[Sequence[int]], new: int):
-        import llama_cpp
-
-        self.runtime = runtime
-        self.prompts = [[int(t) for t in p] for p in prompts]
-        own = runtime.llm.context_params
-        params = type(own).from_buffer_copy(own)
-        prompt_tokens = sum(len(p) for p in self.prompts)
-        params.n_seq_max = len(self.prompts)
-        # A cache slice per sequence: in one unified cache every token would attend over
-        # (masked) all the sequences' cells, which made a 32-answer step 3x slower here.
-        params.kv_unified = False
-        # llama.cpp pads a context to 256 cells and splits it evenly: a multiple of both.
-        room = -(-(max(len(p) for p in self.prompts) + new) // 256) * 256
-        params.n_ctx = len(self.prompts) * room
-        params.n_batch = params.n_ubatch = max(prompt_tokens, len(self.prompts))
-        self.capacity = params.n_batch
-        self.ctx = llama_cpp.llama_init_from_model(runtime.llm.model, params)
-        if not self.ctx:
-            raise LlamaCppError(
-                f"llama.cpp could not open a {len(self.prompts)}-sequence context on {runtime.path}"
-            )
-        self.batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
-
-    def __enter__(self) -> _Parallel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import llama_cpp
-
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.ctx)
-
-    def _decode(self, items: Sequence[tuple[int, int, int, bool]]) -> None:
-        """Decode ``(token, position, sequence, wants logits)`` items as one batch."""
-        import llama_cpp
-
-        b = self.batch
-        b.n_tokens = len(items)
-        for j, (token, pos, seq, logits) in enumerate(items):
-            b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = token, pos, 1, logits
-            b.seq_id[j][0] = seq
-        code = llama_cpp.llama_decode(self.ctx, b)
-        if code != 0:
-            raise LlamaCppError(f"llama.cpp failed on {self.runtime.path}: llama_decode {code}")
-
-    def _argmax(self, index: int, keep: int) -> int:
-        import llama_cpp
-        import numpy as np
-
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, index)
-        return int(np.ctypeslib.as_array(ptr, (self.runtime.n_vocab,))[:keep].argmax())
-
-    def answers(
-        self, max_new_tokens: int, stops: set[int], keep: int, desc: str | None
-    ) -> list[tuple[int, ...]]:
-        from tqdm.auto import tqdm
-
-        items = [
-            (t, i, s, i == len(p) - 1) for s, p in enumerate(self.prompts) for i, t in enumerate(p)
-        ]
-        self._decode(items)
-        # Each live sequence: where its logits are in the last batch, its next position.
-        live = {s: (j, len(self.prompts[s])) for j, (_, _, s, last) in enumerate(items) if last}
-        out: list[list[int]] = [[] for _ in self.prompts]
-        bar = tqdm(total=max_new_tokens, desc=desc, unit="token", leave=False, disable=desc is None)
-        with bar:
-            while live:
-                step = []
-                for s, (index, pos) in live.items():
-                    token = self._argmax(index, keep)
-                    out[s].append(token)
-                    if token not in stops and len(out[s]) < max_new_tokens:
-                        step.append((token, pos, s, True))
-                bar.update()
-                if step:
-                    self._decode(step)
-                live = {s: (j, pos + 1) for j, (_, pos, s, _) in enumerate(step)}
-        return [tuple(a) for a in out]
-
-
 @contextmanager
 def _last_only(llm: Any) -> Iterator[None]:
     """Evaluate with logits kept for the last position of each batch only.
@@ -395,6 +314,30 @@ def _last_only(llm: Any) -> Iterator[None]:
         yield
     finally:
         llm._logits_all = before
+
+
+@contextmanager
+def quiet_llama_log() -> Iterator[list[str]]:
+    """llama.cpp prints nothing inside the block; its error lines are collected in the list
+    yielded (for the message of the error they explain).
+
+    llama.cpp logs through one process-wide callback: ours replaces the binding's for the
+    block (``verbose=False`` alone would drop the error lines too) and is put back after."""
+    import llama_cpp
+    import llama_cpp._logger as binding_log
+
+    errors: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level == _GGML_LOG_ERROR:
+            errors.append(text.decode("utf-8", "replace").strip())
+
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        yield errors
+    finally:
+        llama_cpp.llama_log_set(binding_log.llama_log_callback, ctypes.c_void_p(0))
 
 
 @contextmanager
@@ -413,35 +356,23 @@ def open_gguf(path: Path, *, n_ctx: int, threads: int | None = None) -> Iterator
     if problem:
         raise LlamaCppError(problem)
     import llama_cpp
-    import llama_cpp._logger as binding_log
-
-    errors: list[str] = []
-
-    # llama.cpp logs through one process-wide callback; during the load ours keeps the
-    # error lines (verbose=False would drop them) and prints nothing.
-    @llama_cpp.llama_log_callback
-    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if level == _GGML_LOG_ERROR:
-            errors.append(text.decode("utf-8", "replace").strip())
 
     threads = threads or default_threads()
-    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
-    try:
-        llm = llama_cpp.Llama(
-            str(path),
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            n_ubatch=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=True,
-            verbose=False,
-        )
-    except Exception as err:
-        detail = "; ".join(e for e in errors if e) or str(err)
-        raise LlamaCppError(f"llama.cpp could not load {path}: {detail}") from err
-    finally:
-        llama_cpp.llama_log_set(binding_log.llama_log_callback, ctypes.c_void_p(0))
+    with quiet_llama_log() as errors:
+        try:
+            llm = llama_cpp.Llama(
+                str(path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=True,
+                verbose=False,
+            )
+        except Exception as err:
+            detail = "; ".join(e for e in errors if e) or str(err)
+            raise LlamaCppError(f"llama.cpp could not load {path}: {detail}") from err
     try:
         if not hasattr(llm, "_logits_all"):
             raise LlamaCppError(

@@ -67,6 +67,7 @@ __all__ = [
     "gguf_name",
     "gguf_tensor_bytes",
     "permute_rope_rows",
+    "read_export",
     "reference_model",
     "tokenizer_metadata",
     "unpermute_rope_rows",
@@ -304,6 +305,52 @@ def _add_tensors(
         result.params += int(w.size)
     if tied and "lm_head.weight" in state:
         result.reference_state["lm_head.weight"] = result.reference_state[_embedding_key(arch)]
+
+
+def read_export(model: PreTrainedModel, path: Path, gguf_type: str) -> GGUFExport:
+    """What a GGUF file of ``model`` holds, as :func:`export_gguf` reports it: for a file
+    another writer made from our F16 export (llama.cpp's quantizer). Each tensor's type is the
+    file's own (a k-quant mix falls back per tensor), and ``reference_state`` is the file's
+    weights dequantized by the ``gguf`` package, back under Hugging Face names and layout.
+
+    Raises:
+        GGUFExportError: the file lacks a weight of ``model`` or holds one of another shape.
+    """
+    import gguf
+
+    arch = layout(model.config)
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    result = GGUFExport(
+        path=Path(path), gguf_type=gguf_type, tensor_types={}, tensor_bytes=0, params=0
+    )
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = model.state_dict()
+    for hf_name, tensor in state.items():
+        if hf_name == "lm_head.weight" and tied:
+            continue
+        out_name = gguf_name(arch, hf_name)
+        if out_name not in tensors:
+            raise GGUFExportError(f"{path} has no {out_name} (the model's {hf_name})")
+        t = tensors[out_name]
+        back = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        rope_heads, conv1d = _file_layout(model, arch, hf_name, tensor.dim())
+        shape = tuple(tensor.T.shape) if conv1d else tuple(tensor.shape)
+        if back.size != tensor.numel():
+            raise GGUFExportError(f"{path}: {out_name} holds {back.size} values, not {shape}")
+        back = back.reshape(shape)
+        if rope_heads:
+            back = unpermute_rope_rows(back, rope_heads)
+        if conv1d:
+            back = back.T
+        result.reference_state[hf_name] = torch.from_numpy(np.array(back, copy=True, order="C"))
+        result.params += int(tensor.numel())
+    for t in reader.tensors:
+        result.tensor_types[t.name] = t.tensor_type.name.lower()
+        result.tensor_bytes += int(t.n_bytes)
+    if tied and "lm_head.weight" in state:
+        result.reference_state["lm_head.weight"] = result.reference_state[_embedding_key(arch)]
+    return result
 
 
 def _embedding_key(arch: ArchLayout) -> str:

@@ -48,6 +48,7 @@ import torch
 
 from distill.errors import DistillError
 from distill.metrics import ce_sum, perplexity_from, score_logits
+from distill.names import LLAMA_QUANT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ LLAMA_CPP_LIMITS: dict[str, dict[str, float]] = {
     "gguf-q8_0": _QUANTIZED_GGUF_LIMITS,
     "gguf-q4_1": _QUANTIZED_GGUF_LIMITS,
     "gguf-q4_0": _QUANTIZED_GGUF_LIMITS,
+    # The types llama.cpp's quantizer makes run through the same quantized dot products.
+    **{f"gguf-{t}": _QUANTIZED_GGUF_LIMITS for t in LLAMA_QUANT_TYPES},
 }
 
 # Quantization error ceiling (artifact vs the float student), per method, in nats/position.
@@ -110,6 +113,10 @@ MAX_KL_TO_FLOAT: dict[str, float] = {
     "gguf-q8_0": 0.1,
     "gguf-q4_1": 3.0,
     "gguf-q4_0": 3.0,
+    # llama.cpp-made types: 4-6 bits share Q4_0's ceiling, 2-3 bits get a looser one (the
+    # default student's figures: docs/quantization.md).
+    **{f"gguf-{t}": 3.0 for t in LLAMA_QUANT_TYPES if t[1] in "456" or t.startswith("iq4")},
+    **{f"gguf-{t}": 6.0 for t in LLAMA_QUANT_TYPES if t[1] in "23"},
 }
 
 

@@ -31,6 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ from distill.caches import cache_root
 from distill.config import PipelineConfig
 from distill.data import PackedSplits, splits_for
 from distill.models import Teacher, check_model_files, weight_bytes
+from distill.names import LLAMA_QUANT_TYPES
 from distill.quantize import parity
 from distill.quantize.folder import quantize_to_folder
 from distill.quantize.gptq import Int4Groups
@@ -203,29 +205,88 @@ def _gguf_variants(
     calibrated: dict,
     written: _Written,
     steps: int,
+    train_blocks: torch.Tensor,
 ) -> None:
     from distill.quantize.gguf import export_gguf, reference_model
 
     float_bytes = weight_bytes(float_model)
-    for i, gguf_type in enumerate(cfg.quant.gguf, len(cfg.quant.methods) + 1):
-        log.info("quantize %d/%d: GGUF %s of %s", i, steps, gguf_type, rd.final)
-        start = time.perf_counter()
-        export = export_gguf(
-            float_model,
-            tokenizer,
-            rd.gguf_file(gguf_type),
-            gguf_type,
-            include_embeddings=cfg.quant.include_embeddings,
-            name=f"{rd.root.name}-student-{gguf_type}",
-            int4_groups=calibrated.get(_Q4_0_GROUP) if gguf_type == "q4_0" else None,
-            embedding_bits=cfg.quant.embedding_bits,
-        )
-        record = gguf_record(
-            export, float_bytes, cfg.quant.include_embeddings, time.perf_counter() - start
-        )
-        artifact = parity.Artifact(record["method"], export.path.parent, export.path.name)
-        written.add(record, artifact, reference_model(float_model, export))
-        export.reference_state.clear()
+    # The F16 file llama.cpp's quantizer reads, written once for every type it makes.
+    source = rd.gguf_file("f16").with_name(".llama-quantize-source-f16.gguf")
+    imatrix: dict | None = None
+    try:
+        for i, gguf_type in enumerate(cfg.quant.gguf, len(cfg.quant.methods) + 1):
+            log.info("quantize %d/%d: GGUF %s of %s", i, steps, gguf_type, rd.final)
+            start = time.perf_counter()
+            name = f"{rd.root.name}-student-{gguf_type}"
+            if gguf_type in LLAMA_QUANT_TYPES:
+                if not source.exists():
+                    export_gguf(float_model, tokenizer, source, "f16", name=name)
+                if imatrix is None and cfg.quant.imatrix:
+                    imatrix = _imatrix(cfg, float_model, train_blocks)
+                export = _llama_made(cfg, rd, float_model, source, gguf_type, imatrix)
+            else:
+                export = export_gguf(
+                    float_model,
+                    tokenizer,
+                    rd.gguf_file(gguf_type),
+                    gguf_type,
+                    include_embeddings=cfg.quant.include_embeddings,
+                    name=name,
+                    int4_groups=calibrated.get(_Q4_0_GROUP) if gguf_type == "q4_0" else None,
+                    embedding_bits=cfg.quant.embedding_bits,
+                )
+            record = gguf_record(
+                export, float_bytes, cfg.quant.include_embeddings, time.perf_counter() - start
+            )
+            if gguf_type in LLAMA_QUANT_TYPES:
+                record["made_by"] = "llama.cpp's quantizer (llama_model_quantize) from our F16"
+                record["imatrix"] = imatrix is not None
+            artifact = parity.Artifact(record["method"], export.path.parent, export.path.name)
+            written.add(record, artifact, reference_model(float_model, export))
+            export.reference_state.clear()
+    finally:
+        source.unlink(missing_ok=True)
+
+
+def _imatrix(cfg: PipelineConfig, model: nn.Module, blocks: torch.Tensor) -> dict:
+    """The importance matrix of ``model`` on the calibration blocks (training blocks)."""
+    from distill.quantize.llama_quant import importance_matrix
+
+    start = time.perf_counter()
+    blocks = blocks[: cfg.quant.calibration_blocks]
+    out = importance_matrix(model, blocks)
+    log.info(
+        "importance matrix: %d linear layers on %d training blocks, %.1f s",
+        len(out),
+        blocks.shape[0],
+        time.perf_counter() - start,
+    )
+    return out
+
+
+def _llama_made(
+    cfg: PipelineConfig,
+    rd: RunDir,
+    model: nn.Module,
+    source: Path,
+    gguf_type: str,
+    imatrix: dict | None,
+) -> Any:
+    """``gguf_type`` made from ``source`` by llama.cpp's quantizer, read back as an export."""
+    from distill.models import default_threads
+    from distill.quantize.gguf import read_export
+    from distill.quantize.llama_quant import llama_quantize
+
+    dst = rd.gguf_file(gguf_type)
+    llama_quantize(
+        source,
+        dst,
+        gguf_type,
+        threads=cfg.eval.llama_cpp_threads or default_threads(),
+        imatrix=imatrix,
+        include_embeddings=cfg.quant.include_embeddings,
+    )
+    return read_export(model, dst, gguf_type)
 
 
 def stage_stamp(cfg: PipelineConfig, run_dir: Path) -> str:
@@ -315,7 +376,7 @@ def run(
     )
     steps = len(cfg.quant.methods) + len(cfg.quant.gguf)
     _torchao_variants(cfg, rd, calibrated, written, steps)
-    _gguf_variants(cfg, rd, float_model, tokenizer, calibrated, written, steps)
+    _gguf_variants(cfg, rd, float_model, tokenizer, calibrated, written, steps, splits.train)
     del float_model
     try:
         _check_parity(cfg, rd, tokenizer, written, float_logits)

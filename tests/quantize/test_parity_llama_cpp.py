@@ -19,7 +19,7 @@ from distill.config import (
     TeacherConfig,
 )
 from distill.data import PackedSplits
-from distill.names import GGUF_TYPES
+from distill.names import GGUF_TYPES, LLAMA_QUANT_TYPES
 from distill.quantize import parity
 from distill.quantize.parity import ParityError
 from distill.quantize.stage import run
@@ -74,7 +74,26 @@ def _failed_records(run_dir: Path, message: str) -> dict[str, dict]:
 
 
 def test_every_gguf_type_has_measured_limits() -> None:
-    assert set(parity.LLAMA_CPP_LIMITS) == {gguf_key(t) for t in GGUF_TYPES}
+    types = (*GGUF_TYPES, *LLAMA_QUANT_TYPES)
+    assert set(parity.LLAMA_CPP_LIMITS) == {gguf_key(t) for t in types}
+    assert {gguf_key(t) for t in types} <= set(parity.MAX_KL_TO_FLOAT)
+
+
+def test_llama_made_types_are_checked_like_ours(src: Path, tmp_path: Path) -> None:
+    # llama.cpp's quantizer writes q4_k_m from our F16 file (read from the staging folder,
+    # then removed), weighed by the importance matrix of the calibration blocks.
+    run_dir = _run_dir(src, tmp_path)
+    run(_cfg(["q4_k_m", "q8_0"]), run_dir, splits=SPLITS)
+    record = _records(run_dir)["gguf-q4_k_m"]
+    assert record["made_by"].startswith("llama.cpp's quantizer") and record["imatrix"] is True
+    assert record["parity"]["passed"] is True, record["parity"]
+    # 32-wide rows are not whole 256-value k-quant blocks: every matrix fell back per tensor.
+    assert "q4_k" not in record["tensor_types"] and record["tensor_types"]["q5_0"] > 0
+    assert (run_dir / "quantized" / "gguf" / "student-q4_k_m.gguf").is_file()
+    assert sorted(p.name for p in (run_dir / "quantized" / "gguf").iterdir()) == [
+        "student-q4_k_m.gguf",
+        "student-q8_0.gguf",
+    ]
 
 
 def test_gguf_files_pass_in_llama_cpp_within_their_limits(src: Path, tmp_path: Path) -> None:

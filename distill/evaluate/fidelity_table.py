@@ -1,0 +1,84 @@
+"""The fidelity section of report.md and the model card: one table row per variant over every
+set (distill/evaluate/fidelity.py), then one line per set saying what it is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distill.evaluate.figures import num_cell as _num
+from distill.evaluate.figures import pct_cell as _pct
+from distill.names import ANSWER_SETS
+
+
+def fidelity_set_names(report: dict[str, Any]) -> list[str]:
+    """The fidelity sets the report's rows carry, in order of first appearance (the answer
+    sets, which have other figures, last)."""
+    names: list[str] = []
+    for v in report["variants"]:
+        names += [n for n in v.get("fidelity") or {} if n not in names]
+    return [n for n in names if n not in ANSWER_SETS] + [n for n in names if n in ANSWER_SETS]
+
+
+def format_fidelity_table(report: dict[str, Any]) -> str:
+    """Fidelity to the teacher, one line per variant: per scored set perplexity, KL(teacher ||
+    variant) and top-1 agreement; for each answer set the teacher's NLL of the variant's greedy
+    answers, its ratio to the teacher's NLL of its own, and the answers' repeats. Empty when
+    no row has the sets."""
+    names = fidelity_set_names(report)
+    if not names:
+        return ""
+    scored = [n for n in names if n not in ANSWER_SETS]
+    answered = [n for n in names if n in ANSWER_SETS]
+    head = ["variant"]
+    for n in scored:
+        head += [f"{n} ppl", f"{n} KL", f"{n} top-1"]
+    for n in answered:
+        head += [f"{n} answers: teacher NLL", "× teacher's own", "repeats"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for v in report["variants"]:
+        sets = v.get("fidelity")
+        if not sets:
+            continue  # a row timed only (teacher-gguf-f16)
+        cells = [v["name"]]
+        for n in scored:
+            f = sets.get(n) or {}
+            cells += [
+                _num(f.get("perplexity"), 2),
+                _num(f.get("kl_to_teacher"), 4),
+                _pct(f.get("top1_agreement")),
+            ]
+        for n in answered:
+            g = sets.get(n) or {}
+            ratio = g.get("teacher_nll_ratio")
+            ratio_cell = _num(ratio, 2)
+            repeats = _num(g.get("repeated_4grams"), 0, 100.0)
+            cells += [
+                _num(g.get("teacher_nll"), 3),
+                ratio_cell + ("×" if ratio_cell != "—" else ""),
+                repeats + ("%" if repeats != "—" else ""),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fidelity_lines(report: dict[str, Any], heading: str) -> list[str]:
+    """The fidelity section (``heading``, table, one line per set saying what it is), or
+    nothing when the report has no fidelity sets: report.md's and the model card's."""
+    table = format_fidelity_table(report)
+    if not table:
+        return []
+    described = report.get("fidelity") or {}
+    notes = [
+        f"- {name}: {described[name]['description']}."
+        for name in fidelity_set_names(report)
+        if (described.get(name) or {}).get("description")
+    ]
+    return [
+        heading,
+        "",
+        table,
+        "",
+        *notes,
+        "- KL is KL(teacher || variant) in nats per scored token; NLL in nats per answer "
+        "token; GGUF rows are scored and answer in llama.cpp.",
+    ]
