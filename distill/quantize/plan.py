@@ -59,6 +59,15 @@ def _skip_reason(
 
     if is_embedding and not include_embeddings:
         return "input/output embedding and quant.include_embeddings=false"
+    if is_embedding and isinstance(module, nn.Embedding) and module._non_persistent_buffers_set:
+        # Gemma's scaled embedding keeps sqrt(hidden) in a buffer the checkpoint does not store:
+        # transformers' torchao loader leaves it uninitialized when the embedding is quantized
+        # (a tiny Gemma 3 reloaded embed_scale 8.0 as -3791; tests/quantize/test_quantize.py).
+        buffers = ", ".join(sorted(module._non_persistent_buffers_set))
+        return (
+            f"input embedding with an unsaved buffer ({buffers}) that transformers' torchao "
+            "reload leaves uninitialized"
+        )
     # Patterns name whole dotted segments ("lm_head", "mlp.gate"), never a prefix of one.
     if any(f".{k}." in f".{name}." for k in keep_fp32):
         return "listed in the model's _keep_in_fp32_modules"

@@ -469,3 +469,25 @@ def test_fresh_process_reload_takes_relative_paths(
     with torch.inference_mode():
         rows = [q(ids[i : i + 1]).logits for i in range(2)]
     torch.testing.assert_close(fresh["logits"], torch.cat(rows), atol=0, rtol=0)
+
+
+def test_gemma3_int8_folder_reloads_with_its_embedding_scale(tmp_path: Path) -> None:
+    # Gemma's scaled embedding keeps sqrt(hidden) in an unsaved buffer that transformers'
+    # torchao reload leaves uninitialized once the embedding is quantized: the embedding stays
+    # in float, says why, and the folder passes the fresh-process parity check.
+    from tests.conftest import make_tokenizer
+    from tests.models.test_width import VOCAB as GEMMA_VOCAB
+    from tests.models.test_width import tiny_gemma3
+
+    run_dir = tmp_path / "run"
+    tiny_gemma3().save_pretrained(str(run_dir / "final"))
+    make_tokenizer(GEMMA_VOCAB).save_pretrained(str(run_dir / "final"))
+    ids = torch.arange(64).reshape(4, 16) * 5 % GEMMA_VOCAB
+    (record,) = run(
+        _cfg(["int8_weight_only"], []), run_dir, splits=PackedSplits(train=ids, val=ids)
+    )
+    assert record["parity"]["passed"] is True, record["parity"]
+    skipped = {s["name"]: s["reason"] for s in record["skipped_modules"]}
+    assert "unsaved buffer (embed_scale)" in skipped["model.embed_tokens"]
+    reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "quantized" / "int8_weight_only")
+    assert float(reloaded.model.embed_tokens.embed_scale) == pytest.approx(64**0.5)
