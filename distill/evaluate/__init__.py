@@ -11,6 +11,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "finished": "stage",
         "FAILED_FILE": "frontier",
         "fidelity_lines": "fidelity_table",
+        "draft_summary": "fidelity_table",
         "format_table": "report",
     },
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -160,6 +160,9 @@ class AnswerSet:
     teacher_nll: float
     teacher_answer_tokens: int
     teacher_repeats: float
+    # The teacher's own greedy answers: what a variant drafting for it must guess
+    # (distill/evaluate/draft.py).
+    teacher_answers: list[tuple[int, ...]] = field(default_factory=list)
 
     def fields(self, answers: Sequence[Sequence[int]]) -> dict[str, Any]:
         """A variant's figures for its ``answers`` (one per prompt, in order)."""

@@ -50,6 +50,7 @@ from distill.evaluate.answers import (
     pad_samples,
     repeated_ngram_share,
 )
+from distill.evaluate.draft import draft_fields, gguf_matches, torch_matches
 from distill.evaluate.extra_corpora import extra_blocks
 from distill.extra_corpus import ExtraCorpus
 from distill.metrics import (
@@ -286,6 +287,9 @@ class Fidelity:
             for a in sets:
                 out[a.name] = a.fields(answers[: len(a.prompts)])
                 answers = answers[len(a.prompts) :]
+        for a in self.answers:  # as the teacher's draft model, on the teacher's own answers
+            matches = torch_matches(model, a.prompts, a.teacher_answers, self.batch_size)
+            out[a.name]["draft"] = draft_fields(matches)
         return out
 
     def score_gguf(self, name: str, runtime: LlamaRuntime) -> dict[str, Any]:
@@ -303,6 +307,9 @@ class Fidelity:
             for a in sets:
                 out[a.name] = a.fields(answers[: len(a.prompts)])
                 answers = answers[len(a.prompts) :]
+        for a in self.answers:
+            matches = gguf_matches(runtime, a.prompts, a.teacher_answers, self.vocab_size)
+            out[a.name]["draft"] = draft_fields(matches)
         return out
 
     def not_measured(self) -> dict[str, Any]:
@@ -432,6 +439,7 @@ def _answer_set(
         teacher_nll=nll,
         teacher_answer_tokens=int(own_figures["tokens"]),
         teacher_repeats=own_figures["repeats"],
+        teacher_answers=[tuple(a) for a in answers],
     )
 
 

@@ -82,3 +82,56 @@ def fidelity_lines(report: dict[str, Any], heading: str) -> list[str]:
         "- KL is KL(teacher || variant) in nats per scored token; NLL in nats per answer "
         "token; GGUF rows are scored and answer in llama.cpp.",
     ]
+
+
+def draft_lines(report: dict[str, Any]) -> list[str]:
+    """Each variant as the teacher's draft model (distill/evaluate/draft.py), per answer set:
+    the share of the teacher's greedy answer tokens it guesses, and the tokens a teacher pass
+    yields in greedy speculative decoding at each draft length. Empty without answer sets."""
+    rows = []
+    lengths: list[str] = []
+    for v in report["variants"]:
+        for name in ANSWER_SETS:
+            draft = ((v.get("fidelity") or {}).get(name) or {}).get("draft")
+            if not draft:
+                continue
+            by = draft["by_draft_length"]
+            lengths = lengths or list(by)
+            cells = [v["name"], name, _pct(draft["top1_on_teacher_answers"])]
+            cells += [_num(by[k]["tokens_per_pass"], 2) for k in lengths]
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = ["variant", "answers", "guesses the teacher's token"]
+    head += [f"tokens / teacher pass, k={k}" for k in lengths]
+    return [
+        "## The student as the teacher's draft model",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|---|" + "---:|" * (len(head) - 2),
+        *rows,
+        "",
+        "- Greedy speculative decoding of the teacher's own greedy answers: the variant drafts "
+        "k tokens, the teacher keeps those that equal its own and adds one, so the output is "
+        "the teacher's and each teacher pass yields 1 to k + 1 tokens (1 without a draft). "
+        "Computed from one teacher-forced pass of the variant in its own runtime; "
+        "`scripts/bench_draft.py` measures the wall-clock speed-up.",
+    ]
+
+
+def draft_summary(report: dict[str, Any], variant: str = "student", k: str = "4") -> str | None:
+    """One sentence on ``variant`` as the teacher's draft model at draft length ``k`` (the
+    model card's line), or None when the report has no draft figures for it."""
+    row = next((v for v in report["variants"] if v["name"] == variant), None)
+    parts = []
+    for name in ANSWER_SETS:
+        draft = (((row or {}).get("fidelity") or {}).get(name) or {}).get("draft")
+        if draft and k in draft["by_draft_length"]:
+            per_pass = draft["by_draft_length"][k]["tokens_per_pass"]
+            parts.append(f"{_num(per_pass, 2)} tokens per teacher pass on the {name} answers")
+    if not parts:
+        return None
+    return (
+        f"As the teacher's draft model (greedy speculative decoding, {k} draft tokens a pass; "
+        f"the output is the teacher's own): {' and '.join(parts)}, against 1 without a draft."
+    )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.evaluate.fidelity_table import (  # noqa: F401  (also read from here by tests)
+    draft_lines,
     fidelity_lines,
     fidelity_set_names,
     format_fidelity_table,
@@ -346,6 +347,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += student_lines(report.get("student"))
     fidelity = fidelity_lines(report, "## Fidelity to the teacher")
     lines += ["", *fidelity] if fidelity else []
+    draft = draft_lines(report)
+    lines += ["", *draft] if draft else []
     lines += _memory_section(report)
     lines += [
         "",

@@ -176,7 +176,7 @@ def _usage_lines(
 
 
 def _evaluation_lines(report: dict[str, Any] | None, teacher_name: str) -> list[str]:
-    from distill.evaluate import fidelity_lines, format_table
+    from distill.evaluate import draft_summary, fidelity_lines, format_table
 
     lines = ["## Evaluation", ""]
     if report is None:
@@ -192,7 +192,9 @@ def _evaluation_lines(report: dict[str, Any] | None, teacher_name: str) -> list[
     # The same sets as report.md: the teacher's own text, extra corpora, the teacher's NLL of
     # each variant's answers (reports written before them have none, and show none).
     fidelity = fidelity_lines(report, "### Fidelity to the teacher")
-    return lines + ["", *fidelity] if fidelity else lines
+    lines += ["", *fidelity] if fidelity else []
+    draft = draft_summary(report)
+    return lines + ["", draft] if draft else lines
 
 
 def _license_lines(cfg: PipelineConfig, meta: dict[str, Any], teacher_name: str) -> list[str]:

@@ -263,6 +263,20 @@ def test_the_general_set_asks_the_teachers_own_questions_and_the_teacher_judges(
     assert other["teacher_nll_ratio"] == pytest.approx(want / own, rel=1e-4)
     for name in ("generation", "general"):  # the student is the teacher's copy
         assert rows["student"]["fidelity"][name]["teacher_nll_ratio"] == pytest.approx(1.0)
+        assert rows["student"]["fidelity"][name]["draft"]["top1_on_teacher_answers"] == 1.0
+    # As the teacher's draft model: student_init's greedy token after each prefix of the
+    # teacher's own answers, by hand.
+    teacher_answers = _greedy(word_llama(0), prompts, cfg.eval.generation_tokens)
+    guessed = total = 0
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, teacher_answers, strict=True):
+            for i, token in enumerate(answer):
+                ids = torch.tensor([prompt + answer[:i]])
+                guessed += int(variant(input_ids=ids).logits[0, -1].argmax()) == token
+                total += 1
+    draft = other["draft"]
+    assert draft["top1_on_teacher_answers"] == pytest.approx(guessed / total)
+    assert 1.0 <= draft["by_draft_length"]["4"]["tokens_per_pass"] <= 5.0
     md = (run_dir / "report.md").read_text()
     assert "general answers: teacher NLL" in md and "- general: the teacher's mean NLL" in md
 

@@ -1,0 +1,154 @@
+"""The variant as the teacher's draft model: how much of the teacher's greedy output it guesses.
+
+In greedy speculative decoding a draft model proposes ``k`` tokens, the teacher checks them in
+one forward pass, keeps the longest prefix that equals its own greedy tokens and adds its own
+next token: the output is the teacher's, token for token, and each teacher pass yields
+``accepted + 1`` tokens. How many it accepts depends only on whether the draft's greedy
+token equals the teacher's at each position of the teacher's own output, given the teacher's
+prefix (a draft token is only ever checked after every earlier one in its run was accepted,
+so it was conditioned on the teacher's tokens). So one teacher-forced pass of the variant over
+the teacher's greedy answers (:func:`torch_matches`, :func:`gguf_matches`) gives the
+acceptance at every draft length (:func:`speculation`), in the runtime the variant deploys in.
+
+The measured speed-up of the real thing (transformers' assisted generation, output checked
+token-identical to the teacher's own greedy decode) is :func:`assisted_speed`, run by
+``scripts/bench_draft.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from distill.evaluate.answers import pad_rows
+from distill.metrics import eval_mode, model_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from distill.models import LlamaRuntime
+
+# Draft lengths the report gives tokens per teacher pass for.
+DRAFT_LENGTHS = (1, 2, 4, 8)
+
+
+def torch_matches(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    batch_size: int,
+) -> list[list[bool]]:
+    """Per answer, per token: whether ``model``'s greedy next token after the prompt and the
+    answer's earlier tokens is that token."""
+    tokens, mask = pad_rows(prompts, answers)
+    out: list[list[bool]] = []
+    device = model_device(model)
+    with torch.inference_mode(), eval_mode(model):
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start : start + batch_size].to(device)
+            guess = model(input_ids=batch).logits[:, :-1].argmax(-1).cpu()
+            for r in range(batch.shape[0]):
+                scored = mask[start + r, 1:].bool()
+                out.append((guess[r][scored] == tokens[start + r, 1:][scored]).tolist())
+    return out
+
+
+def gguf_matches(
+    runtime: LlamaRuntime,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    vocab_size: int,
+) -> list[list[bool]]:
+    """:func:`torch_matches` from llama.cpp's logits of the open GGUF file."""
+    out = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        if not answer:
+            out.append([])
+            continue
+        logits = runtime.completion_logits(prompt, answer, vocab_size)
+        out.append((logits.argmax(-1) == torch.tensor(list(answer))).tolist())
+    return out
+
+
+def speculation(matches: Sequence[Sequence[bool]], draft_length: int) -> dict[str, float]:
+    """Greedy speculative decoding of the teacher's answers with ``draft_length`` draft tokens
+    per teacher pass: the share of drafted tokens accepted, and the tokens each teacher pass
+    yields (1 without a draft; at most ``draft_length + 1``)."""
+    drafted = accepted = passes = produced = 0
+    for row in matches:
+        pos = 0
+        while pos < len(row):
+            proposed = min(draft_length, len(row) - pos)
+            run = 0
+            while run < proposed and row[pos + run]:
+                run += 1
+            step = min(run + 1, len(row) - pos)
+            drafted += proposed
+            accepted += run
+            passes += 1
+            produced += step
+            pos += step
+    return {
+        "acceptance": accepted / drafted if drafted else float("nan"),
+        "tokens_per_pass": produced / passes if passes else float("nan"),
+    }
+
+
+def draft_fields(matches: Sequence[Sequence[bool]]) -> dict[str, Any]:
+    """A variant's draft figures on one answer set: the share of the teacher's answer tokens
+    it guesses, and per draft length the acceptance and tokens per teacher pass."""
+    flat = [m for row in matches for m in row]
+    return {
+        "top1_on_teacher_answers": sum(flat) / len(flat) if flat else float("nan"),
+        "by_draft_length": {str(k): speculation(matches, k) for k in DRAFT_LENGTHS},
+    }
+
+
+def assisted_speed(
+    teacher: PreTrainedModel,
+    draft: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    new_tokens: int,
+    draft_length: int,
+) -> dict[str, Any]:
+    """Wall time of the teacher's greedy decode of ``new_tokens`` after each prompt (batch 1),
+    alone and with ``draft`` as transformers' assistant proposing ``draft_length`` tokens a
+    pass, and whether every assisted output equals the teacher's own token for token."""
+    from transformers import GenerationConfig
+
+    def config(**extra: Any) -> Any:
+        return GenerationConfig(
+            max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, **extra
+        )
+
+    alone = assisted = 0.0
+    identical = True
+    device = model_device(teacher)
+    with torch.inference_mode(), eval_mode(teacher), eval_mode(draft):
+        for prompt in prompts:
+            ids = torch.tensor([list(prompt)], device=device)
+            start = time.perf_counter()
+            want = teacher.generate(input_ids=ids, generation_config=config())
+            alone += time.perf_counter() - start
+            start = time.perf_counter()
+            got = teacher.generate(
+                input_ids=ids,
+                assistant_model=draft,
+                generation_config=config(
+                    num_assistant_tokens=draft_length,
+                    num_assistant_tokens_schedule="constant",
+                    assistant_confidence_threshold=0.0,
+                ),
+            )
+            assisted += time.perf_counter() - start
+            identical &= torch.equal(got, want)
+    return {
+        "draft_length": draft_length,
+        "teacher_s": alone,
+        "assisted_s": assisted,
+        "speedup": alone / assisted if assisted else float("nan"),
+        "identical": identical,
+    }
