@@ -152,3 +152,97 @@ def assisted_speed(
         "speedup": alone / assisted if assisted else float("nan"),
         "identical": identical,
     }
+
+
+def _gguf_draft(path: Any, draft_length: int, threads: int, n_ctx: int) -> Any:
+    """A ``llama_cpp.llama_speculative.LlamaDraftModel`` drafting greedily with the GGUF file
+    at ``path``: it keeps its own KV cache, re-reading only what changed since its last call
+    (llama-cpp-python's ``eval`` drops cached tokens past ``n_tokens``)."""
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaDraftModel
+
+    from distill.models import quiet_llama_log
+
+    class GGUFDraft(LlamaDraftModel):
+        def __init__(self) -> None:
+            with quiet_llama_log():
+                self.llm = llama_cpp.Llama(
+                    str(path),
+                    n_ctx=n_ctx,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    verbose=False,
+                )
+
+        def __call__(self, input_ids: Any, /, **kwargs: Any) -> Any:
+            import numpy as np
+
+            llm = self.llm
+            ids = [int(t) for t in input_ids]
+            same = 0
+            limit = min(llm.n_tokens, len(ids) - 1)  # re-read at least the last token
+            while same < limit and int(llm.input_ids[same]) == ids[same]:
+                same += 1
+            llm.n_tokens = same
+            llm.eval(ids[same:])
+            out: list[int] = []
+            while True:
+                last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+                out.append(int(np.ctypeslib.as_array(last, (llm.n_vocab(),)).argmax()))
+                if len(out) == draft_length:
+                    return np.array(out, dtype=np.intc)
+                llm.eval([out[-1]])
+
+    return GGUFDraft()
+
+
+def llama_cpp_speed(
+    teacher_path: Any,
+    draft_path: Any,
+    prompts: Sequence[Sequence[int]],
+    new_tokens: int,
+    draft_length: int,
+    threads: int,
+) -> dict[str, Any]:
+    """:func:`assisted_speed` in llama.cpp: the teacher's GGUF decoding greedily alone, and with
+    llama-cpp-python's speculative decoding drafting with the GGUF at ``draft_path``."""
+    import llama_cpp
+
+    from distill.models import quiet_llama_log
+
+    n_ctx = max(len(p) for p in prompts) + new_tokens + draft_length + 8
+
+    def decode(draft: Any) -> tuple[list[list[int]], float]:
+        with quiet_llama_log():
+            llm = llama_cpp.Llama(
+                str(teacher_path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                draft_model=draft,
+                verbose=False,
+            )
+        outputs, seconds = [], 0.0
+        try:
+            for prompt in prompts:
+                start = time.perf_counter()
+                out = []
+                for token in llm.generate(list(prompt), temp=0.0, top_k=1, reset=True):
+                    out.append(int(token))
+                    if len(out) == new_tokens:
+                        break
+                seconds += time.perf_counter() - start
+                outputs.append(out)
+        finally:
+            llm.close()
+        return outputs, seconds
+
+    want, alone = decode(None)
+    got, assisted = decode(_gguf_draft(draft_path, draft_length, threads, n_ctx))
+    return {
+        "draft_length": draft_length,
+        "teacher_s": alone,
+        "assisted_s": assisted,
+        "speedup": alone / assisted if assisted else float("nan"),
+        "identical": got == want,
+    }

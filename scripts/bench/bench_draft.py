@@ -5,12 +5,16 @@ RUN_DIR is a finished run (its teacher from config.yaml, its student in final/).
 held-out chat prompt of the run's generation set, the teacher decodes greedily at batch 1,
 alone and with the student as transformers' assistant model at each draft length; prints the
 wall-clock speed-up and whether every assisted output was the teacher's own, token for token.
+With --gguf, the same in llama.cpp: the teacher's F16 GGUF (the quantize stage's) decoding
+with llama-cpp-python's speculative decoding, each of the run's GGUF students drafting.
 The report's draft table (tokens per teacher pass) is what this measures in wall time.
 
     python scripts/bench/bench_draft.py outputs/2026-12-07/19-00-00 --lengths 1 2 4 8
+    python scripts/bench/bench_draft.py outputs/2026-12-07/19-00-00 --gguf q4_0 q8_0
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,9 +23,9 @@ import torch
 from distill import cli  # noqa: F401  (cli registers the config schema)
 from distill.caches import cache_root
 from distill.errors import DistillError
-from distill.evaluate.draft import assisted_speed
+from distill.evaluate.draft import assisted_speed, llama_cpp_speed
 from distill.evaluate.fidelity import fidelity_inputs
-from distill.models import Teacher, load_causal_lm
+from distill.models import Teacher, default_threads, load_causal_lm
 
 
 def main() -> int:
@@ -30,6 +34,7 @@ def main() -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--gguf", nargs="*", default=[], help="the run's GGUF types to draft with")
     args = p.parse_args()
     from omegaconf import OmegaConf
 
@@ -47,15 +52,32 @@ def main() -> int:
         f"{len(prompts)} prompts, {args.tokens} greedy tokens each, batch 1, "
         f"{torch.get_num_threads()} threads"
     )
-    print("| draft tokens | teacher alone s | with the student s | speed-up | identical |")
-    print("|---:|---:|---:|---:|:---:|")
+    print(
+        "| runtime | draft tokens | teacher alone s | with the student s | speed-up | identical |"
+    )
+    print("|---|---:|---:|---:|---:|:---:|")
     for k in args.lengths:
-        r = assisted_speed(teacher.model, student, prompts, args.tokens, k)
-        print(
-            f"| {k} | {r['teacher_s']:.1f} | {r['assisted_s']:.1f} | {r['speedup']:.2f}× | "
-            f"{'yes' if r['identical'] else '**no**'} |"
-        )
+        _print_row("PyTorch", k, assisted_speed(teacher.model, student, prompts, args.tokens, k))
+    if args.gguf:
+        records = json.loads((args.run_dir / "quantized" / "quantize.json").read_text())
+        by_method = {r["method"]: r for r in records}
+        if "teacher-gguf-f16" not in by_method:
+            raise DistillError("the run has no teacher GGUF F16 (eval.teacher_gguf=true makes it)")
+        f16 = Path(by_method["teacher-gguf-f16"]["dst"])
+        threads = default_threads()
+        for gguf_type in args.gguf:
+            draft = args.run_dir / "quantized" / "gguf" / f"student-{gguf_type}.gguf"
+            for k in args.lengths:
+                r = llama_cpp_speed(f16, draft, prompts, args.tokens, k, threads)
+                _print_row(f"llama.cpp, {gguf_type} draft", k, r)
     return 0
+
+
+def _print_row(runtime: str, k: int, r: dict) -> None:
+    print(
+        f"| {runtime} | {k} | {r['teacher_s']:.1f} | {r['assisted_s']:.1f} | "
+        f"{r['speedup']:.2f}× | {'yes' if r['identical'] else '**no**'} |"
+    )
 
 
 if __name__ == "__main__":

@@ -53,3 +53,16 @@ def test_tokens_per_pass_is_bounded_by_the_draft_length(draft_length: int) -> No
     rows = [[True] * 9, [True, False] * 4]
     per_pass = speculation(rows, draft_length)["tokens_per_pass"]
     assert 1.0 <= per_pass <= draft_length + 1
+
+
+def test_speculative_decoding_in_llama_cpp_keeps_the_teachers_output(tmp_path) -> None:
+    from distill.evaluate.draft import llama_cpp_speed
+    from distill.quantize.gguf import export_gguf
+    from tests.conftest import make_tokenizer
+
+    bpe = make_tokenizer(300)  # llama.cpp's BPE vocabulary needs merges
+    teacher = export_gguf(tiny_llama(300, seed=3, tie=False), bpe, tmp_path / "t.gguf", "f16")
+    draft = export_gguf(tiny_llama(300, layers=1, seed=4), bpe, tmp_path / "d.gguf", "q8_0")
+    prompts = [tuple(range(5 + i, 12 + i)) for i in range(3)]
+    result = llama_cpp_speed(teacher.path, draft.path, prompts, 10, 3, threads=1)
+    assert result["identical"] is True and result["assisted_s"] > 0
