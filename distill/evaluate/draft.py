@@ -245,4 +245,18 @@ def llama_cpp_speed(
         "assisted_s": assisted,
         "speedup": alone / assisted if assisted else float("nan"),
         "identical": got == want,
+        # llama.cpp checks a draft in one batch, whose kernels round differently from one
+        # token's: a near-tie can turn. How many answers stayed the teacher's own, and the
+        # tokens they share before the first turn.
+        "identical_answers": sum(g == w for g, w in zip(got, want, strict=True)),
+        "answers": len(want),
+        "shared_prefix": sum(_shared(g, w) for g, w in zip(got, want, strict=True)),
+        "tokens": sum(len(w) for w in want),
     }
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

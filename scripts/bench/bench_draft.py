@@ -74,9 +74,15 @@ def main() -> int:
 
 
 def _print_row(runtime: str, k: int, r: dict) -> None:
+    same = "yes" if r["identical"] else "**no**"
+    if "identical_answers" in r and not r["identical"]:
+        same += (
+            f": {r['identical_answers']}/{r['answers']} answers, "
+            f"{r['shared_prefix']}/{r['tokens']} tokens before the first difference"
+        )
     print(
         f"| {runtime} | {k} | {r['teacher_s']:.1f} | {r['assisted_s']:.1f} | "
-        f"{r['speedup']:.2f}× | {'yes' if r['identical'] else '**no**'} |"
+        f"{r['speedup']:.2f}× | {same} |"
     )
 
 
