@@ -40,6 +40,8 @@ FIDELITY_SETS = ("teacher_text", "generation", "general")
 # and the teacher's own general questions.
 ANSWER_SETS = ("generation", "general")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# Grids quantization-aware distillation trains on (distill/train/qad.py implements each).
+QAD_GRIDS = ("q4_0", "q8_0")
 SELECT_CHECKPOINT = ("last", "best_quantized")
 CALIBRATIONS = ("gptq", "none")
 COMPUTE_DTYPES = ("float32", "bfloat16")

@@ -104,6 +104,8 @@ def test_all_bad_fields_named_at_once() -> None:
         ("loss.hidden_loss=l1", "l1.*cosine, mse"),
         ("eval.decode_batch_size=4", "eval.eager_timing=true"),
         ("quant.gguf=[q4_k_m,q7_k]", "q7_k"),
+        ("train.qad=q3_k", "q3_k"),
+        ("train.qad_steps=5", "set train.qad"),
     ],
 )
 def test_out_of_range_values_are_named(override: str, needle: str) -> None:

@@ -20,6 +20,7 @@ from distill.names import (
     LLAMA_QUANT_TYPES,
     LOSSES,
     MIXED_PRECISION,
+    QAD_GRIDS,
     QUANT_METHODS,
     SELECT_CHECKPOINT,
     TEACHER_MODES,
@@ -207,6 +208,10 @@ class TrainConfig:
     sample_temperature: float = 1.0
     sample_tokens: int = 64
     sample_prompt_tokens: int = 64
+    # Quantization-aware distillation (distill/train/qad.py): the last qad_steps of max_steps
+    # train through rounding onto this GGUF grid (q4_0, q8_0; null: off).
+    qad: str | None = None
+    qad_steps: int = 0
 
     def problems(self) -> list[str]:
         out = _at_least(
@@ -238,6 +243,15 @@ class TrainConfig:
         out += _choice("train.select_checkpoint", self.select_checkpoint, SELECT_CHECKPOINT)
         out += _choice("train.teacher_placement", self.teacher_placement, TEACHER_PLACEMENTS)
         out += _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if self.qad is not None:
+            out += _choice("train.qad", self.qad, QAD_GRIDS)
+            if not 1 <= self.qad_steps <= self.max_steps:
+                out.append(
+                    f"train.qad_steps={self.qad_steps}: train.qad needs 1..train.max_steps "
+                    f"({self.max_steps}) steps"
+                )
+        elif self.qad_steps:
+            out.append(f"train.qad_steps={self.qad_steps}: set train.qad (q4_0, q8_0) too")
         if not self.sample_temperature >= 0.0:
             out.append(
                 f"train.sample_temperature={self.sample_temperature}: must be >= 0 (0: greedy)"

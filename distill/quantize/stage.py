@@ -75,9 +75,10 @@ def calibration_group_sizes(
     if cfg.quant.calibration != "gptq":
         return set()
     int4_cpu = "int4_weight_only" in methods and default_device("int4_weight_only") == "cpu"
-    return ({cfg.quant.group_size} if int4_cpu else set()) | (
-        {_Q4_0_GROUP} if "q4_0" in gguf_types else set()
-    )
+    # A student trained through Q4_0 rounding (train.qad) is written by that rounding: GPTQ
+    # would move its weights off the grid they were trained on.
+    q4_0 = "q4_0" in gguf_types and cfg.train.qad != "q4_0"
+    return ({cfg.quant.group_size} if int4_cpu else set()) | ({_Q4_0_GROUP} if q4_0 else set())
 
 
 def calibrate(

@@ -43,6 +43,7 @@ from distill.train.hidden_states import hidden_match
 from distill.train.losses import make_kd_loss
 from distill.train.on_policy import SampleSettings, check_sampling_supported
 from distill.train.placement import check_placement, fused_heads, place_teacher
+from distill.train.qad import fake_quantized, grid_at
 from distill.train.run_state import config_fingerprint, finished_state
 from distill.train.step import (
     StepContext,
@@ -175,6 +176,8 @@ def run(
         accelerator.device,
     )
     check_placement(tc.teacher_placement, accelerator)  # before any weights load
+    if tc.qad is not None and accelerator.num_processes > 1:
+        raise DistillError("train.qad runs in one process: launch without accelerate")
     set_seed(tc.seed)
     rd.root.mkdir(parents=True, exist_ok=True)
     clear_leftovers(rd.final)
@@ -443,7 +446,8 @@ def _train_steps(
             micro = micro_batches_for_step(
                 built.data.train, tc, step, acc.process_index, acc.num_processes, acc.device
             )
-            with explain_out_of_memory(step, tc):
+            grid = grid_at(tc.qad, tc.qad_steps, tc.max_steps, step)
+            with explain_out_of_memory(step, tc), fake_quantized(built.raw_student, grid):
                 metrics = train_step(ctx, micro, lr_at(step, tc), step)
             elapsed = time.perf_counter() - t0
             tokens_seen += int(metrics["tokens"])
