@@ -12,7 +12,7 @@ acceptance at every draft length (:func:`speculation`), in the runtime the varia
 
 The measured speed-up of the real thing (transformers' assisted generation, output checked
 token-identical to the teacher's own greedy decode) is :func:`assisted_speed`, run by
-``scripts/bench_draft.py``.
+``scripts/bench/bench_draft.py``.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def draft_lines(report: dict[str, Any]) -> list[str]:
         "k tokens, the teacher keeps those that equal its own and adds one, so the output is "
         "the teacher's and each teacher pass yields 1 to k + 1 tokens (1 without a draft). "
         "Computed from one teacher-forced pass of the variant in its own runtime; "
-        "`scripts/bench_draft.py` measures the wall-clock speed-up.",
+        "`scripts/bench/bench_draft.py` measures the wall-clock speed-up (docs/draft.md).",
     ]
 
 

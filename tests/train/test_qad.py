@@ -34,14 +34,18 @@ def test_fake_quantized_forward_uses_the_grid_and_trains_the_float_weights() -> 
     with torch.no_grad():
         for m in qad_modules(rounded):
             m.weight.copy_(q4_0_grid(m.weight))
-        want = rounded(input_ids=ids).logits
         plain = model(input_ids=ids).logits
+    want = rounded(input_ids=ids).logits
+    want.sum().backward()
     params = [m.weight for m in layers]
     with fake_quantized(model, "q4_0"):
         got = model(input_ids=ids).logits
         got.sum().backward()
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want.detach())
     assert not torch.allclose(got, plain)
+    # Straight through: each float weight gets the gradient its rounded value would get.
+    for m, r in zip(layers, qad_modules(rounded), strict=True):
+        torch.testing.assert_close(m.weight.grad, r.weight.grad)
     # The parametrization is gone, the same Parameters hold their float values and gradients.
     assert all(m.weight is p for m, p in zip(qad_modules(model), params, strict=True))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
