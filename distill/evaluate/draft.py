@@ -161,18 +161,11 @@ def _gguf_draft(path: Any, draft_length: int, threads: int, n_ctx: int) -> Any:
     import llama_cpp
     from llama_cpp.llama_speculative import LlamaDraftModel
 
-    from distill.models import quiet_llama_log
+    from distill.models import load_llama
 
     class GGUFDraft(LlamaDraftModel):
         def __init__(self) -> None:
-            with quiet_llama_log():
-                self.llm = llama_cpp.Llama(
-                    str(path),
-                    n_ctx=n_ctx,
-                    n_threads=threads,
-                    n_threads_batch=threads,
-                    verbose=False,
-                )
+            self.llm = load_llama(path, n_ctx=n_ctx, threads=threads)
 
         def __call__(self, input_ids: Any, /, **kwargs: Any) -> Any:
             import numpy as np
@@ -206,22 +199,12 @@ def llama_cpp_speed(
 ) -> dict[str, Any]:
     """:func:`assisted_speed` in llama.cpp: the teacher's GGUF decoding greedily alone, and with
     llama-cpp-python's speculative decoding drafting with the GGUF at ``draft_path``."""
-    import llama_cpp
-
-    from distill.models import quiet_llama_log
+    from distill.models import load_llama
 
     n_ctx = max(len(p) for p in prompts) + new_tokens + draft_length + 8
 
     def decode(draft: Any) -> tuple[list[list[int]], float]:
-        with quiet_llama_log():
-            llm = llama_cpp.Llama(
-                str(teacher_path),
-                n_ctx=n_ctx,
-                n_threads=threads,
-                n_threads_batch=threads,
-                draft_model=draft,
-                verbose=False,
-            )
+        llm = load_llama(teacher_path, n_ctx=n_ctx, threads=threads, draft_model=draft)
         outputs, seconds = [], 0.0
         try:
             for prompt in prompts:

@@ -56,6 +56,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "gguf_logits": "llama_cpp",
         "gguf_tokenize": "llama_cpp",
         "llama_cpp_problem": "llama_cpp",
+        "load_llama": "llama_cpp",
         "open_gguf": "llama_cpp",
         "quiet_llama_log": "llama_cpp",
         "runtime_name": "llama_cpp",

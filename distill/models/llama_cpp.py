@@ -340,6 +340,34 @@ def quiet_llama_log() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(binding_log.llama_log_callback, ctypes.c_void_p(0))
 
 
+def load_llama(path: Path, *, n_ctx: int, threads: int, **options: Any) -> Any:
+    """A quiet ``llama_cpp.Llama`` of the GGUF file at ``path`` (``options`` go to it as they
+    are); the caller closes it.
+
+    Raises:
+        LlamaCppError: llama-cpp-python is missing, or llama.cpp refuses the file (its error
+            lines, e.g. "wrong number of tensors", are in the message).
+    """
+    problem = llama_cpp_problem()
+    if problem:
+        raise LlamaCppError(problem)
+    import llama_cpp
+
+    with quiet_llama_log() as errors:
+        try:
+            return llama_cpp.Llama(
+                str(path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                **options,
+            )
+        except Exception as err:
+            detail = "; ".join(e for e in errors if e) or str(err)
+            raise LlamaCppError(f"llama.cpp could not load {path}: {detail}") from err
+
+
 @contextmanager
 def open_gguf(path: Path, *, n_ctx: int, threads: int | None = None) -> Iterator[LlamaRuntime]:
     """``path`` open in llama.cpp with room for ``n_ctx`` tokens, closed after the block.
@@ -352,27 +380,12 @@ def open_gguf(path: Path, *, n_ctx: int, threads: int | None = None) -> Iterator
         LlamaCppError: llama-cpp-python is missing, or llama.cpp refuses the file (its error
             lines, e.g. "wrong number of tensors", are in the message).
     """
-    problem = llama_cpp_problem()
-    if problem:
-        raise LlamaCppError(problem)
+    threads = threads or default_threads()
+    llm = load_llama(  # names the fix when the binding is missing, before any import of it
+        path, n_ctx=n_ctx, threads=threads, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True
+    )
     import llama_cpp
 
-    threads = threads or default_threads()
-    with quiet_llama_log() as errors:
-        try:
-            llm = llama_cpp.Llama(
-                str(path),
-                n_ctx=n_ctx,
-                n_batch=n_ctx,
-                n_ubatch=n_ctx,
-                n_threads=threads,
-                n_threads_batch=threads,
-                logits_all=True,
-                verbose=False,
-            )
-        except Exception as err:
-            detail = "; ".join(e for e in errors if e) or str(err)
-            raise LlamaCppError(f"llama.cpp could not load {path}: {detail}") from err
     try:
         if not hasattr(llm, "_logits_all"):
             raise LlamaCppError(

@@ -28,11 +28,10 @@ class ParallelAnswers:
         room = -(-(max(len(p) for p in self.prompts) + new) // 256) * 256
         params.n_ctx = len(self.prompts) * room
         params.n_batch = params.n_ubatch = max(prompt_tokens, len(self.prompts))
-        self.capacity = params.n_batch
         self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
         if not self.ctx:
             raise RuntimeError(f"no context for {len(self.prompts)} sequences")
-        self.batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
 
     def __enter__(self) -> ParallelAnswers:
         return self

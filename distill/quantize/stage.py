@@ -240,7 +240,9 @@ def _gguf_variants(
                 export, float_bytes, cfg.quant.include_embeddings, time.perf_counter() - start
             )
             if gguf_type in LLAMA_QUANT_TYPES:
-                record["made_by"] = "llama.cpp's quantizer (llama_model_quantize) from our F16"
+                record["made_by"] = (
+                    "llama.cpp's quantizer (llama_model_quantize) from distill's F16 file"
+                )
                 record["imatrix"] = imatrix is not None
             artifact = parity.Artifact(record["method"], export.path.parent, export.path.name)
             written.add(record, artifact, reference_model(float_model, export))
