@@ -1,7 +1,8 @@
 """The whole pipeline on a tiny teacher of every architecture the GGUF writer supports.
 
 For a Llama-3-style llama (``llama3`` RoPE, untied head), Qwen2, Qwen3 (head_dim > hidden /
-heads) and GPT-2 teacher of 4 layers, a ``from_teacher`` student of layers [0, 3] (narrowed
+heads), Gemma 3 (sliding and full layers, a SentencePiece-style tokenizer) and GPT-2 teacher
+of 4 layers, a ``from_teacher`` student of layers [0, 3] (narrowed
 too, but for GPT-2: fewer MLP channels, and for llama3 and qwen3 one key/value group and a
 smaller hidden size) is distilled, quantized (GGUF F16 and Q8_0), evaluated and published in
 this process. The report's GGUF rows must have been scored in llama.cpp and have passed the
@@ -25,9 +26,10 @@ import pytest
 import torch
 
 from distill.config import to_pipeline_config
+from distill.quantize.gguf_arch import LAYOUTS
 from distill.quantize.parity import LLAMA_CPP_LIMITS, MAX_KL_TO_FLOAT
 from tests.conftest import compose, tiny_overrides
-from tests.quantize.gguf_models import arch_model, pre_tokenized
+from tests.quantize.gguf_models import arch_model, pre_tokenized, sentencepiece_tokenizer
 from tests.quantize.test_gguf_llama_cpp import (
     MAX_DELTA_F16_VS_TRANSFORMERS,
     MAX_DELTA_VS_REFERENCE,
@@ -45,7 +47,7 @@ IDS = [int(i) for i in torch.arange(96) * 37 % 300]  # spread over the 300-token
 class Arch:
     """One architecture under test: how its teacher is built, and what its GGUF must say."""
 
-    tokenizer: str  # pre_tokenized's kind
+    tokenizer: str  # pre_tokenized's kind, or "sentencepiece" (Gemma's kind)
     tie: bool
     gguf_arch: str  # general.architecture
     gguf_pre: str  # tokenizer.ggml.pre: the pre-tokenizer llama.cpp runs
@@ -63,6 +65,10 @@ ARCHS = {
     "llama3": Arch("llama3", tie=False, gguf_arch="llama", gguf_pre="llama-bpe", width=_ALL_WIDTHS),
     "qwen2": Arch("qwen2", tie=True, gguf_arch="qwen2", gguf_pre="qwen2", width=_MLP),
     "qwen3": Arch("qwen2", tie=True, gguf_arch="qwen3", gguf_pre="qwen2", width=_ALL_WIDTHS),
+    # Sliding and full layers alternate; the student keeps [0, 3]: one of each.
+    "gemma3": Arch(
+        "sentencepiece", tie=True, gguf_arch="gemma3", gguf_pre="default", width=_ALL_WIDTHS
+    ),
     "gpt2": Arch("gpt2", tie=True, gguf_arch="gpt2", gguf_pre="gpt-2"),
 }
 
@@ -70,7 +76,10 @@ ARCHS = {
 def save_teacher(arch: str, folder: Path) -> Path:
     """A 4-layer teacher of ``arch`` and its tokenizer (one llama.cpp knows), in ``folder``."""
     spec = ARCHS[arch]
-    tokenizer = pre_tokenized(spec.tokenizer, vocab_size=300)
+    if spec.tokenizer == "sentencepiece":
+        tokenizer = sentencepiece_tokenizer(vocab_size=300)
+    else:
+        tokenizer = pre_tokenized(spec.tokenizer, vocab_size=300)
     model = arch_model(arch, len(tokenizer), tie=spec.tie, layers=TEACHER_LAYERS)
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
@@ -131,6 +140,9 @@ def check_file_header(path: Path, spec: Arch) -> None:
     names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) is not spec.tie
     assert ("rope_freqs.weight" in names) is (spec.gguf_arch == "llama")
+    if spec.gguf_arch == "gemma3":  # the kept layers' own pattern: [0] slides, [3] is full
+        pattern = reader.fields["gemma3.attention.sliding_window_pattern"].contents()
+        assert [bool(x) for x in pattern] == [True, False]
 
 
 def check_published_files(run_dir: Path, spec: Arch, tmp_path: Path) -> None:
@@ -195,7 +207,7 @@ def test_pipeline_on_each_gguf_architecture(
         *gguf_rows,
     ]
     student = json.loads((run_dir / "final" / "config.json").read_text())
-    assert student["model_type"] == ARCHS[arch].gguf_arch
+    assert LAYOUTS[student["model_type"]].arch == ARCHS[arch].gguf_arch
     assert student.get("num_hidden_layers", student.get("n_layer")) == 2
     for override in ARCHS[arch].width:  # the width cut reached the saved student
         key, value = override.removeprefix("pair.student.").split("=")

@@ -3,14 +3,14 @@
 The file holds the weights in one of ``distill.names.GGUF_TYPES`` (quantized in numpy by the
 ``gguf`` package) and the tokenizer (:mod:`distill.quantize.gguf_tokenizer`), so ``llama-cli -m
 student-q4_0.gguf`` needs nothing else. Architectures: llama (RoPE ``default`` or Llama 3's
-``llama3``), qwen2, qwen3 and gpt2, each laid out as llama.cpp's own converter writes it
+``llama3``), qwen2, qwen3, gemma3 and gpt2, each laid out as llama.cpp's own converter writes it
 (:mod:`distill.quantize.gguf_arch`):
 
 * tensor names ``token_embd``, ``blk.N.attn_q`` ... ``output_norm``; a tied LM head is *not*
   written (``output.weight`` absent means tied, for llama.cpp and transformers alike);
 * for llama only, the rows of ``attn_q`` and ``attn_k`` are permuted per head from Hugging
   Face's rotate-half RoPE layout to GGML's pair-wise one; GPT-2's Conv1D weights are
-  transposed to ``(out, in)``;
+  transposed to ``(out, in)``; Gemma's norms are written as ``1 + weight``;
 * 1-D tensors (norms, biases, ``rope_freqs``) and GPT-2's ``position_embd`` stay F32; a 2-D
   tensor whose rows are not a whole number of 32-value blocks is written F16 and reported.
 
@@ -49,6 +49,7 @@ from distill.quantize.gguf_arch import (
     gguf_name,
     heads,
     layout,
+    norm_shift,
     permute_rope_rows,
     unpermute_rope_rows,
 )
@@ -160,7 +161,7 @@ def export_gguf(
     int4_groups: dict[str, Int4Groups] | None = None,
     embedding_bits: int = 8,
 ) -> GGUFExport:
-    """Write ``model`` (llama, qwen2, qwen3 or gpt2, any layer count) and its tokenizer.
+    """Write ``model`` (llama, qwen2, qwen3, gemma3 or gpt2, any layer count) and its tokenizer.
 
     The file is written next to ``path`` under a temporary name and renamed into place.
 
@@ -284,6 +285,8 @@ def _add_tensors(
             w = np.ascontiguousarray(w.T)
         if rope_heads:
             w = permute_rope_rows(w, rope_heads)
+        shift = norm_shift(arch, out_name)
+        w = w + shift if shift else w
         kind = _tensor_type(out_name, w, result.gguf_type, include_embeddings, embedding_bits)
         groups = int4_groups.get(hf_name.removesuffix(".weight"))
         if kind == "f16" and result.gguf_type != "f16" and w.ndim == 2:
@@ -299,6 +302,7 @@ def _add_tensors(
             back = unpermute_rope_rows(back, rope_heads)
         if conv1d:
             back = back.T
+        back = back - shift if shift else back
         result.reference_state[hf_name] = torch.from_numpy(np.ascontiguousarray(back))
         result.tensor_types[out_name] = kind
         result.tensor_bytes += int(data.nbytes)
@@ -343,6 +347,8 @@ def read_export(model: PreTrainedModel, path: Path, gguf_type: str) -> GGUFExpor
             back = unpermute_rope_rows(back, rope_heads)
         if conv1d:
             back = back.T
+        shift = norm_shift(arch, out_name)
+        back = back - shift if shift else back
         result.reference_state[hf_name] = torch.from_numpy(np.array(back, copy=True, order="C"))
         result.params += int(tensor.numel())
     for t in reader.tensors:

@@ -1,4 +1,4 @@
-"""Per-architecture GGUF layouts: what llama.cpp loads for llama, qwen2, qwen3 and gpt2.
+"""Per-architecture GGUF layouts: what llama.cpp loads for llama, qwen2, qwen3, gemma3, gpt2.
 
 Each layout was written from llama.cpp's own converter (``convert_hf_to_gguf.py``, its
 ``conversion/{llama,qwen,gpt2}.py`` classes) and loaders (``src/models/<arch>.cpp``), read at
@@ -11,6 +11,14 @@ the version llama-cpp-python 0.3.36 vendors:
 * **qwen2** (q/k/v biases) and **qwen3** (RMSNorm ``attn_q_norm``/``attn_k_norm`` over each
   head, ``key_length`` written as ``head_dim`` may differ from ``hidden / heads``): NEOX RoPE,
   which *is* rotate-half, so the rows are written as they are.
+* **gemma3** (transformers' ``gemma3_text``): four RMSNorms a block (before and after
+  attention and MLP) plus per-head ``attn_q_norm``/``attn_k_norm``, a tanh-GELU gated MLP,
+  NEOX RoPE. Gemma's RMSNorm multiplies by ``1 + weight`` and llama.cpp's by ``weight``, so
+  every norm is written shifted by one (as the converter's ``norm_shift``). The embedding's
+  ``sqrt(hidden)`` scale is llama.cpp's own, no tensor. Which layers slide is written per
+  layer (``attention.sliding_window_pattern`` as a bool array, read by llama.cpp's
+  ``load_swa_pattern``), so a student whose cut broke Gemma's every-sixth-layer rhythm
+  still runs its own pattern; the sliding layers' RoPE base is ``rope.freq_base_swa``.
 * **gpt2**: fused ``attn_qkv``, LayerNorm with biases, an F32 ``position_embd`` of exactly
   ``n_positions`` rows, no RoPE; Conv1D weights are stored ``(in, out)`` and are transposed
   by the writer (:mod:`distill.quantize.gguf`).
@@ -48,6 +56,7 @@ class ArchLayout:
     block: re.Pattern[str]  # HF key of a block tensor: (index, suffix)
     layer: Mapping[str, str]  # HF suffix -> GGUF suffix inside ``blk.N.``
     permute_qk: bool  # GGML pair-wise RoPE (LLAMA_ROPE_TYPE_NORM): permute q/k rows
+    norm_shift: float = 0.0  # added to every ``*norm.weight`` on the way into the file
 
 
 def _linear(hf: str, gg: str, bias: bool) -> dict[str, str]:
@@ -72,6 +81,17 @@ def _decoder_layer(qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool) 
         names |= {"self_attn.q_norm.weight": "attn_q_norm.weight"}
         names |= {"self_attn.k_norm.weight": "attn_k_norm.weight"}
     return names
+
+
+def _gemma3_layer() -> dict[str, str]:
+    names = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "post_attention_norm.weight",
+        "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+        "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    }
+    plain = _decoder_layer(False, False, False, True)
+    return names | {k: v for k, v in plain.items() if k not in _RMS_NORMS}
 
 
 _DECODER_TOP = {
@@ -106,6 +126,9 @@ LAYOUTS: dict[str, ArchLayout] = {
     ),
     "qwen3": ArchLayout(
         "qwen3", _DECODER_TOP, _DECODER_BLOCK, _decoder_layer(False, False, False, True), False
+    ),
+    "gemma3_text": ArchLayout(
+        "gemma3", _DECODER_TOP, _DECODER_BLOCK, _gemma3_layer(), False, norm_shift=1.0
     ),
     "gpt2": ArchLayout(
         "gpt2",
@@ -155,6 +178,11 @@ def gguf_name(arch: ArchLayout, hf_name: str) -> str:
     )
 
 
+def norm_shift(arch: ArchLayout, gguf_tensor: str) -> float:
+    """What is added to the tensor ``gguf_tensor`` on its way into the file (Gemma's norms)."""
+    return arch.norm_shift if gguf_tensor.endswith("norm.weight") else 0.0
+
+
 def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Hugging Face q/k rows ``(n_heads * head_dim, ...)`` -> GGML's pair-wise RoPE order.
 
@@ -181,12 +209,12 @@ def heads(config: Any) -> tuple[int, int, int]:
     return n_heads, n_kv, head_dim
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
-    """The RoPE parameters of the full-attention layers (a per-layer-type dict unwrapped)."""
+def rope_parameters(config: Any, layer_type: str = "full_attention") -> dict[str, Any]:
+    """The RoPE parameters of ``layer_type``'s layers (a per-layer-type dict unwrapped)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     params = dict(params) if isinstance(params, Mapping) else {}
-    if isinstance(params.get("full_attention"), Mapping):
-        params = dict(params["full_attention"])
+    if isinstance(params.get(layer_type), Mapping):
+        params = dict(params[layer_type])
     if "rope_theta" not in params:
         params["rope_theta"] = getattr(config, "rope_theta", None) or 10000.0
     params.setdefault("rope_type", "default")
@@ -254,6 +282,55 @@ def _decoder_problems(config: Any, arch: str) -> list[str]:
     return problems
 
 
+def gemma3_attention_scale_dim(config: Any) -> int:
+    """The size whose inverse square root llama.cpp's gemma3 graph scales queries by: the
+    head size, but ``hidden / heads`` for a 62-layer model (it takes that depth for Gemma 3
+    27B, whose ``query_pre_attn_scalar`` is so)."""
+    n_heads, _, head_dim = heads(config)
+    return config.hidden_size // n_heads if config.num_hidden_layers == 62 else head_dim
+
+
+def sliding_pattern(config: Any) -> list[bool]:
+    """Per layer, whether it attends through the sliding window (Gemma 3's ``layer_types``)."""
+    types = getattr(config, "layer_types", None) or []
+    return [t == "sliding_attention" for t in types][: config.num_hidden_layers]
+
+
+def _gemma3_problems(config: Any) -> list[str]:
+    problems = []
+    if getattr(config, "hidden_activation", None) != "gelu_pytorch_tanh":
+        problems.append(
+            f"hidden_activation is {getattr(config, 'hidden_activation', None)!r} (llama.cpp's "
+            "gemma3 MLP is the tanh GELU, gelu_pytorch_tanh)"
+        )
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(config, key, None):
+            problems.append(f"{key} is set (llama.cpp's gemma3 graph does not cap)")
+    if getattr(config, "attention_bias", False):
+        problems.append("attention_bias is set (llama.cpp's gemma3 loader has no biases)")
+    if getattr(config, "use_bidirectional_attention", False):
+        problems.append("use_bidirectional_attention is set (a causal graph)")
+    scale_dim = gemma3_attention_scale_dim(config)
+    if getattr(config, "query_pre_attn_scalar", scale_dim) != scale_dim:
+        problems.append(
+            f"query_pre_attn_scalar is {config.query_pre_attn_scalar} (llama.cpp scales "
+            f"queries by 1/sqrt({scale_dim}) at this shape)"
+        )
+    if len(sliding_pattern(config)) != config.num_hidden_layers:
+        problems.append("layer_types does not name every layer's attention")
+    for layer_type, allowed in (
+        ("full_attention", ("default", "linear")),
+        ("sliding_attention", ("default",)),
+    ):
+        rope_type = rope_parameters(config, layer_type)["rope_type"]
+        if rope_type not in allowed:
+            problems.append(
+                f"rope_parameters.{layer_type}.rope_type is {rope_type!r} (written: "
+                f"{', '.join(allowed)})"
+            )
+    return problems
+
+
 def _gpt2_problems(config: Any) -> list[str]:
     problems = []
     if config.activation_function not in _GPT2_GELUS:
@@ -274,9 +351,11 @@ def check_exportable(config: Any) -> None:
     """Fail before any work on a model llama.cpp would compute differently from transformers.
 
     Supported: ``model_type`` llama (RoPE ``default`` or ``llama3``, biases allowed), qwen2
-    (no sliding window), qwen3 (no sliding window, no attention bias) and gpt2 (tanh GELU,
-    attention scaled by ``1/sqrt(head_dim)``). Reading ``reorder_and_upcast_attn`` is not
-    needed: it changes the fp16 rounding of GPT-2's attention, not its maths.
+    (no sliding window), qwen3 (no sliding window, no attention bias), gemma3_text (tanh
+    GELU, no soft-capping, queries scaled as llama.cpp does, linear or no RoPE scaling) and
+    gpt2 (tanh GELU, attention scaled by ``1/sqrt(head_dim)``). Reading
+    ``reorder_and_upcast_attn`` is not needed: it changes the fp16 rounding of GPT-2's
+    attention, not its maths.
 
     Raises:
         GGUFExportError: every problem found, each naming its config key, and the fix
@@ -287,6 +366,8 @@ def check_exportable(config: Any) -> None:
         problems = [f"model_type is {model_type!r} (supported: {', '.join(sorted(LAYOUTS))})"]
     elif model_type == "gpt2":
         problems = _gpt2_problems(config)
+    elif model_type == "gemma3_text":
+        problems = _gemma3_problems(config)
     else:
         problems = _decoder_problems(config, model_type)
     if problems:
@@ -320,11 +401,27 @@ def add_model_metadata(writer: Any, config: Any) -> None:
     writer.add_head_count(n_heads)
     writer.add_head_count_kv(n_kv)
     writer.add_rope_dimension_count(head_dim)
-    # The loader defaults the head size to hidden / heads; qwen3's often differs.
-    if arch == "qwen3" or head_dim != config.hidden_size // n_heads:
+    # The loader defaults the head size to hidden / heads; qwen3's and gemma3's often differ.
+    if arch in ("qwen3", "gemma3") or head_dim != config.hidden_size // n_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     # llama3 scaling is rope_freqs.weight (extra_tensors), no key: as llama.cpp's converter.
     writer.add_rope_freq_base(float(rope_parameters(config)["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
+    if arch == "gemma3":
+        _add_gemma3_metadata(writer, config)
+
+
+def _add_gemma3_metadata(writer: Any, config: Any) -> None:
+    """Gemma 3's window, which layers use it, their RoPE base, and the full layers' scaling."""
+    import gguf
+
+    writer.add_sliding_window(int(config.sliding_window))
+    writer.add_sliding_window_pattern(sliding_pattern(config))
+    sliding = rope_parameters(config, "sliding_attention")
+    writer.add_rope_freq_base_swa(float(sliding["rope_theta"]))
+    full = rope_parameters(config)
+    if full["rope_type"] == "linear":  # only the full layers scale (llama.cpp: freq_scale)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))

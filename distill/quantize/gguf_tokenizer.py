@@ -1,6 +1,9 @@
-"""The ``tokenizer.*`` keys of a GGUF file: a byte-level BPE tokenizer, embedded whole.
+"""The ``tokenizer.*`` keys of a GGUF file: the student's tokenizer, embedded whole.
 
-Byte-level BPE only (GPT-2 style, as SmolLM2, Llama 3 and Qwen use): tokens in their
+Two kinds. SentencePiece-style BPE (Gemma's: ``▁`` for spaces, ``<0xNN>`` byte fallback) is
+written as GGUF's "llama" tokenizer: tokens, scores that reproduce the merge order, token
+types (byte, unknown, control), and whether a space is prepended. Byte-level BPE (GPT-2
+style, as SmolLM2, Llama 3 and Qwen use) is written as "gpt2": tokens in their
 byte-alphabet spelling, merges, token types (control / user-defined added tokens), special
 token ids, ``add_bos_token`` and the chat template. llama.cpp splits text before BPE with a
 regex it picks by the ``tokenizer.ggml.pre`` name, so that name is read off the
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 from distill.quantize.gguf_arch import GGUFExportError
@@ -81,11 +85,59 @@ def pre_tokenizer_name(pre: dict | None, ignore_merges: bool = False) -> str:
     return "default"
 
 
+# llama.cpp's token types (llama_token_type in llama.h).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")
+
+
+def _is_sentencepiece(spec: dict) -> bool:
+    """A SentencePiece-style BPE (Gemma, Llama 2): ``▁`` for spaces, unknown characters
+    spelled as ``<0xNN>`` byte tokens, no byte-level alphabet."""
+    model = spec.get("model") or {}
+    decoder = spec.get("decoder") or {}
+    steps = decoder.get("decoders") or [decoder]
+    return bool(model.get("byte_fallback")) and any(d.get("type") == "ByteFallback" for d in steps)
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether encoding puts ``▁`` before the text (a ``Prepend`` normalizer or a
+    ``Metaspace`` that prepends): llama.cpp's ``add_space_prefix``."""
+    normalizer = spec.get("normalizer") or {}
+    steps = normalizer.get("normalizers") or [normalizer]
+    if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in steps):
+        return True
+    pre = spec.get("pre_tokenizer") or {}
+    return pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never"
+
+
+def _merge_list(model: dict) -> list[tuple[str, str]]:
+    return [
+        tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+        for m in model.get("merges") or []
+    ]
+
+
+def _sentencepiece_scores(tokens: list[str], model: dict) -> list[float]:
+    """Scores that make llama.cpp's SentencePiece merging follow the BPE merge order.
+
+    llama.cpp joins, at each step, the neighbouring pair whose joined text is the
+    highest-scoring vocabulary entry. A token made by merge ``r`` scores ``-r``; every other
+    token (characters, bytes, specials: never the product of a merge) scores below all of
+    them, so it is formed last if ever, as BPE never forms it.
+    """
+    rank: dict[str, int] = {}
+    for r, (a, b) in enumerate(_merge_list(model)):
+        rank.setdefault(a + b, r)
+    floor = -float(len(rank) + 1)
+    return [-float(rank[t]) if t in rank else floor for t in tokens]
+
+
 def tokenizer_metadata(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> dict[str, Any]:
-    """The ``tokenizer.*`` GGUF keys of a byte-level BPE tokenizer, padded to ``vocab_size``.
+    """The ``tokenizer.*`` GGUF keys of a byte-level BPE tokenizer (GGUF model "gpt2") or a
+    SentencePiece-style one (model "llama": Gemma's), padded to ``vocab_size``.
 
     Raises:
-        GGUFExportError: not a fast byte-level BPE tokenizer, or more tokens than
+        GGUFExportError: not a fast BPE tokenizer of either kind, or more tokens than
             ``vocab_size`` rows in the embedding.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -94,37 +146,33 @@ def tokenizer_metadata(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> d
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
     decoder = spec.get("decoder") or {}
-    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
+    sentencepiece = model.get("type") == "BPE" and _is_sentencepiece(spec)
+    if model.get("type") != "BPE" or not (sentencepiece or decoder.get("type") == "ByteLevel"):
         raise GGUFExportError(
-            f"GGUF export writes byte-level BPE tokenizers only, this one is "
-            f"{model.get('type')} with a {decoder.get('type')} decoder"
+            f"GGUF export writes byte-level or SentencePiece-style (byte-fallback) BPE "
+            f"tokenizers only, this one is {model.get('type')} with a {decoder.get('type')} "
+            "decoder"
         )
     vocab: dict[str, int] = dict(model["vocab"])
     kinds = {}
     for added in spec.get("added_tokens") or []:
         vocab[added["content"]] = added["id"]
-        kinds[added["id"]] = 3 if added.get("special") else 4  # CONTROL / USER_DEFINED
+        kinds[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
     n = max(vocab.values()) + 1
     if n > vocab_size:
         raise GGUFExportError(f"tokenizer has {n} tokens but the embedding only {vocab_size} rows")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [5] * vocab_size  # UNUSED, for rows no token maps to
+    types = [UNUSED] * vocab_size  # for rows no token maps to
     for token, i in vocab.items():
         tokens[i] = token
-        types[i] = kinds.get(i, 1)  # NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        types[i] = kinds.get(i, NORMAL)
 
     def token_id(name: str) -> int | None:
         value = getattr(tokenizer, f"{name}_token_id", None)
         return int(value) if value is not None else None
 
     bos = token_id("bos")
-    return {
-        "model": "gpt2",
-        "pre": pre_tokenizer_name(spec.get("pre_tokenizer"), bool(model.get("ignore_merges"))),
-        "tokens": tokens,
-        "token_types": types,
-        "merges": merges,
+    out: dict[str, Any] = {
         "bos": bos,
         "eos": token_id("eos"),
         "unk": token_id("unk"),
@@ -139,6 +187,31 @@ def tokenizer_metadata(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> d
         if isinstance(tokenizer.chat_template, str)
         else None,
     }
+    if not sentencepiece:
+        merges = [" ".join(m) for m in _merge_list(model)]
+        pre = pre_tokenizer_name(spec.get("pre_tokenizer"), bool(model.get("ignore_merges")))
+        return out | {
+            "model": "gpt2",
+            "pre": pre,
+            "tokens": tokens,
+            "token_types": types,
+            "merges": merges,
+            "scores": None,
+        }
+    for i, token in enumerate(tokens):
+        if types[i] == NORMAL and _BYTE_TOKEN.match(token):
+            types[i] = BYTE
+    if out["unk"] is not None:
+        types[out["unk"]] = UNKNOWN
+    return out | {
+        "model": "llama",
+        "pre": "default",
+        "tokens": tokens,
+        "token_types": types,
+        "merges": [],
+        "scores": _sentencepiece_scores(tokens, model),
+        "add_space_prefix": _adds_space_prefix(spec),
+    }
 
 
 def add_tokenizer_metadata(writer: Any, tok: dict[str, Any]) -> None:
@@ -147,7 +220,10 @@ def add_tokenizer_metadata(writer: Any, tok: dict[str, Any]) -> None:
     writer.add_tokenizer_pre(tok["pre"])
     writer.add_token_list(tok["tokens"])
     writer.add_token_types(tok["token_types"])
-    if tok["merges"]:
+    if tok["scores"] is not None:
+        writer.add_token_scores(tok["scores"])
+        writer.add_add_space_prefix(tok["add_space_prefix"])
+    elif tok["merges"]:
         writer.add_token_merges(tok["merges"])
     else:
         # A vocabulary of single symbols has no merges; readers then rebuild merges from

@@ -3,11 +3,13 @@ pre-tokenizers llama.cpp names, built in-process (shared by the ``test_gguf*`` f
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from tests.conftest import CORPUS
 
-ARCHS = ("llama3", "qwen2", "qwen3", "gpt2")
+ARCHS = ("llama3", "qwen2", "qwen3", "gemma3", "gpt2")
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 50000.0,
@@ -47,7 +49,14 @@ def arch_model(
     and a RoPE slip moves the logits by whole units; every bias and norm weight is perturbed
     away from its 0 / 1 init so a misplaced one shows too.
     """
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        LlamaConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     torch.manual_seed(seed)
     common = dict(
@@ -65,6 +74,7 @@ def arch_model(
         "llama3": lambda: LlamaConfig(**common, rope_parameters=dict(LLAMA3_ROPE)),
         "qwen2": lambda: Qwen2Config(**common, rope_theta=50000.0),
         "qwen3": lambda: Qwen3Config(**common, head_dim=QWEN3_HEAD_DIM, rope_theta=50000.0),
+        "gemma3": lambda: Gemma3TextConfig(**common, **gemma3_shape(layers)),
         "gpt2": lambda: GPT2Config(
             vocab_size=vocab,
             n_embd=64,
@@ -80,6 +90,26 @@ def arch_model(
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return perturb_vectors(AutoModelForCausalLM.from_config(cfg).eval())
+
+
+def gemma3_shape(layers: int) -> dict:
+    """Gemma 3's traits in miniature: head_dim above hidden / heads, a window (8) shorter
+    than the test sequences, sliding and full layers alternating with their own RoPE bases,
+    and the full layers' RoPE scaled linearly (as Gemma 3 4B and up ship)."""
+    return dict(
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+        + ["sliding_attention"] * (layers % 2),
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 50000.0, "factor": 2.0},
+        },
+        bos_token_id=None,
+        pad_token_id=None,
+        eos_token_id=None,
+    )
 
 
 def perturb_vectors(model):
@@ -137,4 +167,48 @@ def pre_tokenized(kind: str, vocab_size: int = 400):
     tok.pre_tokenizer = pre
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+SPM_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def sentencepiece_tokenizer(vocab_size: int = 400):
+    """A SentencePiece-style BPE tokenizer like Gemma's: spaces as ``▁`` (no prefix space),
+    the 256 ``<0xNN>`` byte tokens for characters outside the vocabulary, no pre-tokenizer
+    (merges may cross words), ``<bos>`` prepended on encoding."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 256, special_tokens=SPM_SPECIALS, show_progress=False
+    )
+    base = Tokenizer(models.BPE(unk_token="<unk>"))
+    base.normalizer = normalizers.Replace(" ", "\u2581")
+    base.train_from_iterator([CORPUS, TOKENIZER_TEXT], trainer=trainer)
+    spec = json.loads(base.to_str())
+    learned = spec["model"]["vocab"]
+    # Byte tokens right after the specials, as Gemma's vocabulary has them.
+    vocab = {t: i for i, t in enumerate(SPM_SPECIALS)}
+    vocab |= {f"<0x{b:02X}>": len(SPM_SPECIALS) + b for b in range(256)}
+    for token, _ in sorted(learned.items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [
+        tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]
+    ]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok.add_special_tokens(SPM_SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )

@@ -8,7 +8,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from transformers import GemmaConfig, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    Gemma3TextConfig,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from distill.errors import DistillError
 from distill.quantize.gguf_arch import (
@@ -34,6 +41,9 @@ _SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_valu
         (Qwen2Config(**_SMALL, use_sliding_window=True, max_window_layers=0), "use_sliding_window"),
         (Qwen2Config(**_SMALL, head_dim=16), "head_dim"),
         (Qwen3Config(**_SMALL, head_dim=16, attention_bias=True), "attention_bias"),
+        (Gemma3TextConfig(**_SMALL, final_logit_softcapping=30.0), "final_logit_softcapping"),
+        (Gemma3TextConfig(**_SMALL, head_dim=8, query_pre_attn_scalar=64), "query_pre_attn"),
+        (Gemma3TextConfig(**_SMALL, hidden_activation="gelu"), "hidden_activation"),
         (GPT2Config(n_embd=32, n_head=4, activation_function="relu"), "activation_function"),
         (GPT2Config(n_embd=32, n_head=4, scale_attn_by_inverse_layer_idx=True), "inverse_layer"),
     ],
@@ -46,7 +56,7 @@ def test_what_llama_cpp_would_compute_differently_is_refused(config, key: str) -
     assert isinstance(err.value, DistillError)
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3", "gemma3", "gpt2"])
 def test_supported_architectures_pass_and_map_every_tensor(arch: str) -> None:
     model = arch_model(arch, 64)
     check_exportable(model.config)
@@ -61,9 +71,10 @@ def test_a_tensor_the_arch_does_not_load_is_refused() -> None:
         ("qwen2", "model.layers.0.self_attn.o_proj.bias"),  # qwen2's loader has no wo bias
         ("qwen3", "model.layers.0.self_attn.q_proj.bias"),
         ("llama", "model.layers.0.self_attn.q_norm.weight"),
+        ("gemma3_text", "model.layers.0.self_attn.q_proj.bias"),
         ("gpt2", "transformer.h.0.attn.bias"),  # the causal-mask buffer of older transformers
     ]:
-        with pytest.raises(GGUFExportError, match=model_type):
+        with pytest.raises(GGUFExportError, match=LAYOUTS[model_type].arch):
             gguf_name(LAYOUTS[model_type], key)
 
 

@@ -18,7 +18,12 @@ import torch
 import distill.quantize.gguf as gguf_mod
 from distill.quantize import gguf_arch
 from distill.quantize.gguf import export_gguf, gguf_tensor_bytes, reference_model
-from tests.quantize.gguf_models import TOKENIZER_TEXT, arch_model, pre_tokenized
+from tests.quantize.gguf_models import (
+    TOKENIZER_TEXT,
+    arch_model,
+    pre_tokenized,
+    sentencepiece_tokenizer,
+)
 
 # Measured on these models (max |logit| up to 4.4; seeds 0-4, tied and untied, 96 tokens,
 # all four archs, 40 models per type): llama.cpp's F16 file against transformers fp32 at most
@@ -27,8 +32,10 @@ from tests.quantize.gguf_models import TOKENIZER_TEXT, arch_model, pre_tokenized
 # inside its quantized dot products. The bounds are 2.2-2.7x those worst cases.
 MAX_DELTA_F16_VS_TRANSFORMERS = 0.02
 MAX_DELTA_VS_REFERENCE = {"f16": 0.02, "q8_0": 0.2, "q4_0": 0.25}
-# A layout slip (q/k permuted for qwen or not for llama, rope_freqs left out) measured 1.7
-# to 3.4 on seeds 0-2: far outside every bound above.
+# A layout slip (q/k permuted for qwen or not for llama, rope_freqs left out; Gemma 3's norms
+# not shifted, its sliding pattern lost) measured 1.7 to 3.6 on seeds 0-2: far outside every
+# bound above. Gemma 3 (seed 0, 4 layers): F16 8.1e-3 from transformers, Q8_0 and Q4_0 0.10
+# from the reference, inside the same bounds.
 LAYOUT_SLIP = 1.0
 CONTEXT = 256
 IDS = [int(i) for i in np.arange(96) * 37 % 300]  # spread over the 300-token vocabulary
@@ -37,6 +44,11 @@ IDS = [int(i) for i in np.arange(96) * 37 % 300]  # spread over the 300-token vo
 @pytest.fixture(scope="module")
 def tokenizer():
     return pre_tokenized("gpt2", vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer():
+    return sentencepiece_tokenizer(vocab_size=400)
 
 
 def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
@@ -69,12 +81,15 @@ def max_delta(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0", "q4_0"])
 @pytest.mark.parametrize(
-    "arch,tie", [("llama3", False), ("qwen2", True), ("qwen3", True), ("gpt2", True)]
+    "arch,tie",
+    [("llama3", False), ("qwen2", True), ("qwen3", True), ("gemma3", True), ("gpt2", True)],
 )
 def test_llama_cpp_reproduces_each_architecture(
-    tmp_path, tokenizer, arch: str, tie: bool, gguf_type: str
+    tmp_path, tokenizer, spm_tokenizer, arch: str, tie: bool, gguf_type: str
 ) -> None:
-    model = arch_model(arch, len(tokenizer), tie=tie, context=CONTEXT)
+    # Gemma 3 with its own kind of tokenizer (SentencePiece-style, written as GGUF "llama").
+    tokenizer = spm_tokenizer if arch == "gemma3" else tokenizer
+    model = arch_model(arch, len(tokenizer), tie=tie, context=CONTEXT, layers=4)
     export = export_gguf(model, tokenizer, tmp_path / f"{arch}-{gguf_type}.gguf", gguf_type)
     got = llama_cpp_logits(export.path, IDS)
     if gguf_type == "f16":
@@ -99,16 +114,28 @@ def test_llama_biases_are_permuted_with_their_rows(tmp_path, tokenizer) -> None:
 
 @pytest.mark.parametrize(
     "arch,slip",
-    [("qwen2", "permute"), ("qwen3", "permute"), ("llama3", "no-permute"), ("llama3", "no-freqs")],
+    [
+        ("qwen2", "permute"),
+        ("qwen3", "permute"),
+        ("llama3", "no-permute"),
+        ("llama3", "no-freqs"),
+        ("gemma3", "no-norm-shift"),
+        ("gemma3", "all-sliding"),
+    ],
 )
 def test_a_layout_slip_is_far_outside_the_tolerance(
     tmp_path, tokenizer, monkeypatch, arch: str, slip: str
 ) -> None:
     # The check above can fail: each of these plausible mistakes moves logits by units.
-    model = arch_model(arch, len(tokenizer))
+    model = arch_model(arch, len(tokenizer), layers=4)
     model_type = model.config.model_type
     if slip == "no-freqs":
         monkeypatch.setattr(gguf_mod, "extra_tensors", lambda config: {})
+    elif slip == "no-norm-shift":
+        wrong = dataclasses.replace(gguf_arch.LAYOUTS[model_type], norm_shift=0.0)
+        monkeypatch.setitem(gguf_arch.LAYOUTS, model_type, wrong)
+    elif slip == "all-sliding":
+        monkeypatch.setattr(gguf_arch, "sliding_pattern", lambda c: [True] * c.num_hidden_layers)
     else:
         wrong = dataclasses.replace(gguf_arch.LAYOUTS[model_type], permute_qk=slip == "permute")
         monkeypatch.setitem(gguf_arch.LAYOUTS, model_type, wrong)
@@ -149,6 +176,30 @@ def test_llama_cpp_tokenizes_as_the_source_tokenizer(tmp_path, monkeypatch, kind
     )
     wrong = export_gguf(model, tok, tmp_path / f"{kind}-as-{neighbour}.gguf", "f16")
     assert _llama_cpp_ids(wrong.path, TOKENIZER_TEXT) != expected
+
+
+def test_llama_cpp_tokenizes_as_a_sentencepiece_tokenizer(
+    tmp_path, monkeypatch, spm_tokenizer
+) -> None:
+    # Gemma's kind: spaces as "▁", characters outside the vocabulary as <0xNN> bytes, merges
+    # across words, <bos> prepended. The scores must make llama.cpp merge in BPE's order.
+    text = TOKENIZER_TEXT + " \u00fcn\u00efc\u00f8d\u00e9 \U0001f600, tabs\t\tand  two  spaces"
+    model = arch_model("gemma3", len(spm_tokenizer), layers=2)
+    export = export_gguf(model, spm_tokenizer, tmp_path / "spm.gguf", "f16")
+    expected = spm_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any(spm_tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in expected)
+    assert _llama_cpp_ids(export.path, text) == expected
+    real = gguf_mod.tokenizer_metadata
+    meta = real(spm_tokenizer, len(spm_tokenizer))
+    assert (meta["model"], meta["add_bos"], meta["add_space_prefix"]) == ("llama", True, False)
+    # Scores in vocabulary order instead of merge order: llama.cpp merges differently.
+    monkeypatch.setattr(
+        gguf_mod,
+        "tokenizer_metadata",
+        lambda t, n: {**real(t, n), "scores": [float(i) for i in range(n)]},
+    )
+    wrong = export_gguf(model, spm_tokenizer, tmp_path / "spm-wrong.gguf", "f16")
+    assert _llama_cpp_ids(wrong.path, text) != expected
 
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen2", "gpt2"])
