@@ -236,6 +236,9 @@ def tiny_overrides(teacher_dir: Path, corpus_dir: Path, cache_dir: Path) -> list
         "eval.generation_prompts=2",
         "eval.generation_tokens=6",
         "eval.fidelity_prompt_tokens=6",
+        "eval.draft_tokens=8",
+        # The default's Q4_K_M is llama.cpp's own quantizer (tests/quantize/test_llama_quant.py).
+        "quant.gguf=[q8_0,q4_0]",
         f"cache_dir={cache_dir}",
     ]
 

@@ -238,7 +238,7 @@ def test_gguf_of_a_gpt2_student_fails_before_training(
     from distill.train import loop
 
     overrides = tiny_overrides(tiny_gpt2_teacher_dir, tiny_corpus_dir, tmp_path / "cache")
-    cfg = to_pipeline_config(compose(overrides))  # the default quant.gguf=[q8_0, q4_0]
+    cfg = to_pipeline_config(compose(overrides))  # tiny_overrides' quant.gguf=[q8_0, q4_0]
     run_dir = tmp_path / "run"
     with pytest.raises(GGUFExportError) as err:
         loop.run(cfg, run_dir)
@@ -315,6 +315,12 @@ def test_smoke_on_embedded_default(tmp_path: Path) -> None:
     # torch and GGUF row answered them.
     for name in ("student", "student-gguf-q8_0"):
         assert by_name[name]["fidelity"]["general"]["prompts"] >= 1, name
+    # The student's Q4_0 file drafted for the teacher's F16 in llama.cpp, timed (k = 2).
+    draft = report["draft_speed"]
+    assert draft["error"] is None, draft
+    assert [r["draft_length"] for r in draft["by_draft_length"]] == [2]
+    assert draft["teacher_s"] > 0 and draft["by_draft_length"][0]["speedup"] > 0, draft
+    assert "Timed in llama.cpp" in (run_dir / "report.md").read_text()
     # experiment=quick compiles nothing (see its comment): the torch rows deploy eager, and
     # say so.
     assert "not in eval.compiled_decode" in by_name["student"]["deployed_runtime"]

@@ -311,6 +311,12 @@ class EvalConfig:
     llama_cpp_threads: int | None = None
     # The teacher exported to GGUF F16 by the quantize stage, timed in llama.cpp.
     teacher_gguf: bool = True
+    # The student's GGUF file drafting for the teacher's F16 file in llama.cpp's speculative
+    # decoding, timed at each draft length ([] skips it; distill/evaluate/draft.py).
+    draft_lengths: list[int] = field(default_factory=lambda: [1, 2, 4])
+    draft_gguf: str = "q4_0"
+    draft_prompts: int = 4
+    draft_tokens: int = 48
     fidelity: list[str] = field(default_factory=lambda: list(FIDELITY_SETS))
     teacher_text_prompts: int = 32
     teacher_text_tokens: int = 96
@@ -344,6 +350,9 @@ class EvalConfig:
             self,
             (*sizes, "decode_batch_size", "memory_context_tokens", "memory_batch_size"),
         )
+        if any(not isinstance(k, int) or k < 1 for k in self.draft_lengths):
+            out.append(f"eval.draft_lengths={self.draft_lengths!r}: give draft lengths >= 1")
+        out += _at_least("eval", self, ("draft_prompts", "draft_tokens"))
         if self.decode_batch_size > 1 and not self.eager_timing:
             out.append(
                 f"eval.decode_batch_size={self.decode_batch_size}: batched decode is an eager "

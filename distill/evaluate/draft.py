@@ -10,9 +10,10 @@ so it was conditioned on the teacher's tokens). So one teacher-forced pass of th
 the teacher's greedy answers (:func:`torch_matches`, :func:`gguf_matches`) gives the
 acceptance at every draft length (:func:`speculation`), in the runtime the variant deploys in.
 
-The measured speed-up of the real thing (transformers' assisted generation, output checked
-token-identical to the teacher's own greedy decode) is :func:`assisted_speed`, run by
-``scripts/bench/bench_draft.py``.
+The measured speed-up of the real thing, with the output checked token for token against the
+teacher's own greedy decode: :func:`llama_cpp_speeds` (llama.cpp's speculative decoding, the
+teacher's F16 file drafting with a student file; every report times it, ``eval.draft_*``) and
+:func:`assisted_speed` (transformers' assisted generation, ``scripts/bench/bench_draft.py``).
 """
 
 from __future__ import annotations
@@ -189,19 +190,25 @@ def _gguf_draft(path: Any, draft_length: int, threads: int, n_ctx: int) -> Any:
     return GGUFDraft()
 
 
-def llama_cpp_speed(
+def llama_cpp_speeds(
     teacher_path: Any,
     draft_path: Any,
     prompts: Sequence[Sequence[int]],
     new_tokens: int,
-    draft_length: int,
+    draft_lengths: Sequence[int],
     threads: int,
 ) -> dict[str, Any]:
-    """:func:`assisted_speed` in llama.cpp: the teacher's GGUF decoding greedily alone, and with
-    llama-cpp-python's speculative decoding drafting with the GGUF at ``draft_path``."""
+    """:func:`assisted_speed` in llama.cpp: the teacher's GGUF decoding greedily alone (once),
+    then with llama-cpp-python's speculative decoding drafting with the GGUF at ``draft_path``
+    at each of ``draft_lengths``.
+
+    Returns:
+        ``{"teacher_s", "answers", "tokens", "by_draft_length": [{"draft_length",
+        "assisted_s", "speedup", "identical", "identical_answers", "shared_prefix"}, ...]}``.
+    """
     from distill.models import load_llama
 
-    n_ctx = max(len(p) for p in prompts) + new_tokens + draft_length + 8
+    n_ctx = max(len(p) for p in prompts) + new_tokens + max(draft_lengths) + 8
 
     def decode(draft: Any) -> tuple[list[list[int]], float]:
         llm = load_llama(teacher_path, n_ctx=n_ctx, threads=threads, draft_model=draft)
@@ -221,20 +228,27 @@ def llama_cpp_speed(
         return outputs, seconds
 
     want, alone = decode(None)
-    got, assisted = decode(_gguf_draft(draft_path, draft_length, threads, n_ctx))
+    rows = []
+    for k in draft_lengths:
+        got, assisted = decode(_gguf_draft(draft_path, k, threads, n_ctx))
+        rows.append(
+            {
+                "draft_length": k,
+                "assisted_s": assisted,
+                "speedup": alone / assisted if assisted else float("nan"),
+                "identical": got == want,
+                # llama.cpp checks a draft in one batch, whose kernels round differently from
+                # one token's: a near-tie can turn. How many answers stayed the teacher's own,
+                # and the tokens they share before the first turn.
+                "identical_answers": sum(g == w for g, w in zip(got, want, strict=True)),
+                "shared_prefix": sum(_shared(g, w) for g, w in zip(got, want, strict=True)),
+            }
+        )
     return {
-        "draft_length": draft_length,
         "teacher_s": alone,
-        "assisted_s": assisted,
-        "speedup": alone / assisted if assisted else float("nan"),
-        "identical": got == want,
-        # llama.cpp checks a draft in one batch, whose kernels round differently from one
-        # token's: a near-tie can turn. How many answers stayed the teacher's own, and the
-        # tokens they share before the first turn.
-        "identical_answers": sum(g == w for g, w in zip(got, want, strict=True)),
         "answers": len(want),
-        "shared_prefix": sum(_shared(g, w) for g, w in zip(got, want, strict=True)),
         "tokens": sum(len(w) for w in want),
+        "by_draft_length": rows,
     }
 
 

@@ -87,7 +87,8 @@ def fidelity_lines(report: dict[str, Any], heading: str) -> list[str]:
 def draft_lines(report: dict[str, Any]) -> list[str]:
     """Each variant as the teacher's draft model (distill/evaluate/draft.py), per answer set:
     the share of the teacher's greedy answer tokens it guesses, and the tokens a teacher pass
-    yields in greedy speculative decoding at each draft length. Empty without answer sets."""
+    yields in greedy speculative decoding at each draft length; then the student's GGUF file
+    drafting for the teacher's in llama.cpp, timed. Empty without either."""
     rows = []
     lengths: list[str] = []
     for v in report["variants"]:
@@ -100,23 +101,71 @@ def draft_lines(report: dict[str, Any]) -> list[str]:
             cells = [v["name"], name, _pct(draft["top1_on_teacher_answers"])]
             cells += [_num(by[k]["tokens_per_pass"], 2) for k in lengths]
             rows.append("| " + " | ".join(cells) + " |")
-    if not rows:
+    timed = _timed_draft_lines(report.get("draft_speed"))
+    if not rows and not timed:
         return []
-    head = ["variant", "answers", "guesses the teacher's token"]
-    head += [f"tokens / teacher pass, k={k}" for k in lengths]
-    return [
-        "## The student as the teacher's draft model",
+    out = ["## The student as the teacher's draft model", ""]
+    if rows:
+        head = ["variant", "answers", "guesses the teacher's token"]
+        head += [f"tokens / teacher pass, k={k}" for k in lengths]
+        out += [
+            "| " + " | ".join(head) + " |",
+            "|---|---|" + "---:|" * (len(head) - 2),
+            *rows,
+            "",
+            "- Greedy speculative decoding of the teacher's own greedy answers: the variant "
+            "drafts k tokens, the teacher keeps those that equal its own and adds one, so the "
+            "output is the teacher's and each teacher pass yields 1 to k + 1 tokens (1 without "
+            "a draft). Computed from one teacher-forced pass of the variant in its own runtime.",
+        ]
+    return out + timed
+
+
+def _identity(r: dict[str, Any], timed: dict[str, Any]) -> str:
+    if r["identical"]:
+        return "yes"
+    return (
+        f"no: {r['identical_answers']} of {timed['answers']} answers; {r['shared_prefix']} of "
+        f"{timed['tokens']} tokens before the first difference"
+    )
+
+
+def best_draft(timed: dict[str, Any]) -> dict[str, Any]:
+    """The timed draft length with the highest speed-up."""
+    return max(timed["by_draft_length"], key=lambda r: r["speedup"])
+
+
+def _timed_draft_lines(timed: dict[str, Any] | None) -> list[str]:
+    if not timed:
+        return []
+    if timed.get("error"):
+        return ["", f"- The student was not timed as a draft model in llama.cpp: {timed['error']}."]
+    kind = timed["gguf"].upper()
+    out = [
         "",
-        "| " + " | ".join(head) + " |",
-        "|---|---|" + "---:|" * (len(head) - 2),
-        *rows,
+        f"Timed in llama.cpp: the teacher's F16 file alone, and with the student's {kind} file "
+        "drafting.",
         "",
-        "- Greedy speculative decoding of the teacher's own greedy answers: the variant drafts "
-        "k tokens, the teacher keeps those that equal its own and adds one, so the output is "
-        "the teacher's and each teacher pass yields 1 to k + 1 tokens (1 without a draft). "
-        "Computed from one teacher-forced pass of the variant in its own runtime; "
-        "`scripts/bench/bench_draft.py` measures the wall-clock speed-up (docs/draft.md).",
+        f"| draft tokens k | teacher alone s | with the {kind} draft s | speed-up | "
+        "output the teacher's own |",
+        "|---:|---:|---:|---:|---|",
     ]
+    for r in timed["by_draft_length"]:
+        out.append(
+            f"| {r['draft_length']} | {timed['teacher_s']:.1f} | {r['assisted_s']:.1f} | "
+            f"{r['speedup']:.2f}× | {_identity(r, timed)} |"
+        )
+    best = best_draft(timed)
+    out += [
+        "",
+        f"- {timed['answers']} held-out prompts of the generation set, {timed['new_tokens']} "
+        f"greedy tokens each, batch 1, {timed['threads']} threads, one run. Best: k = "
+        f"{best['draft_length']}, {best['speedup']:.2f}× the teacher's own speed (below 1 is a "
+        "slow-down). llama.cpp checks a draft in one batch, whose kernels round differently "
+        "from one token's, so a near-tie can turn an answer. transformers' assisted generation: "
+        "`scripts/bench/bench_draft.py` (docs/draft.md).",
+    ]
+    return out
 
 
 def draft_summary(report: dict[str, Any], variant: str = "student", k: str = "4") -> str | None:
@@ -129,9 +178,19 @@ def draft_summary(report: dict[str, Any], variant: str = "student", k: str = "4"
         if draft and k in draft["by_draft_length"]:
             per_pass = draft["by_draft_length"][k]["tokens_per_pass"]
             parts.append(f"{_num(per_pass, 2)} tokens per teacher pass on the {name} answers")
+    timed = report.get("draft_speed") or {}
     if not parts:
         return None
-    return (
+    line = (
         f"As the teacher's draft model (greedy speculative decoding, {k} draft tokens a pass; "
         f"the output is the teacher's own): {' and '.join(parts)}, against 1 without a draft."
     )
+    if timed.get("by_draft_length"):
+        best = best_draft(timed)
+        same = "identical to" if best["identical"] else "not always identical to"
+        line += (
+            f" Timed in llama.cpp, its {timed['gguf'].upper()} file drafting "
+            f"{best['draft_length']} tokens ran the teacher's F16 file at {best['speedup']:.2f}× "
+            f"its own speed, output {same} the teacher's."
+        )
+    return line

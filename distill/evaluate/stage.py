@@ -42,8 +42,9 @@ from distill.caches import cache_root
 from distill.config import PipelineConfig
 from distill.data import PackedSplits, splits_for
 from distill.errors import DistillError
+from distill.evaluate.draft import llama_cpp_speeds
 from distill.evaluate.extra_corpora import check_extra_corpora
-from distill.evaluate.fidelity import build_fidelity, fidelity_inputs
+from distill.evaluate.fidelity import FidelityInputs, build_fidelity, fidelity_inputs
 from distill.evaluate.gguf_runtime import gguf_row
 from distill.evaluate.memory import (
     BANDWIDTH_METHOD,
@@ -214,6 +215,47 @@ def _teacher_gguf_row(
     return row, {"teacher_gguf": str(path), "teacher_gguf_error": None}
 
 
+def _draft_speed(
+    cfg: PipelineConfig,
+    rd: RunDir,
+    records: dict[str, dict[str, Any]],
+    teacher_gguf: str | None,
+    inputs: FidelityInputs | None,
+) -> dict[str, Any] | None:
+    """The student's ``eval.draft_gguf`` file drafting for the teacher's F16 file in llama.cpp
+    (:func:`distill.evaluate.draft.llama_cpp_speeds`), or why it was not timed; None when
+    ``eval.draft_lengths`` is empty."""
+    e = cfg.eval
+    if not e.draft_lengths:
+        return None
+    threads = e.llama_cpp_threads or default_threads()
+    out: dict[str, Any] = {"gguf": e.draft_gguf, "new_tokens": e.draft_tokens, "threads": threads}
+    record = records.get(f"gguf-{e.draft_gguf}") or {}
+    prompts = [p.tokens for p in (inputs.generation if inputs else [])][: e.draft_prompts]
+    why = None
+    if llama_cpp_problem():
+        why = llama_cpp_problem()
+    elif teacher_gguf is None:
+        why = "there is no teacher GGUF F16 row (eval.teacher_gguf=true and a GGUF type make it)"
+    elif not record.get("dst"):
+        why = f"the run has no student {e.draft_gguf} GGUF file (add {e.draft_gguf} to quant.gguf)"
+    elif not prompts:
+        why = "the generation set is off (eval.fidelity), and its prompts are the ones timed"
+    if why:
+        log.info("draft model not timed: %s", why)
+        return out | {"error": why}
+    with _log_time(f"student {e.draft_gguf} drafting for {TEACHER_ROW}"):
+        timed = llama_cpp_speeds(
+            teacher_gguf,
+            rd.quantized / record["dst"],
+            prompts,
+            e.draft_tokens,
+            e.draft_lengths,
+            threads,
+        )
+    return out | timed | {"error": None}
+
+
 def run(
     cfg: PipelineConfig,
     run_dir: Path,
@@ -288,7 +330,9 @@ def run(
     sets = fidelity.describe() if fidelity is not None else {}
     if fidelity is not None:
         fidelity.release()  # the sets' teacher log-probs, and the teacher it held
+    draft_speed = _draft_speed(cfg, rd, records, llama_cpp["teacher_gguf"], inputs)
     report = _assemble(cfg, rows, sets, device, llama_cpp)
+    report["draft_speed"] = draft_speed
     report["student"] = student_shape(student_config or _student_config(run_dir), teacher_config)
     report["stamp"] = stage_stamp(cfg, run_dir)
     write_report(report, run_dir)

@@ -23,7 +23,7 @@ import torch
 from distill import cli  # noqa: F401  (cli registers the config schema)
 from distill.caches import cache_root
 from distill.errors import DistillError
-from distill.evaluate.draft import assisted_speed, llama_cpp_speed
+from distill.evaluate.draft import assisted_speed, llama_cpp_speeds
 from distill.evaluate.fidelity import fidelity_inputs
 from distill.models import Teacher, default_threads, load_causal_lm
 
@@ -67,9 +67,11 @@ def main() -> int:
         threads = default_threads()
         for gguf_type in args.gguf:
             draft = args.run_dir / "quantized" / "gguf" / f"student-{gguf_type}.gguf"
-            for k in args.lengths:
-                r = llama_cpp_speed(f16, draft, prompts, args.tokens, k, threads)
-                _print_row(f"llama.cpp, {gguf_type} draft", k, r)
+            timed = llama_cpp_speeds(f16, draft, prompts, args.tokens, args.lengths, threads)
+            for r in timed["by_draft_length"]:
+                row = {**r, "teacher_s": timed["teacher_s"], "answers": timed["answers"]}
+                row["tokens"] = timed["tokens"]
+                _print_row(f"llama.cpp, {gguf_type} draft", r["draft_length"], row)
     return 0
 
 

@@ -98,8 +98,11 @@ def test_run_writes_report_with_exact_schema(tiny_run: Path, tmp_path: Path) -> 
     on_disk = json.loads((tiny_run / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert set(on_disk) == {
-        *("variants", "fidelity", "training", "machine", "config", "student", "stamp")
+        *("variants", "fidelity", "training", "machine", "config", "student", "stamp"),
+        "draft_speed",
     }
+    # No GGUF rows here, so no teacher F16 to draft for: the report says so.
+    assert "teacher GGUF F16" in on_disk["draft_speed"]["error"]
     # final/'s shape (1 layer) beside the teacher's (tiny_model's default depth)
     assert on_disk["student"]["num_layers"] == [1, teacher.model.config.num_hidden_layers]
     assert set(on_disk["fidelity"]) == {"teacher_text", "generation"}
