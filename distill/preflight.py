@@ -68,8 +68,9 @@ def preflight(cfg: PipelineConfig, teacher: Teacher) -> None:
     Raises:
         DistillError: a missing path, or an unreadable weight or data file (``ModelError``,
             ``DataError``, each naming the file), layers the teacher lacks, a vocabulary
-            mismatch, or an output the student cannot be written as (``GGUFExportError``);
-            each names the key and the fix.
+            mismatch, an output the student cannot be written as (``GGUFExportError``), or
+            an lm-eval task lm-eval does not know (``TaskError``); each names the key and the
+            fix.
     """
     pair = cfg.pair
     check_source(pair.teacher.name_or_path, "pair.teacher.name_or_path", pair.teacher.gguf_file)
@@ -84,3 +85,7 @@ def preflight(cfg: PipelineConfig, teacher: Teacher) -> None:
         check_model_files(pair.student.name_or_path, "student")
         preflight_pretrained_student(pair.student, tokenizer, int(teacher.config.vocab_size))
     check_outputs(cfg.quant, planned_config(pair.student, teacher.config), tokenizer)
+    if cfg.eval.lm_eval_tasks:  # an unknown task would otherwise fail after training
+        from distill.evaluate import check_tasks
+
+        check_tasks(cfg.eval)

@@ -193,6 +193,8 @@ def test_pipeline_on_each_gguf_architecture(
 
     teacher = save_teacher(arch, tmp_path / "teacher")
     overrides = arch_overrides(teacher, tiny_corpus_dir, tmp_path / "cache")
+    if arch == "llama3":  # one architecture runs the shipped lm-eval task on every row
+        overrides += [*LM_EVAL, "eval.lm_eval_limit=4", "eval.lm_eval_max_length=256"]
     cfg = to_pipeline_config(compose([*overrides, *ARCHS[arch].width]))
     run_dir = tmp_path / "run"
     save_config(cfg, run_dir)  # as scripts/pipeline.py does
@@ -214,3 +216,31 @@ def test_pipeline_on_each_gguf_architecture(
         assert student[key] == int(value), (key, student[key])
     check_gguf_rows(report)
     check_published_files(run_dir, ARCHS[arch], tmp_path)
+    if arch == "llama3":
+        check_task_scores(report, run_dir)
+
+
+LM_EVAL = [
+    "eval.lm_eval_tasks=[distill_python_mc]",
+    f"eval.lm_eval_include=[{Path(__file__).parent / 'lm_eval_tasks'}]",
+]
+
+
+def check_task_scores(report: dict, run_dir: Path) -> None:
+    """Every row, the teacher's and the GGUF files' (in llama.cpp) included, has the task's
+    scores from the same settings; report.md and the card carry them."""
+    import yaml
+
+    for v in report["variants"]:
+        scores = v["lm_eval"]["distill_python_mc"]
+        assert 0.0 <= scores["acc"] <= 1.0, v["name"]
+        assert (scores["examples"], scores["num_fewshot"]) == (4, 2), v["name"]
+    assert report["lm_eval"]["tasks"] == ["distill_python_mc"]
+    assert "## Task scores (lm-evaluation-harness)" in (run_dir / "report.md").read_text()
+    card = (run_dir / "publish" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    (result,) = meta["model-index"][0]["results"]
+    assert result["dataset"]["name"] == "distill_python_mc"
+    student = next(v for v in report["variants"] if v["name"] == "student")
+    acc = next(m for m in result["metrics"] if m["type"] == "acc")
+    assert acc["value"] == round(student["lm_eval"]["distill_python_mc"]["acc"], 4)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from distill.extra_corpus import ExtraCorpus
@@ -332,6 +333,13 @@ class EvalConfig:
     # Files, globs or hf:<dataset>[:<config>][@<split>][#<column>] (distill/extra_corpus.py).
     extra_corpora: list[str] = field(default_factory=list)
     extra_corpus_blocks: int = 16
+    # lm-evaluation-harness tasks scored on every row (distill/evaluate/tasks.py; [] : none).
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_include: list[str] = field(default_factory=list)
+    lm_eval_num_fewshot: int | None = None
+    lm_eval_limit: int | None = None
+    lm_eval_max_length: int = 2048
+    lm_eval_batch_size: int = 8
 
     def problems(self) -> list[str]:
         out = self._fidelity_problems()
@@ -353,6 +361,7 @@ class EvalConfig:
         if any(not isinstance(k, int) or k < 1 for k in self.draft_lengths):
             out.append(f"eval.draft_lengths={self.draft_lengths!r}: give draft lengths >= 1")
         out += _at_least("eval", self, ("draft_prompts", "draft_tokens"))
+        out += self._lm_eval_problems()
         if self.decode_batch_size > 1 and not self.eager_timing:
             out.append(
                 f"eval.decode_batch_size={self.decode_batch_size}: batched decode is an eager "
@@ -367,6 +376,22 @@ class EvalConfig:
             out.append(
                 f"eval.compiled_decode={self.compiled_decode!r}: give variant names or patterns"
             )
+        return out
+
+    def _lm_eval_problems(self) -> list[str]:
+        out = []
+        if any(not isinstance(t, str) or not t for t in self.lm_eval_tasks):
+            out.append(f"eval.lm_eval_tasks={self.lm_eval_tasks!r}: give lm-eval task names")
+        missing = [p for p in self.lm_eval_include if not Path(p).expanduser().is_dir()]
+        if missing:
+            out.append(
+                f"eval.lm_eval_include: {missing} not a folder (give folders of lm-eval task YAMLs)"
+            )
+        for key in ("lm_eval_num_fewshot", "lm_eval_limit"):
+            value = getattr(self, key)
+            if value is not None and value < (0 if key == "lm_eval_num_fewshot" else 1):
+                out.append(f"eval.{key}={value}: must be >= {int(key == 'lm_eval_limit')} or null")
+        out += _at_least("eval", self, ("lm_eval_max_length", "lm_eval_batch_size"))
         return out
 
     def _fidelity_problems(self) -> list[str]:

@@ -13,5 +13,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "fidelity_lines": "fidelity_table",
         "draft_summary": "fidelity_table",
         "format_table": "report",
+        "model_index": "tasks",
+        "task_lines": "tasks",
+        "check_tasks": "tasks",
     },
 )

@@ -24,6 +24,7 @@ from typing import Any
 
 from distill.errors import DistillError
 from distill.evaluate.figures import deployed, pareto_front
+from distill.evaluate.tasks import task_metrics
 from distill.names import ANSWER_SETS
 from distill.run_dir import REPORT_JSON, RunDir
 
@@ -149,7 +150,9 @@ def fidelity_metrics(sets: dict[str, Any]) -> dict[str, float | None]:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Agreement and speed grow with quality; perplexity, KL and NLL shrink."""
+    """Agreement, speed and task scores grow with quality; perplexity, KL and NLL shrink."""
+    if metric.startswith("lm_eval:"):
+        return not ("perplexity" in metric or "bits_per_byte" in metric)
     return metric.endswith("top1") or metric == "top1_agreement" or "tokens_per_s" in metric
 
 
@@ -221,7 +224,10 @@ def load_points(
                         ),
                         decode_compiled_tokens_per_s=v.get("decode_compiled_tokens_per_s"),
                         decode_compiled_bound_ratio=v.get("decode_compiled_bound_ratio"),
-                        fidelity=fidelity_metrics(v.get("fidelity") or {}),
+                        fidelity={
+                            **fidelity_metrics(v.get("fidelity") or {}),
+                            **task_metrics(v.get("lm_eval") or {}),
+                        },
                     )
                 )
         except (KeyError, TypeError, ValueError) as err:

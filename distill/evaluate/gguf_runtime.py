@@ -44,6 +44,7 @@ from distill.models import LlamaCppError, default_threads, llama_cpp_problem, op
 
 if TYPE_CHECKING:
     from distill.evaluate.fidelity import Fidelity
+    from distill.evaluate.tasks import Tasks
     from distill.models import LlamaRuntime
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def gguf_row(
     fidelity: Fidelity | None = None,
     *,
     quality: bool = True,
+    tasks: Tasks | None = None,
 ) -> dict[str, Any]:
     """One report row of a GGUF file run in llama.cpp (CPU, ``eval.llama_cpp_threads``).
 
@@ -101,6 +103,8 @@ def gguf_row(
         fidelity: the fidelity sets, scored and answered in llama.cpp too (the row's
             ``fidelity``; NaN, and ``fidelity_error`` named, when llama.cpp fails on them).
         quality: False times the file only (no held-out pass, no fidelity sets, no peak).
+        tasks: lm-evaluation-harness tasks scored in llama.cpp too (the row's ``lm_eval``;
+            with ``quality`` False as well: the teacher's file gets its task scores).
 
     The row has the torch rows' fields (quality, footprint, speed; ``decode_tokens_per_s`` is
     llama.cpp's) plus ``runtime``, ``llama_cpp_threads``, ``llama_cpp_error`` (None when it
@@ -135,6 +139,8 @@ def gguf_row(
     n_ctx = max(prefill.numel(), prompt.numel() + cfg.decode_tokens)
     if quality:
         n_ctx = max(n_ctx, blocks.shape[1], longest_row(fidelity))
+    if tasks is not None:
+        n_ctx = max(n_ctx, tasks.context_tokens)
     start = time.perf_counter()
     memory = PeakMemory(torch.device("cpu")).start()
     sums, peak = ScoreSums(), None
@@ -152,6 +158,8 @@ def gguf_row(
                 except LlamaCppError as err:
                     log.warning("%s: fidelity sets not measured in llama.cpp: %s", name, err)
                     row["fidelity_error"] = str(err)
+            if tasks is not None:
+                row["lm_eval"] = tasks.score_gguf(runtime, int(config.vocab_size))
             speed = runtime.speed(prompt, cfg.decode_tokens, cfg.repeats, prefill=prefill)
     except (LlamaCppError, ValueError) as err:
         memory.stop()

@@ -47,9 +47,16 @@ def _label_a_short_span(axis: Any) -> None:
     low, high = sorted(axis.get_view_interval())
     if low <= 0 or _labelled(low, high):
         return
-    values = [v for line in axis.axes.collections for v in _coords(line, axis)]
+    values = sorted({v for line in axis.axes.collections for v in _coords(line, axis)})
     if values:
-        axis.set_major_locator(FixedLocator([min(values), max(values)]))
+        # Every point's value, but none within a sixth of the span of one already kept.
+        ticks = [values[0]]
+        for v in values[1:]:
+            if math.log(v / ticks[-1]) >= math.log(values[-1] / values[0]) / 6:
+                ticks.append(v)
+        if ticks[-1] != values[-1]:
+            ticks[-1] = values[-1]
+        axis.set_major_locator(FixedLocator(ticks))
         axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:.4g}"))
         axis.set_minor_formatter(NullFormatter())
 
@@ -101,6 +108,22 @@ def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
                 lw=0.5,
                 zorder=3,
             )
+    shown = sorted(
+        {runtime_family(deployed(v)[0]) for v in rows if _finite(deployed(v)[1])},
+        key=lambda r: list(_RUNTIME_MARKERS).index(r) if r in _RUNTIME_MARKERS else 99,
+    )
+    for v in report["variants"]:  # the teacher timed where it has no perplexity (its F16 file)
+        runtime, decode, _ = deployed(v)
+        if v["name"].startswith("teacher") and _finite(decode) and v not in rows:
+            right.axhline(decode, color="0.3", ls=":", lw=1.2, zorder=1)
+            right.annotate(
+                f"{v['name']}: {decode:.0f} tok/s",
+                (0.01, decode),
+                xycoords=("axes fraction", "data"),
+                va="bottom",
+                fontsize=8,
+                color="0.3",
+            )
     _pareto_line(left, [(v["weight_bytes"] / MB, v["perplexity"]) for v in rows])
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
@@ -118,7 +141,9 @@ def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
     left.set_title("Memory vs quality")
     right.set_xlabel("held-out perplexity (log scale, lower is better)")
     right.set_ylabel("decode tokens/s, batch 1, deployed runtime")
-    right.set_title("Decode speed where deployed\n(■ llama.cpp, ● torch.compile)")
+    symbols = {"llama.cpp": "■", "torch.compile": "●", "eager": "▲"}
+    keys = ", ".join(f"{symbols[r]} {r}" for r in shown if r in symbols)
+    right.set_title("Decode speed where deployed" + (f"\n({keys})" if keys else ""))
     handles, labels = left.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 4), 1, 1))

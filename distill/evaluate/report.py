@@ -24,6 +24,7 @@ from distill.evaluate.figures import num_cell as _num
 from distill.evaluate.figures import pct_cell as _pct
 from distill.evaluate.memory import BANDWIDTH_METHOD
 from distill.evaluate.plot import plot_memory_vs_quality
+from distill.evaluate.tasks import task_lines
 from distill.run_dir import REPORT_PLOT, RunDir, process_tag
 
 
@@ -349,6 +350,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", *fidelity] if fidelity else []
     draft = draft_lines(report)
     lines += ["", *draft] if draft else []
+    tasks = task_lines(report)
+    lines += ["", *tasks] if tasks else []
     lines += _memory_section(report)
     lines += [
         "",

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from distill.evaluate.fidelity import Fidelity
+    from distill.evaluate.tasks import Tasks
 
 # What a torch row's deployed figures are, by how its decode was measured.
 COMPILED_RUNTIME = "torch.compile"
@@ -84,6 +85,7 @@ def evaluate_variant(
     collect: list[TeacherSide] | None = None,
     fidelity: Fidelity | None = None,
     timed_as: str | None = None,
+    tasks: Tasks | None = None,
 ) -> dict[str, Any]:
     """Quality, footprint and speed of one loaded model: one row of the report.
 
@@ -102,6 +104,7 @@ def evaluate_variant(
         fidelity: the fidelity sets to score the model on too (its row's ``fidelity``).
         timed_as: the row that times this model's architecture and dtype already (the
             student for student_init): its eager speed is not measured a second time.
+        tasks: lm-evaluation-harness tasks to score the model on too (its row's ``lm_eval``).
 
     Raises:
         ValueError: the teacher batches do not line up with ``blocks``.
@@ -134,6 +137,7 @@ def evaluate_variant(
     if fidelity is not None:  # after the peak window: the table copy is not the model's
         with embedding_table_once(model):
             scored = fidelity.score_model(name, model)
+    task_scores = tasks.score_model(model) if tasks is not None else None
     if timed_as is None and cfg.eager_timing:
         speed = measure_speed(model, blocks, cfg)  # with nothing else running
     else:
@@ -169,6 +173,8 @@ def evaluate_variant(
     }
     if scored is not None:
         row["fidelity"] = scored
+    if task_scores is not None:
+        row["lm_eval"] = task_scores
     return {**row, **deployed_fields(row)}
 
 
@@ -194,8 +200,10 @@ def evaluate_saved(
     records: dict[str, dict[str, Any]],
     student_config: Any = None,
     fidelity: Fidelity | None = None,
+    tasks: Tasks | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one saved variant: its report row (with its ``fidelity`` sets, when given).
+    """Evaluate one saved variant: its report row (with its ``fidelity`` sets and ``lm_eval``
+    task scores, when given).
     ``student_init`` is not timed: it has the student's architecture and dtype (training
     changes neither), so its eager speed is the student's.
 
@@ -206,7 +214,16 @@ def evaluate_saved(
     embedding choice and parity figures.
     """
     if variant.is_gguf:
-        row = gguf_row(variant.name, variant.path, blocks, reference, cfg, student_config, fidelity)
+        row = gguf_row(
+            variant.name,
+            variant.path,
+            blocks,
+            reference,
+            cfg,
+            student_config,
+            fidelity,
+            tasks=tasks,
+        )
     else:
         memory = PeakMemory(device).start()
         try:
@@ -224,6 +241,7 @@ def evaluate_saved(
             memory=memory,
             fidelity=fidelity,
             timed_as="student" if variant.name == "student_init" else None,
+            tasks=tasks,
         )
     if variant.record_key is not None:
         record = records.get(variant.record_key, {})

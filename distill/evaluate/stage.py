@@ -53,6 +53,8 @@ from distill.evaluate.memory import (
 )
 from distill.evaluate.report import write_report
 from distill.evaluate.rows import evaluate_saved, evaluate_teacher
+from distill.evaluate.tasks import Tasks, tasks_for
+from distill.evaluate.tasks import describe as describe_tasks
 from distill.metrics import TeacherSide, blocks_problem
 from distill.models import (
     Teacher,
@@ -192,6 +194,7 @@ def _teacher_gguf_row(
     reference: list[TeacherSide],
     cfg: PipelineConfig,
     teacher_config: Any,
+    tasks: Tasks | None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The ``teacher-gguf-f16`` row from the file the quantize stage recorded (timed only:
     its parity against the teacher was checked there), and the machine section's note of it
@@ -209,7 +212,14 @@ def _teacher_gguf_row(
     with _log_time(TEACHER_ROW):
         # Timed only: its logits were checked against the teacher's when it was exported.
         row = gguf_row(
-            TEACHER_ROW, path, blocks, reference, cfg.eval, teacher_config, quality=False
+            TEACHER_ROW,
+            path,
+            blocks,
+            reference,
+            cfg.eval,
+            teacher_config,
+            quality=False,
+            tasks=tasks,
         )
     row["parity"] = record.get("parity")
     return row, {"teacher_gguf": str(path), "teacher_gguf_error": None}
@@ -298,6 +308,7 @@ def run(
     blocks = splits.val if cfg.eval.max_blocks is None else splits.val[: cfg.eval.max_blocks]
     check_held_out(blocks, cfg.eval.batch_size)
     inputs = fidelity_inputs(cfg, tokenizer)  # prompts and extra blocks, before any pass
+    tasks = tasks_for(cfg.eval, tokenizer)  # an unknown task fails here, before any pass
     model: PreTrainedModel = teacher.model
     if torch.cuda.is_available() and model.device.type != "cuda":
         model.to("cuda")
@@ -306,6 +317,8 @@ def run(
     fidelity = None
     with _log_time("teacher"):
         rows = [evaluate_teacher(model, blocks, cfg.eval, reference)]
+        if tasks is not None:
+            rows[0]["lm_eval"] = tasks.score_model(model)
         if inputs is not None:
             # Holds the teacher while an answer set is on: it scores every variant's answers.
             fidelity = build_fidelity(inputs, cfg, teacher)
@@ -319,12 +332,12 @@ def run(
         with _log_time(v.name):
             rows.append(
                 evaluate_saved(
-                    v, blocks, reference, cfg.eval, device, records, student_config, fidelity
+                    v, blocks, reference, cfg.eval, device, records, student_config, fidelity, tasks
                 )
             )
     llama_cpp: dict[str, Any] = {"teacher_gguf": None, "teacher_gguf_error": None}
     if gguf and cfg.eval.teacher_gguf:
-        row, llama_cpp = _teacher_gguf_row(records, blocks, reference, cfg, teacher_config)
+        row, llama_cpp = _teacher_gguf_row(records, blocks, reference, cfg, teacher_config, tasks)
         rows += [row] if row is not None else []
     del reference
     sets = fidelity.describe() if fidelity is not None else {}
@@ -333,6 +346,8 @@ def run(
     draft_speed = _draft_speed(cfg, rd, records, llama_cpp["teacher_gguf"], inputs)
     report = _assemble(cfg, rows, sets, device, llama_cpp)
     report["draft_speed"] = draft_speed
+    if tasks is not None:
+        report["lm_eval"] = describe_tasks(cfg.eval)
     report["student"] = student_shape(student_config or _student_config(run_dir), teacher_config)
     report["stamp"] = stage_stamp(cfg, run_dir)
     write_report(report, run_dir)

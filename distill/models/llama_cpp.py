@@ -169,7 +169,7 @@ class LlamaRuntime:
         if not prompt or not completion:
             raise ValueError("need a non-empty prompt and completion")
         keep = self._keep(vocab_size)
-        self._check_fits(len(prompt) + len(completion))
+        self._check_fits(len(prompt) + len(completion) - 1)  # the last token is never read
         self.llm.reset()
         with _last_only(self.llm):
             self._eval(prompt)

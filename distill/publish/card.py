@@ -176,7 +176,7 @@ def _usage_lines(
 
 
 def _evaluation_lines(report: dict[str, Any] | None, teacher_name: str) -> list[str]:
-    from distill.evaluate import draft_summary, fidelity_lines, format_table
+    from distill.evaluate import draft_summary, fidelity_lines, format_table, task_lines
 
     lines = ["## Evaluation", ""]
     if report is None:
@@ -194,7 +194,9 @@ def _evaluation_lines(report: dict[str, Any] | None, teacher_name: str) -> list[
     fidelity = fidelity_lines(report, "### Fidelity to the teacher")
     lines += ["", *fidelity] if fidelity else []
     draft = draft_summary(report)
-    return lines + ["", draft] if draft else lines
+    lines += ["", draft] if draft else []
+    tasks = [line.replace("## ", "### ", 1) for line in task_lines(report)]
+    return lines + ["", *tasks] if tasks else lines
 
 
 def _license_lines(cfg: PipelineConfig, meta: dict[str, Any], teacher_name: str) -> list[str]:
@@ -225,8 +227,14 @@ def render_card(
         report: ``report.json`` of the evaluate stage, None when the run was not evaluated.
         records: quantize.json records of the published variants, by record key.
     """
+    from distill.evaluate import model_index
+
     methods, gguf_types = variants
     meta = card_metadata(cfg, teacher, student_config.get("model_type"), methods)
+    # The student's lm-evaluation-harness scores, where the Hub reads evaluation results.
+    index = model_index(report, cfg.publish.repo_id or f"{cfg.pair.name}-student")
+    if index:
+        meta["model-index"] = index
     teacher_name = teacher.hub_id or cfg.pair.teacher.name_or_path
     teacher_link = (
         f"[{teacher.hub_id}](https://huggingface.co/{teacher.hub_id})"

@@ -1,0 +1,342 @@
+"""Benchmark task scores from lm-evaluation-harness, on every variant in its own runtime.
+
+Users judge a model by the scores its Hub card shows, and lm-evaluation-harness computes
+them. ``eval.lm_eval_tasks`` names tasks (lm-eval's own, or local YAML tasks in the folders
+of ``eval.lm_eval_include``); each row of the report is scored on all of them with the same
+few-shot count, example limit, context length and seeds:
+
+* PyTorch rows through lm-eval's own ``HFLM``, given the loaded model (the int8 torchao
+  model included) and the run's tokenizer;
+* GGUF rows through :class:`GGUFLM`: lm-eval's ``TemplateLM`` over the file open in llama.cpp
+  (:class:`distill.models.LlamaRuntime`). Text becomes ids through ``HFLM``'s own
+  tokenization code and the same tokenizer, so both kinds of row score the same token
+  sequences (the quantize stage's parity check holds llama.cpp's embedded tokenizer to those
+  ids); log-likelihoods are llama.cpp's logits, answers its greedy decode.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distill.errors import DistillError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from distill.config import EvalConfig
+    from distill.models import LlamaRuntime
+
+log = logging.getLogger(__name__)
+
+LM_EVAL_REQUIREMENT = "lm-eval==0.4.13"
+# Seeds of lm-eval's sampling of few-shot examples and of any shuffling, fixed for every row.
+SEED = 1234
+
+
+class TaskError(DistillError):
+    """lm-evaluation-harness cannot run the configured tasks (the message names the fix)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(include: tuple[str, ...], defaults: bool) -> Any:
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise TaskError(
+            f"eval.lm_eval_tasks needs lm-evaluation-harness ({err}); install it with "
+            f"`pip install {LM_EVAL_REQUIREMENT}` (`make setup` does)"
+        ) from None
+    paths = [str(Path(p).expanduser().resolve()) for p in include]
+    return TaskManager(include_path=paths or None, include_defaults=defaults)
+
+
+def _task_manager(include: Sequence[str], tasks: Sequence[str] = ()) -> Any:
+    """lm-eval's index of the tasks in ``include`` (and its own, unless the local folders
+    already hold every one of ``tasks``: indexing lm-eval's thousands takes seconds)."""
+    include = tuple(include)
+    if include and tasks:
+        local = _manager(include, False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    return _manager(include, True)
+
+
+def check_tasks(cfg: EvalConfig) -> None:
+    """Fail before any model loads on a task lm-eval does not know (a typo, or a local task
+    whose folder is not in ``eval.lm_eval_include``).
+
+    Raises:
+        TaskError: naming the unknown tasks and where lm-eval looked.
+    """
+    if not cfg.lm_eval_tasks:
+        return
+    manager = _task_manager(cfg.lm_eval_include, cfg.lm_eval_tasks)
+    unknown = [t for t in cfg.lm_eval_tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f"lm-eval's own tasks and {list(cfg.lm_eval_include)}"
+        raise TaskError(
+            f"eval.lm_eval_tasks: {unknown} not found in {where}; give a folder of task YAMLs "
+            "in eval.lm_eval_include for a local task"
+        )
+
+
+@dataclass
+class Tasks:
+    """The configured tasks, run the same way on every row (made by :func:`tasks_for`)."""
+
+    cfg: EvalConfig
+    tokenizer: PreTrainedTokenizerBase
+    manager: Any
+
+    @property
+    def context_tokens(self) -> int:
+        """The longest sequence a request may reach (llama.cpp's context is opened for it)."""
+        return self.cfg.lm_eval_max_length
+
+    def _evaluate(self, lm: Any) -> dict[str, Any]:
+        from lm_eval import simple_evaluate
+
+        out = simple_evaluate(
+            model=lm,
+            tasks=list(self.cfg.lm_eval_tasks),
+            num_fewshot=self.cfg.lm_eval_num_fewshot,
+            limit=self.cfg.lm_eval_limit,
+            task_manager=self.manager,
+            log_samples=False,
+            bootstrap_iters=200,  # closed-form stderr for means; bootstrap for the rest
+            random_seed=SEED,
+            numpy_random_seed=SEED,
+            torch_random_seed=SEED,
+            fewshot_random_seed=SEED,
+            verbosity="ERROR",
+        )
+        return task_scores(out)
+
+    def score_model(self, model: PreTrainedModel) -> dict[str, Any]:
+        """Every task on a loaded PyTorch model, through lm-eval's ``HFLM``."""
+        import torch
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=self.tokenizer,
+            batch_size=self.cfg.lm_eval_batch_size,
+            max_length=self.cfg.lm_eval_max_length,
+        )
+        with torch.inference_mode():
+            return self._evaluate(lm)
+
+    def score_gguf(self, runtime: LlamaRuntime, vocab_size: int) -> dict[str, Any]:
+        """Every task on a GGUF file open in llama.cpp (:class:`GGUFLM`)."""
+        return self._evaluate(gguf_lm(runtime, self.tokenizer, self.cfg, vocab_size))
+
+
+def tasks_for(cfg: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> Tasks | None:
+    """The configured tasks, checked (:func:`check_tasks`); None when there are none."""
+    if not cfg.lm_eval_tasks:
+        return None
+    check_tasks(cfg)
+    return Tasks(cfg, tokenizer, _task_manager(cfg.lm_eval_include, cfg.lm_eval_tasks))
+
+
+def task_scores(results: dict[str, Any]) -> dict[str, Any]:
+    """Per task, lm-eval's metrics without its filter suffix (``"acc,none"`` -> ``"acc"``),
+    their standard errors, the examples scored and the few-shot count used."""
+    out: dict[str, Any] = {}
+    for task, metrics in (results.get("results") or {}).items():
+        entry: dict[str, Any] = {}
+        for key, value in metrics.items():
+            if key == "alias" or not isinstance(value, (int, float)):
+                continue
+            name, _, flt = key.partition(",")
+            entry[name if flt in ("", "none") else f"{name},{flt}"] = float(value)
+        n = (results.get("n-samples") or {}).get(task) or {}
+        entry["examples"] = n.get("effective")
+        entry["num_fewshot"] = (results.get("n-shot") or {}).get(task)
+        out[task] = entry
+    return out
+
+
+def main_metrics(scores: dict[str, Any]) -> list[str]:
+    """The metric names a table shows for one task's scores (no stderr, counts or settings)."""
+    skip = ("examples", "num_fewshot")
+    return [k for k in scores if k not in skip and not k.split(",")[0].endswith("_stderr")]
+
+
+def gguf_lm(
+    runtime: LlamaRuntime, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, vocab_size: int
+) -> Any:
+    """A :class:`GGUFLM` (built here: its base class is lm-eval's, imported on use)."""
+    import torch
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    class GGUFLM(TemplateLM):
+        """lm-eval's model interface over a GGUF file in llama.cpp."""
+
+        # HFLM's own tokenization, on the same tokenizer: the torch rows' token sequences.
+        tok_encode = HFLM.tok_encode
+        eot_token_id = HFLM.eot_token_id
+        prefix_token_id = HFLM.prefix_token_id
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokenizer = tokenizer
+            self.add_bos_token = None  # as HFLM left at its default
+            self.custom_prefix_token_id = None
+            self.max_length = cfg.lm_eval_max_length
+
+        def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+            whole = (context + continuation)[-(self.max_length + 1) :]
+            continuation = continuation[-(len(whole) - 1) :]
+            prompt = whole[: len(whole) - len(continuation)]
+            logits = runtime.completion_logits(prompt, continuation, vocab_size)
+            logprobs = torch.log_softmax(logits.double(), dim=-1)
+            target = torch.tensor(continuation)
+            total = float(logprobs.gather(1, target[:, None]).sum())
+            return total, bool((logprobs.argmax(-1) == target).all())
+
+        def _loglikelihood_tokens(self, requests: Any, **kwargs: Any) -> list[tuple[float, bool]]:
+            return [self._score(list(ctx), list(cont)) for _, ctx, cont in requests]
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> list[float]:
+            out = []
+            for (text,) in (r.args for r in requests):
+                windows = get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+                total = 0.0
+                for window in map(make_disjoint_window, windows):
+                    total += self._score(list(window[0]), list(window[1]))[0]
+                out.append(total)
+            return out
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> list[str]:
+            out = []
+            for context, gen_kwargs in (r.args for r in requests):
+                kwargs = dict(gen_kwargs)
+                if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0) > 0:
+                    raise TaskError(
+                        f"a task asks llama.cpp to sample ({kwargs}); GGUF rows answer greedily, "
+                        "so every row would not run the same way: choose a greedy task"
+                    )
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                new = int(kwargs.get("max_gen_toks") or 256)
+                ids = self.tok_encode(context)[-(self.max_length - new) :]
+                eot = self.eot_token_id
+                (answer,) = runtime.generate([ids], new, [eot], vocab_size=vocab_size)
+                text = self.tokenizer.decode([t for t in answer if t != eot])
+                for stop in until:
+                    text = text.split(stop)[0] if stop else text
+                out.append(text)
+            return out
+
+    return GGUFLM()
+
+
+def describe(cfg: EvalConfig) -> dict[str, Any]:
+    """The settings every row was scored with (``report.json``'s ``lm_eval``)."""
+    import lm_eval
+
+    return {
+        "version": lm_eval.__version__,
+        "tasks": list(cfg.lm_eval_tasks),
+        "include": list(cfg.lm_eval_include),
+        "num_fewshot": cfg.lm_eval_num_fewshot,
+        "limit": cfg.lm_eval_limit,
+        "max_length": cfg.lm_eval_max_length,
+        "seed": SEED,
+    }
+
+
+def task_metrics(scores: dict[str, Any]) -> dict[str, float | None]:
+    """A row's ``lm_eval`` as flat metrics ``lm_eval:<task>:<metric>`` (frontier ranking)."""
+    return {
+        f"lm_eval:{task}:{m}": entry.get(m)
+        for task, entry in scores.items()
+        for m in main_metrics(entry)
+    }
+
+
+def _stderr(entry: dict[str, Any], metric: str) -> float | None:
+    name, _, flt = metric.partition(",")
+    value = entry.get(f"{name}_stderr" + (f",{flt}" if flt else ""))
+    return value if isinstance(value, float) else None
+
+
+def _cell(entry: dict[str, Any] | None, metric: str) -> str:
+    if not entry or not isinstance(entry.get(metric), float):
+        return "—"
+    stderr = _stderr(entry, metric)
+    return f"{entry[metric]:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+
+
+def task_lines(report: dict[str, Any]) -> list[str]:
+    """report.md's lm-evaluation-harness table: a row per variant, a column per task metric
+    (± its standard error), then the settings every row shared. Empty without scores."""
+    scored = [v for v in report["variants"] if v.get("lm_eval")]
+    if not scored:
+        return []
+    columns: list[tuple[str, str]] = []
+    for v in scored:
+        for task, entry in v["lm_eval"].items():
+            columns += [(task, m) for m in main_metrics(entry) if (task, m) not in columns]
+    head = ["variant", *(f"{task} {m}" for task, m in columns)]
+    lines = [
+        "## Task scores (lm-evaluation-harness)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for v in scored:
+        cells = [_cell(v["lm_eval"].get(task), m) for task, m in columns]
+        lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
+    settings = report.get("lm_eval") or {}
+    first = scored[0]["lm_eval"]
+    shots = ", ".join(f"{t} {e.get('num_fewshot')}-shot" for t, e in first.items())
+    examples = ", ".join(f"{t} {e.get('examples')}" for t, e in first.items())
+    lines += [
+        "",
+        f"- lm-evaluation-harness {settings.get('version', '?')}; every row with the same "
+        f"settings: {shots}; examples {examples}; context {settings.get('max_length')} tokens; "
+        f"seed {settings.get('seed')}. PyTorch rows through lm-eval's HFLM, GGUF rows in "
+        "llama.cpp (log-likelihoods from its logits, answers its greedy decode), on the same "
+        "token ids. ± is lm-eval's standard error.",
+    ]
+    return lines
+
+
+def model_index(report: dict[str, Any] | None, name: str, variant: str = "student") -> list:
+    """The Hub card's ``model-index`` entry for ``variant``'s task scores ([] without any)."""
+    row = next((v for v in (report or {}).get("variants", []) if v["name"] == variant), None)
+    scores = (row or {}).get("lm_eval") or {}
+    results = []
+    for task, entry in scores.items():
+        metrics = [
+            {
+                "type": m,
+                "value": round(entry[m], 4),
+                "name": f"{m} ({entry.get('num_fewshot')}-shot)",
+            }
+            for m in main_metrics(entry)
+            if isinstance(entry.get(m), float)
+        ]
+        if metrics:
+            results.append(
+                {
+                    "task": {"type": "text-generation"},
+                    "dataset": {"name": task, "type": task},
+                    "metrics": metrics,
+                }
+            )
+    return [{"name": name, "results": results}] if results else []
