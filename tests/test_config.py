@@ -106,11 +106,13 @@ def test_all_bad_fields_named_at_once() -> None:
         ("quant.gguf=[q4_k_m,q7_k]", "q7_k"),
         ("train.qad=q3_k", "q3_k"),
         ("train.qad_steps=5", "set train.qad"),
+        # Trained for a file the run never writes: silently pointless otherwise.
+        ("train.qad=q8_0 train.qad_steps=5 quant.gguf=[q4_0]", "add q8_0 to quant.gguf"),
     ],
 )
 def test_out_of_range_values_are_named(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
-        to_pipeline_config(compose([override]))
+        to_pipeline_config(compose(override.split()))
 
 
 def test_fidelity_settings_are_validated_together() -> None:

@@ -70,6 +70,12 @@ class PipelineConfig:
                 "quant.methods[0], but quant.methods is empty: list a method or use "
                 "train.select_checkpoint=last"
             )
+        if self.train.qad is not None and self.train.qad not in self.quant.gguf:
+            problems.append(
+                f"train.qad={self.train.qad} trains the student for its {self.train.qad} GGUF "
+                f"file, but quant.gguf={list(self.quant.gguf)} writes none: add "
+                f"{self.train.qad} to quant.gguf or unset train.qad"
+            )
         problems.extend(self._distill_signal_problems())
         if problems:
             raise ConfigError(f"{len(problems)} invalid config field(s): " + "; ".join(problems))

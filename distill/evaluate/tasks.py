@@ -16,9 +16,10 @@ few-shot count, example limit, context length and seeds:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,19 @@ def check_tasks(cfg: EvalConfig) -> None:
         )
 
 
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's INFO and WARNING lines (seeds set, tasks built, "an already-initialized model
+    was passed") off while it runs: the report states the settings. Its progress bars stay."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @dataclass
 class Tasks:
     """The configured tasks, run the same way on every row (made by :func:`tasks_for`)."""
@@ -101,20 +115,20 @@ class Tasks:
     def _evaluate(self, lm: Any) -> dict[str, Any]:
         from lm_eval import simple_evaluate
 
-        out = simple_evaluate(
-            model=lm,
-            tasks=list(self.cfg.lm_eval_tasks),
-            num_fewshot=self.cfg.lm_eval_num_fewshot,
-            limit=self.cfg.lm_eval_limit,
-            task_manager=self.manager,
-            log_samples=False,
-            bootstrap_iters=200,  # closed-form stderr for means; bootstrap for the rest
-            random_seed=SEED,
-            numpy_random_seed=SEED,
-            torch_random_seed=SEED,
-            fewshot_random_seed=SEED,
-            verbosity="ERROR",
-        )
+        with _quiet_lm_eval():
+            out = simple_evaluate(
+                model=lm,
+                tasks=list(self.cfg.lm_eval_tasks),
+                num_fewshot=self.cfg.lm_eval_num_fewshot,
+                limit=self.cfg.lm_eval_limit,
+                task_manager=self.manager,
+                log_samples=False,
+                bootstrap_iters=200,  # closed-form stderr for means; bootstrap for the rest
+                random_seed=SEED,
+                numpy_random_seed=SEED,
+                torch_random_seed=SEED,
+                fewshot_random_seed=SEED,
+            )
         return task_scores(out)
 
     def score_model(self, model: PreTrainedModel) -> dict[str, Any]:
@@ -122,12 +136,13 @@ class Tasks:
         import torch
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(
-            pretrained=model,
-            tokenizer=self.tokenizer,
-            batch_size=self.cfg.lm_eval_batch_size,
-            max_length=self.cfg.lm_eval_max_length,
-        )
+        with _quiet_lm_eval():
+            lm = HFLM(
+                pretrained=model,
+                tokenizer=self.tokenizer,
+                batch_size=self.cfg.lm_eval_batch_size,
+                max_length=self.cfg.lm_eval_max_length,
+            )
         with torch.inference_mode():
             return self._evaluate(lm)
 
@@ -151,8 +166,12 @@ def task_scores(results: dict[str, Any]) -> dict[str, Any]:
     for task, metrics in (results.get("results") or {}).items():
         entry: dict[str, Any] = {}
         for key, value in metrics.items():
-            if key == "alias" or not isinstance(value, (int, float)):
-                continue
+            if (
+                key == "alias"
+                or key.startswith("sample_len")
+                or not isinstance(value, (int, float))
+            ):
+                continue  # sample_len: lm-eval's count of examples, kept as "examples"
             name, _, flt = key.partition(",")
             entry[name if flt in ("", "none") else f"{name},{flt}"] = float(value)
         n = (results.get("n-samples") or {}).get(task) or {}

@@ -282,10 +282,11 @@ def run(cfg: PipelineConfig, run_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info(
-        "published %s (base_model=%s, variants: %s)",
+        "published %s (base_model=%s, variants: %s; GGUF: %s)",
         rd.publish,
         teacher.hub_id,
         methods or "none",
+        gguf_types or "none",
     )
     if cfg.publish.repo_id:
         _upload_once(cfg, rd, stamp)

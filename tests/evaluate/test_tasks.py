@@ -134,6 +134,7 @@ def _results() -> dict:
                 "acc_stderr,none": 0.2,
                 "acc_norm,none": 0.25,
                 "acc_norm_stderr,none": "N/A",
+                "sample_len,none": 6,
             }
         },
         "n-samples": {TASK: {"original": 24, "effective": 6}},
