@@ -114,8 +114,15 @@ def test_every_runtime_gets_the_same_task_settings_and_scores_close(pair) -> Non
         assert abs(torch_scores[metric] - gguf_scores[metric]) <= 1 / 6 + 1e-9, metric
 
 
-def test_unknown_tasks_and_missing_folders_are_refused_before_any_model_loads() -> None:
-    # (Indexing lm-eval's own tasks takes seconds: one index serves the whole check.)
+def test_unknown_tasks_and_missing_folders_are_refused_before_any_model_loads(
+    monkeypatch,
+) -> None:
+    import distill.evaluate.tasks as tasks_mod
+
+    # A task the local folder lacks sends the check to lm-eval's own index (seconds to build,
+    # its thousands of tasks never hold this name): the local index stands in for it here.
+    local = tasks_mod._manager((str(TASKS),), False)
+    monkeypatch.setattr(tasks_mod, "_manager", lambda include, defaults: local)
     with pytest.raises(TaskError, match="distill_no_such_task") as err:
         check_tasks(_cfg(lm_eval_tasks=[TASK, "distill_no_such_task"]))
     assert "eval.lm_eval_include" in str(err.value) and f"'{TASK}'" not in str(err.value)
