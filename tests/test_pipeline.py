@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distill.config import to_pipeline_config
+from distill.errors import DistillError
 from distill.models import Teacher
 from tests.conftest import (
     KILL_STAGES,
@@ -344,3 +345,25 @@ def test_smoke_on_embedded_default(tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_an_unknown_lm_eval_task_fails_before_training(
+    tmp_path: Path,
+    tiny_gpt2_teacher_dir: Path,
+    tiny_corpus_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import distill.evaluate.tasks as tasks_mod
+    from distill.train import loop
+
+    # The shipped local task's index stands in for lm-eval's own (seconds to build).
+    local = tasks_mod._manager((str(REPO / "tests" / "lm_eval_tasks"),), False)
+    monkeypatch.setattr(tasks_mod, "_manager", lambda include, defaults: local)
+    overrides = tiny_overrides(tiny_gpt2_teacher_dir, tiny_corpus_dir, tmp_path / "cache")
+    cfg = to_pipeline_config(
+        compose([*overrides, "quant.gguf=[]", "eval.lm_eval_tasks=[distill_pythn_mc]"])
+    )
+    run_dir = tmp_path / "run"
+    with pytest.raises(DistillError, match="distill_pythn_mc"):
+        loop.run(cfg, run_dir)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "final").exists()
