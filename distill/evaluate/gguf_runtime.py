@@ -39,6 +39,7 @@ from distill.config import EvalConfig
 from distill.evaluate.fidelity import longest_row
 from distill.evaluate.memory import PeakMemory, kv_cache_bytes_per_token
 from distill.evaluate.speed import decode_prompt, max_positions, prefill_prompt
+from distill.evaluate.tasks import TaskError
 from distill.metrics import ScoreSums, TeacherSide, quality_fields, score_positions
 from distill.models import LlamaCppError, default_threads, llama_cpp_problem, open_gguf
 
@@ -140,7 +141,7 @@ def gguf_row(
     if quality:
         n_ctx = max(n_ctx, blocks.shape[1], longest_row(fidelity))
     if tasks is not None:
-        n_ctx = max(n_ctx, tasks.context_tokens)
+        n_ctx = max(n_ctx, tasks.max_length(config))
     start = time.perf_counter()
     memory = PeakMemory(torch.device("cpu")).start()
     sums, peak = ScoreSums(), None
@@ -159,7 +160,12 @@ def gguf_row(
                     log.warning("%s: fidelity sets not measured in llama.cpp: %s", name, err)
                     row["fidelity_error"] = str(err)
             if tasks is not None:
-                row["lm_eval"] = tasks.score_gguf(runtime, int(config.vocab_size))
+                try:
+                    row["lm_eval"] = tasks.score_gguf(runtime, config)
+                except (LlamaCppError, TaskError, ValueError) as err:
+                    # The row's other figures stand; the report names why it has no scores.
+                    log.warning("%s: lm-eval tasks not scored in llama.cpp: %s", name, err)
+                    row["lm_eval_error"] = str(err)
             speed = runtime.speed(prompt, cfg.decode_tokens, cfg.repeats, prefill=prefill)
     except (LlamaCppError, ValueError) as err:
         memory.stop()

@@ -108,8 +108,12 @@ def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
                 lw=0.5,
                 zorder=3,
             )
-    shown = sorted(
-        {runtime_family(deployed(v)[0]) for v in rows if _finite(deployed(v)[1])},
+    shown = sorted(  # the teacher is a star, whatever its runtime: not in the key
+        {
+            runtime_family(deployed(v)[0])
+            for v in rows
+            if _finite(deployed(v)[1]) and not v["name"].startswith("teacher")
+        },
         key=lambda r: list(_RUNTIME_MARKERS).index(r) if r in _RUNTIME_MARKERS else 99,
     )
     for v in report["variants"]:  # the teacher timed where it has no perplexity (its F16 file)

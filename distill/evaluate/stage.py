@@ -57,6 +57,7 @@ from distill.evaluate.tasks import Tasks, tasks_for
 from distill.evaluate.tasks import describe as describe_tasks
 from distill.metrics import TeacherSide, blocks_problem
 from distill.models import (
+    LlamaCppError,
     Teacher,
     check_model_files,
     default_threads,
@@ -72,6 +73,7 @@ from distill.run_dir import (
     stamp_of,
     variants,
 )
+from distill.sampling import stop_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -254,15 +256,19 @@ def _draft_speed(
     if why:
         log.info("draft model not timed: %s", why)
         return out | {"error": why}
-    with _log_time(f"student {e.draft_gguf} drafting for {TEACHER_ROW}"):
-        timed = llama_cpp_speeds(
-            teacher_gguf,
-            rd.quantized / record["dst"],
-            prompts,
-            e.draft_tokens,
-            e.draft_lengths,
-            threads,
-        )
+    try:
+        with _log_time(f"student {e.draft_gguf} drafting for {TEACHER_ROW}"):
+            timed = llama_cpp_speeds(
+                teacher_gguf,
+                rd.quantized / record["dst"],
+                prompts,
+                e.draft_tokens,
+                e.draft_lengths,
+                threads,
+            )
+    except (LlamaCppError, RuntimeError, ValueError) as err:  # the report still gets written
+        log.warning("draft model not timed: %s", err)
+        return out | {"error": f"llama.cpp failed: {err}"}
     return out | timed | {"error": None}
 
 
@@ -310,6 +316,8 @@ def run(
     inputs = fidelity_inputs(cfg, tokenizer)  # prompts and extra blocks, before any pass
     tasks = tasks_for(cfg.eval, tokenizer)  # an unknown task fails here, before any pass
     model: PreTrainedModel = teacher.model
+    if tasks is not None:
+        tasks.stops = stop_ids(model)  # GGUF rows' task answers stop where HFLM's do
     if torch.cuda.is_available() and model.device.type != "cuda":
         model.to("cuda")
     device = model.device

@@ -106,11 +106,16 @@ class Tasks:
     cfg: EvalConfig
     tokenizer: PreTrainedTokenizerBase
     manager: Any
+    # The ids that end an answer (the teacher's generation config): where HFLM's generate
+    # stops, so where a GGUF row's answer stops too.
+    stops: list[int]
 
-    @property
-    def context_tokens(self) -> int:
-        """The longest sequence a request may reach (llama.cpp's context is opened for it)."""
-        return self.cfg.lm_eval_max_length
+    def max_length(self, config: Any) -> int:
+        """``eval.lm_eval_max_length``, but never past the model's own context."""
+        limit = getattr(config, "max_position_embeddings", None)
+        return (
+            min(self.cfg.lm_eval_max_length, int(limit)) if limit else self.cfg.lm_eval_max_length
+        )
 
     def _evaluate(self, lm: Any) -> dict[str, Any]:
         from lm_eval import simple_evaluate
@@ -141,22 +146,38 @@ class Tasks:
                 pretrained=model,
                 tokenizer=self.tokenizer,
                 batch_size=self.cfg.lm_eval_batch_size,
-                max_length=self.cfg.lm_eval_max_length,
+                max_length=self.max_length(model.config),
+                # fp32 log-softmax, as the GGUF rows take it: bf16 rows (torchao's) would
+                # otherwise round their log-likelihoods coarser than the rest.
+                softmax_dtype="float32",
             )
         with torch.inference_mode():
             return self._evaluate(lm)
 
-    def score_gguf(self, runtime: LlamaRuntime, vocab_size: int) -> dict[str, Any]:
-        """Every task on a GGUF file open in llama.cpp (:class:`GGUFLM`)."""
-        return self._evaluate(gguf_lm(runtime, self.tokenizer, self.cfg, vocab_size))
+    def score_gguf(self, runtime: LlamaRuntime, config: Any) -> dict[str, Any]:
+        """Every task on a GGUF file open in llama.cpp (:class:`GGUFLM`); ``config`` is the
+        Hugging Face config of the model the file holds. The runtime must be opened with at
+        least :meth:`max_length` positions."""
+        lm = gguf_lm(
+            runtime,
+            self.tokenizer,
+            self.max_length(config),
+            int(config.vocab_size),
+            self.stops,
+        )
+        return self._evaluate(lm)
 
 
-def tasks_for(cfg: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> Tasks | None:
-    """The configured tasks, checked (:func:`check_tasks`); None when there are none."""
+def tasks_for(
+    cfg: EvalConfig, tokenizer: PreTrainedTokenizerBase, stops: Sequence[int] = ()
+) -> Tasks | None:
+    """The configured tasks, checked (:func:`check_tasks`); None when there are none.
+    ``stops``: the ids that end an answer (default: the tokenizer's EOS)."""
     if not cfg.lm_eval_tasks:
         return None
     check_tasks(cfg)
-    return Tasks(cfg, tokenizer, _task_manager(cfg.lm_eval_include, cfg.lm_eval_tasks))
+    ends = list(stops) or [int(tokenizer.eos_token_id)]
+    return Tasks(cfg, tokenizer, _task_manager(cfg.lm_eval_include, cfg.lm_eval_tasks), ends)
 
 
 def task_scores(results: dict[str, Any]) -> dict[str, Any]:
@@ -188,12 +209,21 @@ def main_metrics(scores: dict[str, Any]) -> list[str]:
 
 
 def gguf_lm(
-    runtime: LlamaRuntime, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, vocab_size: int
+    runtime: LlamaRuntime,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    vocab_size: int,
+    stops: Sequence[int],
 ) -> Any:
     """A :class:`GGUFLM` (built here: its base class is lm-eval's, imported on use)."""
     import torch
     from lm_eval.api.model import TemplateLM
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import (
+        handle_stop_sequences,
+        normalize_gen_kwargs,
+        postprocess_generated_text,
+    )
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     class GGUFLM(TemplateLM):
@@ -201,6 +231,7 @@ def gguf_lm(
 
         # HFLM's own tokenization, on the same tokenizer: the torch rows' token sequences.
         tok_encode = HFLM.tok_encode
+        tok_decode = HFLM.tok_decode
         eot_token_id = HFLM.eot_token_id
         prefix_token_id = HFLM.prefix_token_id
 
@@ -209,9 +240,11 @@ def gguf_lm(
             self.tokenizer = tokenizer
             self.add_bos_token = None  # as HFLM left at its default
             self.custom_prefix_token_id = None
-            self.max_length = cfg.lm_eval_max_length
+            self.max_length = max_length
 
         def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+            if not continuation:
+                return 0.0, True
             whole = (context + continuation)[-(self.max_length + 1) :]
             continuation = continuation[-(len(whole) - 1) :]
             prompt = whole[: len(whole) - len(continuation)]
@@ -240,24 +273,28 @@ def gguf_lm(
             return out
 
         def generate_until(self, requests: Any, disable_tqdm: bool = False) -> list[str]:
+            """Greedy answers as HFLM writes them: the same stop strings (the task's and the
+            EOS text), the same stop ids, special tokens dropped from the text."""
+            eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
             out = []
             for context, gen_kwargs in (r.args for r in requests):
-                kwargs = dict(gen_kwargs)
-                if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0) > 0:
+                kwargs = normalize_gen_kwargs(dict(gen_kwargs), 256)
+                if kwargs.get("do_sample"):
                     raise TaskError(
-                        f"a task asks llama.cpp to sample ({kwargs}); GGUF rows answer greedily, "
-                        "so every row would not run the same way: choose a greedy task"
+                        f"a task asks for sampled answers ({gen_kwargs}); GGUF rows answer "
+                        "greedily, so the rows would not be scored alike: choose a greedy task"
                     )
-                until = kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                new = int(kwargs.get("max_gen_toks") or 256)
+                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+                new = int(kwargs["max_gen_toks"])
+                if new >= self.max_length:
+                    raise TaskError(
+                        f"a task asks for {new} new tokens, not fewer than the {self.max_length}"
+                        "-token context (eval.lm_eval_max_length or the model's own)"
+                    )
                 ids = self.tok_encode(context)[-(self.max_length - new) :]
-                eot = self.eot_token_id
-                (answer,) = runtime.generate([ids], new, [eot], vocab_size=vocab_size)
-                text = self.tokenizer.decode([t for t in answer if t != eot])
-                for stop in until:
-                    text = text.split(stop)[0] if stop else text
-                out.append(text)
+                (answer,) = runtime.generate([ids], new, list(stops), vocab_size=vocab_size)
+                text = self.tok_decode([t for t in answer if t not in stops])
+                out.append(postprocess_generated_text(text, until, None))
             return out
 
     return GGUFLM()

@@ -99,6 +99,30 @@ def _is_sentencepiece(spec: dict) -> bool:
     return bool(model.get("byte_fallback")) and any(d.get("type") == "ByteFallback" for d in steps)
 
 
+def _merges_across_words(spec: dict) -> bool:
+    """Whether the tokenizer's BPE runs over the whole text, as llama.cpp's SentencePiece
+    merging does: no pre-tokenizer, a ``Metaspace`` that does not split, or a split on
+    ``" "`` that finds none (the normalizer has already turned every space into ``▁``)."""
+    pre = spec.get("pre_tokenizer")
+    if not pre:
+        return True
+    if pre.get("type") == "Metaspace":
+        return pre.get("split") is False
+    normalizer = spec.get("normalizer") or {}
+    steps = normalizer.get("normalizers") or [normalizer]
+    spaces_gone = any(
+        n.get("type") == "Replace"
+        and (n.get("pattern") or {}).get("String") == " "
+        and n.get("content") == "\u2581"
+        for n in steps
+    )
+    return (
+        pre.get("type") == "Split"
+        and (pre.get("pattern") or {}).get("String") == " "
+        and spaces_gone
+    )
+
+
 def _adds_space_prefix(spec: dict) -> bool:
     """Whether encoding puts ``▁`` before the text (a ``Prepend`` normalizer or a
     ``Metaspace`` that prepends): llama.cpp's ``add_space_prefix``."""
@@ -152,6 +176,12 @@ def tokenizer_metadata(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> d
             f"GGUF export writes byte-level or SentencePiece-style (byte-fallback) BPE "
             f"tokenizers only, this one is {model.get('type')} with a {decoder.get('type')} "
             "decoder"
+        )
+    if sentencepiece and not _merges_across_words(spec):
+        raise GGUFExportError(
+            f"GGUF export: this SentencePiece-style tokenizer splits text into words first "
+            f"({spec.get('pre_tokenizer')}), which llama.cpp's SentencePiece merging does not: "
+            "its ids would differ"
         )
     vocab: dict[str, int] = dict(model["vocab"])
     kinds = {}

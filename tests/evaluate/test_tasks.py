@@ -40,18 +40,24 @@ def _cfg(**overrides) -> EvalConfig:
     return EvalConfig(**(base | overrides))
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """A tiny llama, its tokenizer, and its F16 GGUF open in llama.cpp."""
+@pytest.fixture(scope="module", params=["bpe", "sentencepiece"])
+def pair(request, tmp_path_factory):
+    """A tiny llama, its tokenizer (byte-level BPE without BOS, or Gemma's kind, which
+    prepends BOS), and its F16 GGUF open in llama.cpp."""
     from distill.models import open_gguf
     from distill.quantize.gguf import export_gguf
+    from tests.quantize.gguf_models import sentencepiece_tokenizer
 
-    tok = make_tokenizer(300)
-    model = tiny_llama(300, seed=5, tie=False).eval()
+    tok = make_tokenizer(300) if request.param == "bpe" else sentencepiece_tokenizer(300)
+    model = tiny_llama(len(tok), seed=5, tie=False).eval()
     path = tmp_path_factory.mktemp("tasks") / "m.gguf"
     export_gguf(model, tok, path, "f16")
     with open_gguf(path, n_ctx=256, threads=1) as runtime:
         yield model, tok, runtime
+
+
+def _gguf(runtime, tok, max_length: int = 256):
+    return gguf_lm(runtime, tok, max_length, len(tok), [tok.eos_token_id])
 
 
 def _requests(kind: str, args: list[tuple]) -> list:
@@ -64,18 +70,23 @@ def test_the_gguf_wrapper_scores_what_hflm_scores(pair) -> None:
     from lm_eval.models.huggingface import HFLM
 
     model, tok, runtime = pair
-    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=256)
-    gg = gguf_lm(runtime, tok, _cfg(), 300)
     pairs = [
         ("Question: Which keyword defines a function?\nAnswer:", " def"),
         ("The quick brown fox", " jumps over the lazy dog."),
         ("", "A distilled student learns from its teacher."),  # empty context: prefix token
+        # A context longer than the window: both keep its last max_length tokens.
+        ("The quick brown fox jumps over the lazy dog. " * 20, " A distilled student"),
     ]
-    want = hf.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
-    got = gg.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
-    for (lp_hf, greedy_hf), (lp_gg, greedy_gg) in zip(want, got, strict=True):
-        assert abs(lp_hf - lp_gg) < MAX_LOGPROB_GAP, (lp_hf, lp_gg)
-        assert lp_gg < 0 and greedy_gg == greedy_hf
+    for max_length in (256, 48):
+        hf = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=max_length)
+        gg = _gguf(runtime, tok, max_length)
+        want = hf.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+        got = gg.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+        for (lp_hf, greedy_hf), (lp_gg, greedy_gg) in zip(want, got, strict=True):
+            assert abs(lp_hf - lp_gg) < MAX_LOGPROB_GAP, (max_length, lp_hf, lp_gg)
+            assert lp_gg < 0 and greedy_gg == greedy_hf
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=256)
+    gg = _gguf(runtime, tok)
     text = [("The quick brown fox jumps over the lazy dog. " * 12,)]  # several 256-token windows
     (r_hf,) = hf.loglikelihood_rolling(_requests("loglikelihood_rolling", text), disable_tqdm=True)
     (r_gg,) = gg.loglikelihood_rolling(_requests("loglikelihood_rolling", text), disable_tqdm=True)
@@ -83,13 +94,21 @@ def test_the_gguf_wrapper_scores_what_hflm_scores(pair) -> None:
 
 
 def test_greedy_answers_stop_where_the_task_says_and_sampling_is_refused(pair) -> None:
-    _, tok, runtime = pair
-    gg = gguf_lm(runtime, tok, _cfg(), 300)
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok, runtime = pair
+    gg = _gguf(runtime, tok)
     prompt = "The quick brown fox"
     (full,) = gg.generate_until(
         _requests("generate_until", [(prompt, {"until": [], "max_gen_toks": 12})])
     )
     assert full
+    # HFLM's own answer to the same request: the same text (greedy, F16 against fp32).
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=1, max_length=256)
+    (want,) = hf.generate_until(
+        _requests("generate_until", [(prompt, {"until": [], "max_gen_toks": 12})])
+    )
+    assert full == want
     stop = full[len(full) // 2 :][:2]
     (cut,) = gg.generate_until(
         _requests("generate_until", [(prompt, {"until": [stop], "max_gen_toks": 12})])
@@ -99,13 +118,15 @@ def test_greedy_answers_stop_where_the_task_says_and_sampling_is_refused(pair) -
         gg.generate_until(
             _requests("generate_until", [(prompt, {"do_sample": True, "temperature": 1.0})])
         )
+    with pytest.raises(TaskError, match="256-token context"):
+        gg.generate_until(_requests("generate_until", [(prompt, {"max_gen_toks": 256})]))
 
 
 def test_every_runtime_gets_the_same_task_settings_and_scores_close(pair) -> None:
     model, tok, runtime = pair
     tasks = tasks_for(_cfg(), tok)
     torch_scores = tasks.score_model(model)[TASK]
-    gguf_scores = tasks.score_gguf(runtime, 300)[TASK]
+    gguf_scores = tasks.score_gguf(runtime, model.config)[TASK]
     assert torch_scores["examples"] == gguf_scores["examples"] == 6
     assert torch_scores["num_fewshot"] == gguf_scores["num_fewshot"] == 2  # the task's own
     for metric in ("acc", "acc_norm"):

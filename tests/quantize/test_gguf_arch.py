@@ -114,3 +114,18 @@ def test_pre_tokenizer_names(caplog) -> None:
         assert pre_tokenizer_name(_split(QWEN2_SPLIT), ignore_merges=True) == "default"
         assert pre_tokenizer_name(_split(r"\p{N}{1,2}")) == "default"
     assert caplog.text.count("writing 'default'") == 2
+
+
+def test_a_sentencepiece_tokenizer_that_splits_words_first_is_refused() -> None:
+    # llama.cpp's SentencePiece merging runs over the whole text; a tokenizer that splits at
+    # spaces first never merges across them, so the two would give different ids.
+    from tokenizers import pre_tokenizers
+
+    from distill.quantize.gguf_tokenizer import tokenizer_metadata
+    from tests.quantize.gguf_models import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer(300)
+    assert tokenizer_metadata(tok, len(tok))["model"] == "llama"
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(split=True)
+    with pytest.raises(GGUFExportError, match="splits text into words"):
+        tokenizer_metadata(tok, len(tok))
