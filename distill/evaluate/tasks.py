@@ -369,6 +369,8 @@ def task_lines(report: dict[str, Any]) -> list[str]:
         "llama.cpp (log-likelihoods from its logits, answers its greedy decode), on the same "
         "token ids. ± is lm-eval's standard error.",
     ]
+    failed = [v for v in report["variants"] if v.get("lm_eval_error")]
+    lines += [f"- Not scored: {v['name']}: {v['lm_eval_error']}" for v in failed]
     return lines
 
 

@@ -184,8 +184,10 @@ def test_results_are_read_back_as_lm_eval_wrote_them() -> None:
         ],
         "lm_eval": {"version": "0.4.13", "max_length": 256, "seed": 1234},
     }
+    report["variants"].append({"name": "student-gguf-q4_0", "lm_eval_error": "llama.cpp failed"})
     text = "\n".join(task_lines(report))
     assert "| teacher | 0.500 ± 0.200 | 0.250 |" in text
+    assert "- Not scored: student-gguf-q4_0: llama.cpp failed" in text
     assert f"{TASK} 2-shot" in text and f"examples {TASK} 6" in text
     (entry,) = model_index(report, "my-student")
     assert entry["name"] == "my-student"
