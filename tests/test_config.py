@@ -106,6 +106,7 @@ def test_all_bad_fields_named_at_once() -> None:
         ("quant.gguf=[q4_k_m,q7_k]", "q7_k"),
         ("train.qad=q3_k", "q3_k"),
         ("train.qad_steps=5", "set train.qad"),
+        ("eval.draft_gguf=q9_9", "eval.draft_gguf='q9_9'"),
         # Trained for a file the run never writes: silently pointless otherwise.
         ("train.qad=q8_0 train.qad_steps=5 quant.gguf=[q4_0]", "add q8_0 to quant.gguf"),
     ],

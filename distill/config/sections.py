@@ -361,6 +361,7 @@ class EvalConfig:
         if any(not isinstance(k, int) or k < 1 for k in self.draft_lengths):
             out.append(f"eval.draft_lengths={self.draft_lengths!r}: give draft lengths >= 1")
         out += _at_least("eval", self, ("draft_prompts", "draft_tokens"))
+        out += _choice("eval.draft_gguf", self.draft_gguf, (*GGUF_TYPES, *LLAMA_QUANT_TYPES))
         out += self._lm_eval_problems()
         if self.decode_batch_size > 1 and not self.eager_timing:
             out.append(

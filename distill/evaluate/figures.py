@@ -58,3 +58,15 @@ def pct_cell(value: float | None) -> str:
     """``0.518`` -> ``"51.8%"``; a missing or NaN share -> "—" (no stray %)."""
     cell = num_cell(value, 1, 100.0)
     return cell + "%" if cell != "—" else cell
+
+
+def plain_log_labels(axis: Any) -> None:
+    """Plain numbers (20, 50, 100), not 10^x, on a log axis: variants often span under a
+    decade, where only minor ticks fall, so the 2x and 5x minor ticks are labelled too (and
+    no others, so labels do not collide)."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+    axis.set_minor_formatter(
+        FuncFormatter(lambda x, _pos: f"{x:g}" if f"{x:.0e}"[0] in "25" else "")
+    )

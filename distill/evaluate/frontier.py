@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
-from distill.evaluate.figures import deployed, pareto_front
+from distill.evaluate.figures import deployed, pareto_front, plain_log_labels
 from distill.evaluate.tasks import task_metrics
 from distill.names import ANSWER_SETS
 from distill.run_dir import REPORT_JSON, RunDir
@@ -328,9 +328,10 @@ def _fidelity_table(f: Frontier) -> list[str]:
     metrics = [m for m in available_metrics(f.points) if m not in POINT_METRICS]
     if not metrics:
         return []
+    tasks = any(m.startswith("lm_eval:") for m in metrics)
     lines = [
         "",
-        "## Fidelity to the teacher",
+        "## Fidelity to the teacher" + (" and task scores" if tasks else ""),
         "",
         "| run | variant | " + " | ".join(metrics) + " |",
         "| --- | --- |" + " ---: |" * len(metrics),
@@ -380,7 +381,6 @@ def plot(f: Frontier, path: Path, memory_budget_bytes: int | None = None) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     panels = [
         ("perplexity", "pareto_ppl", "held-out perplexity"),
@@ -438,12 +438,10 @@ def plot(f: Frontier, path: Path, memory_budget_bytes: int | None = None) -> Non
                 memory_budget_bytes / 1e6, color="gray", linestyle="--", label="memory budget"
             )
         ax.set_xscale("log")
-        # Plain numbers (300, 400), not 3 × 10^2, on the log axis.
-        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
+        plain_log_labels(ax.xaxis)
         if metric == "perplexity":
             ax.set_yscale("log")
+            plain_log_labels(ax.yaxis)
         ax.set_xlabel("weight bytes as stored (MB, log scale)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from distill.evaluate.figures import deployed, pareto_front, runtime_family
+from distill.evaluate.figures import deployed, pareto_front, plain_log_labels, runtime_family
 
 MB = 1_000_000  # decimal megabyte, as disk sizes are quoted
 
@@ -75,14 +75,12 @@ def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
     # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
 
     rows = [v for v in report["variants"] if _finite(v.get("perplexity"))]
     fig = Figure(figsize=(11, 5.2), dpi=120)
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
     colours = [f"C{i % 10}" for i in range(len(rows))]
-    plain = FuncFormatter(lambda x, _pos: f"{x:g}")
     for v, c in zip(rows, colours, strict=True):
         teacher = v["name"].startswith("teacher")
         left.scatter(
@@ -133,12 +131,8 @@ def plot_memory_vs_quality(report: dict[str, Any], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     for scale in (left.set_xscale, left.set_yscale, right.set_xscale):
         scale("log")
-    # Plain numbers (20, 50, 100), not 10^x: variants often span under a decade, where only
-    # minor ticks fall; the 2x and 5x minor ticks are labelled so labels do not collide.
-    minor = FuncFormatter(lambda x, _pos: f"{x:g}" if f"{x:.0e}"[0] in "25" else "")
     for axis in (left.xaxis, left.yaxis, right.xaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(minor)
+        plain_log_labels(axis)
         _label_a_short_span(axis)
     left.set_xlabel("weight memory (MB, log scale)")
     left.set_ylabel("held-out perplexity (log scale, lower is better)")

@@ -244,15 +244,14 @@ def _draft_speed(
     out: dict[str, Any] = {"gguf": e.draft_gguf, "new_tokens": e.draft_tokens, "threads": threads}
     record = records.get(f"gguf-{e.draft_gguf}") or {}
     prompts = [p.tokens for p in (inputs.generation if inputs else [])][: e.draft_prompts]
-    why = None
-    if llama_cpp_problem():
-        why = llama_cpp_problem()
-    elif teacher_gguf is None:
+    if teacher_gguf is None:
         why = "there is no teacher GGUF F16 row (eval.teacher_gguf=true and a GGUF type make it)"
     elif not record.get("dst"):
         why = f"the run has no student {e.draft_gguf} GGUF file (add {e.draft_gguf} to quant.gguf)"
     elif not prompts:
         why = "the generation set is off (eval.fidelity), and its prompts are the ones timed"
+    else:
+        why = llama_cpp_problem()
     if why:
         log.info("draft model not timed: %s", why)
         return out | {"error": why}
@@ -314,10 +313,9 @@ def run(
     blocks = splits.val if cfg.eval.max_blocks is None else splits.val[: cfg.eval.max_blocks]
     check_held_out(blocks, cfg.eval.batch_size)
     inputs = fidelity_inputs(cfg, tokenizer)  # prompts and extra blocks, before any pass
-    tasks = tasks_for(cfg.eval, tokenizer)  # an unknown task fails here, before any pass
     model: PreTrainedModel = teacher.model
-    if tasks is not None:
-        tasks.stops = stop_ids(model)  # GGUF rows' task answers stop where HFLM's do
+    # An unknown task fails here, before any pass; GGUF rows' answers stop where HFLM's do.
+    tasks = tasks_for(cfg.eval, tokenizer, stop_ids(model))
     if torch.cuda.is_available() and model.device.type != "cuda":
         model.to("cuda")
     device = model.device

@@ -108,7 +108,7 @@ class Tasks:
     manager: Any
     # The ids that end an answer (the teacher's generation config): where HFLM's generate
     # stops, so where a GGUF row's answer stops too.
-    stops: list[int]
+    stops: tuple[int, ...]
 
     def max_length(self, config: Any) -> int:
         """``eval.lm_eval_max_length``, but never past the model's own context."""
@@ -169,15 +169,15 @@ class Tasks:
 
 
 def tasks_for(
-    cfg: EvalConfig, tokenizer: PreTrainedTokenizerBase, stops: Sequence[int] = ()
+    cfg: EvalConfig, tokenizer: PreTrainedTokenizerBase, stops: Sequence[int]
 ) -> Tasks | None:
     """The configured tasks, checked (:func:`check_tasks`); None when there are none.
-    ``stops``: the ids that end an answer (default: the tokenizer's EOS)."""
+    ``stops``: the ids that end an answer (:func:`distill.sampling.stop_ids` of the teacher)."""
     if not cfg.lm_eval_tasks:
         return None
-    check_tasks(cfg)
-    ends = list(stops) or [int(tokenizer.eos_token_id)]
-    return Tasks(cfg, tokenizer, _task_manager(cfg.lm_eval_include, cfg.lm_eval_tasks), ends)
+    check_tasks(cfg)  # builds the index that the next line takes from the cache
+    manager = _task_manager(cfg.lm_eval_include, cfg.lm_eval_tasks)
+    return Tasks(cfg, tokenizer, manager, tuple(int(t) for t in stops))
 
 
 def task_scores(results: dict[str, Any]) -> dict[str, Any]:
@@ -364,10 +364,11 @@ def task_lines(report: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"- lm-evaluation-harness {settings.get('version', '?')}; every row with the same "
-        f"settings: {shots}; examples {examples}; context {settings.get('max_length')} tokens; "
-        f"seed {settings.get('seed')}. PyTorch rows through lm-eval's HFLM, GGUF rows in "
-        "llama.cpp (log-likelihoods from its logits, answers its greedy decode), on the same "
-        "token ids. ± is lm-eval's standard error.",
+        f"settings: {shots}; examples {examples}; context up to {settings.get('max_length')} "
+        f"tokens (a model's own context where shorter); seed {settings.get('seed')}. PyTorch "
+        "rows through lm-eval's HFLM, GGUF rows in llama.cpp (log-likelihoods from its "
+        "logits, answers its greedy decode), on the same token ids. ± is lm-eval's standard "
+        "error.",
     ]
     failed = [v for v in report["variants"] if v.get("lm_eval_error")]
     lines += [f"- Not scored: {v['name']}: {v['lm_eval_error']}" for v in failed]

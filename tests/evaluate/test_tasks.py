@@ -124,7 +124,7 @@ def test_greedy_answers_stop_where_the_task_says_and_sampling_is_refused(pair) -
 
 def test_every_runtime_gets_the_same_task_settings_and_scores_close(pair) -> None:
     model, tok, runtime = pair
-    tasks = tasks_for(_cfg(), tok)
+    tasks = tasks_for(_cfg(), tok, [tok.eos_token_id])
     torch_scores = tasks.score_model(model)[TASK]
     gguf_scores = tasks.score_gguf(runtime, model.config)[TASK]
     assert torch_scores["examples"] == gguf_scores["examples"] == 6
@@ -150,7 +150,7 @@ def test_unknown_tasks_and_missing_folders_are_refused_before_any_model_loads(
     problems = _cfg(lm_eval_include=["/no/such/folder"], lm_eval_limit=0).problems()
     assert any("/no/such/folder" in p for p in problems)
     assert any("lm_eval_limit=0" in p for p in problems)
-    assert tasks_for(EvalConfig(), make_tokenizer(300)) is None  # none configured: no lm-eval
+    assert tasks_for(EvalConfig(), make_tokenizer(300), []) is None  # none configured
 
 
 def _results() -> dict:
