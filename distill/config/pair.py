@@ -56,6 +56,11 @@ class StudentConfig:
     # ``budget_depths`` (null: four from the depth-only cut to the teacher's depth).
     budget: float | None = None
     budget_depths: list[int] | None = None
+    # The best ``budget_finalists`` pruned shapes are each trained ``budget_finalist_steps``
+    # steps (the run's loss and learning rate) and scored again; the best after training is
+    # chosen. 0 or 1: the best pruned shape. Measured in docs/students.md.
+    budget_finalists: int = 3
+    budget_finalist_steps: int = 16
     # from_config: keys applied to a copy of the teacher's config; weights are random.
     config_overrides: dict[str, Any] = field(default_factory=dict)
     # pretrained: a Hub id or local folder holding a causal LM.
@@ -105,6 +110,13 @@ class StudentConfig:
             not self.budget_depths or min(self.budget_depths) < 1
         ):
             out.append(f"pair.student.budget_depths={self.budget_depths}: give depths >= 1")
+        if self.budget_finalists < 0:
+            out.append(f"pair.student.budget_finalists={self.budget_finalists}: must be >= 0")
+        if self.budget_finalists >= 2 and self.budget_finalist_steps < 1:
+            out.append(
+                f"pair.student.budget_finalist_steps={self.budget_finalist_steps}: must be "
+                ">= 1 (or set pair.student.budget_finalists=0 to choose the best pruned shape)"
+            )
         return out
 
     def _depth_problems(self) -> list[str]:

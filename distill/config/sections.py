@@ -274,7 +274,7 @@ class QuantConfig:
     # matrix of the student's activations on the calibration blocks (llama-imatrix's).
     imatrix: bool = True
     embedding_bits: int = 8
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "float32"
 
     def problems(self) -> list[str]:
         out = _choice("quant.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)

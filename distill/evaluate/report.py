@@ -398,21 +398,42 @@ def student_lines(shape: dict[str, Any] | None) -> list[str]:
     line = "- Student: " + ", ".join(parts) + "."
     search = shape.get("shape_search")
     if search:
-        chosen, other = search["chosen"], search.get("runner_up")
-        line += (
-            f" Chosen for pair.student.budget={search['budget']} as the lowest KL to the teacher "
-            f"before training ({chosen['kl']:.3f}, {chosen['params'] / 1e6:.1f}M parameters) of "
-            f"{search['candidates']} shapes that fit"
-        )
-        if other:
-            s = other["shape"]
-            line += (
-                f"; the runner-up, {s['num_layers']} layers with MLP {s['intermediate_size']}, "
-                f"{s['num_key_value_heads']} kv groups, hidden {s['hidden_size']}, had "
-                f"{other['kl']:.3f}"
-            )
-        line += "."
+        line += _search_text(search)
     return [line]
+
+
+def _search_text(search: dict[str, Any]) -> str:
+    """Why the budget search chose this shape, in one sentence (after the shape)."""
+    chosen, other = search["chosen"], search.get("runner_up")
+    trained = chosen.get("kl_trained")
+    budget, count = search["budget"], search["candidates"]
+    if trained:
+        steps = max(trained, key=int)
+        text = (
+            f" Chosen for pair.student.budget={budget}: of {count} shapes that fit, the "
+            f"{search.get('finalists', '?')} with the lowest KL to the teacher before training "
+            f"were each trained {steps} steps, and this one had the lowest KL after "
+            f"({trained[steps]:.3f}; {chosen['kl']:.3f} before; "
+            f"{chosen['params'] / 1e6:.1f}M parameters)"
+        )
+    else:
+        text = (
+            f" Chosen for pair.student.budget={budget} as the lowest KL to the teacher "
+            f"before training ({chosen['kl']:.3f}, {chosen['params'] / 1e6:.1f}M parameters) of "
+            f"{count} shapes that fit"
+        )
+    if other:
+        s = other["shape"]
+        text += (
+            f"; the runner-up, {s['num_layers']} layers with MLP {s['intermediate_size']}, "
+            f"{s['num_key_value_heads']} kv groups, hidden {s['hidden_size']}, had "
+        )
+        after = other.get("kl_trained")
+        if trained and after:
+            text += f"{after[max(after, key=int)]:.3f} after ({other['kl']:.3f} before)"
+        else:
+            text += f"{other['kl']:.3f}"
+    return text + "."
 
 
 def _torch_device(variants: list[dict[str, Any]]) -> str:

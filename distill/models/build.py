@@ -21,8 +21,10 @@ from distill.models.layer_cache import greedy_layers
 from distill.models.load import ModelError, load_causal_lm, load_config, load_tokenizer
 from distill.models.shape_search import (
     SHAPE_SEARCH_ATTR,
+    Finalists,
     candidates,
     default_depths,
+    final_kl,
     search_shape,
     shape_config,
 )
@@ -54,6 +56,7 @@ def budget_shape(
     train_blocks: torch.Tensor | None,
     cache_dir: Path | None,
     teacher_key: Callable[[], str] | None,
+    finalists: Finalists | None = None,
 ) -> tuple[list[int], Width, dict[str, Any]]:
     """The layers and width of the best-scored shape within ``pair.student.budget``
     (:func:`distill.models.shape_search.search_shape`, cached), and what the search found:
@@ -67,20 +70,30 @@ def budget_shape(
     assert cfg.budget is not None
     depths = list(cfg.budget_depths or default_depths(teacher.config, cfg.budget))
     key = teacher_key() if teacher_key is not None else weights_hash(teacher)
-    shape, layers, ranked = search_shape(teacher, train_blocks, cfg.budget, depths, cache_dir, key)
+    shape, layers, ranked = search_shape(
+        teacher, train_blocks, cfg.budget, depths, cache_dir, key, finalists
+    )
+    chosen = ranked[0]
+    why = f"KL {chosen['kl']:.3f} pruned, the best of {len(ranked)} shapes"
+    if "kl_trained" in chosen:
+        trained = sum("kl_trained" in r for r in ranked)
+        why = (
+            f"KL {final_kl(chosen):.3f} after {max(map(int, chosen['kl_trained']))} steps, the "
+            f"best of the {trained} best pruned of {len(ranked)} shapes"
+        )
     log.info(
         "student: budget %.3f of the teacher -> %d layers, MLP %d, %d kv groups, hidden %d "
-        "(%.1fM parameters; KL %.3f pruned, the best of %d shapes)",
+        "(%.1fM parameters; %s)",
         cfg.budget,
         shape.num_layers,
         shape.intermediate_size,
         shape.num_key_value_heads,
         shape.hidden_size,
-        ranked[0]["params"] / 1e6,
-        ranked[0]["kl"],
-        len(ranked),
+        chosen["params"] / 1e6,
+        why,
     )
-    summary = {"budget": cfg.budget, "candidates": len(ranked), "chosen": ranked[0]}
+    summary = {"budget": cfg.budget, "candidates": len(ranked), "chosen": chosen}
+    summary["finalists"] = sum("kl_trained" in r for r in ranked)
     summary["runner_up"] = ranked[1] if len(ranked) > 1 else None
     return layers, shape.width(), summary
 
@@ -128,6 +141,7 @@ def build_student(
     train_blocks: torch.Tensor | None = None,
     cache_dir: Path | None = None,
     teacher_key: Callable[[], str] | None = None,
+    finalists: Finalists | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """The student before distillation, and its own tokenizer when it brings one.
 
@@ -137,6 +151,9 @@ def build_student(
         cache_dir: where that search's trajectory is cached (``distill.caches.cache_root``).
         teacher_key: gives the teacher's weights hash, the search cache's key, when the search
             runs (the run's :class:`~distill.models.Teacher` hashes once); None: hashed here.
+        finalists: ``pair.student.budget``: how the best pruned shapes are short-trained
+            before the choice (the train stage's :func:`distill.train.short_train.finalists`);
+            None chooses the best pruned shape.
 
     Raises:
         ModelError: see :func:`student_layers`, :func:`build_student_from_teacher`,
@@ -146,7 +163,9 @@ def build_student(
     if cfg.init == "from_teacher":
         search = None
         if cfg.budget is not None:
-            layers, width, search = budget_shape(cfg, teacher, train_blocks, cache_dir, teacher_key)
+            layers, width, search = budget_shape(
+                cfg, teacher, train_blocks, cache_dir, teacher_key, finalists
+            )
         else:
             width = width_of(cfg)
             check_width(teacher.config, width)  # before any search or copy

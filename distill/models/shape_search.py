@@ -11,9 +11,16 @@ meta device from the shape's config, so they are exact for any architecture, tie
 
 Each candidate is cut from the teacher (depth, then width by activation importance,
 :mod:`distill.models.width`; importance measured once per depth) and scored by KL(teacher ||
-student) on training blocks: Minitron ranks pruned-only candidates this way. The lowest KL
-wins. The scores are cached per teacher, calibration blocks, budget and depths under
-``cache_dir/shape_search/``, so a run (or a sweep) pays for a search once.
+student) on training blocks: Minitron ranks pruned-only candidates this way. It also found
+that this ranking narrows the field but settles only after light retraining, and so did we
+(docs/students.md: the best pruned shape finished second after 60 steps). So the best
+``pair.student.budget_finalists`` shapes are then each trained a few steps
+(``budget_finalist_steps``, the run's own loss and learning rate; :class:`Finalists`, given by
+the train stage) on training blocks the scoring never uses, and scored again on the same
+blocks at a few points along the way; the lowest KL after training wins. With fewer than two
+finalists the lowest pruned KL wins. The scores are cached per teacher, calibration blocks,
+budget, depths (and the finalists' recipe) under ``cache_dir/shape_search/``, so a run (or a
+sweep) pays for a search once.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +72,32 @@ SHAPE_SEARCH_ATTR = "distill_shape_search"
 # Training blocks the candidates are cut and scored on.
 SCORE_BLOCKS = 8
 _FORMAT = 1
+
+
+# Short-trains a student in place on ``blocks`` ``(N, T)``, calling ``tick()`` after each
+# step and ``score(student)`` at a few of them: returns ``{step: score}`` (the last included).
+Retrain = Callable[
+    [PreTrainedModel, torch.Tensor, Callable[[PreTrainedModel], float], Callable[[], object]],
+    dict[int, float],
+]
+
+
+@dataclass(frozen=True)
+class Finalists:
+    """How the best pruned shapes are short-trained before the choice.
+
+    Attributes:
+        count: shapes trained (the best by pruned KL); below 2 nothing is trained.
+        steps: optimizer steps each, for the progress bar and the log.
+        retrain: trains one of them (the train stage's loss and optimizer).
+        recipe: what ``retrain`` does, as text: part of the cache key, so another loss,
+            learning rate or step count searches again.
+    """
+
+    count: int
+    steps: int
+    retrain: Retrain
+    recipe: str
 
 
 @dataclass(frozen=True)
@@ -160,9 +194,15 @@ def candidates(teacher_config: Any, budget: float, depths: list[int]) -> list[tu
 
 
 def _cache_path(
-    cache_dir: Path, teacher_key: str, blocks: torch.Tensor, budget: float, depths: list[int]
+    cache_dir: Path,
+    teacher_key: str,
+    blocks: torch.Tensor,
+    budget: float,
+    depths: list[int],
+    finalists: str = "",
 ) -> Path:
-    payload = json.dumps([_FORMAT, teacher_key, blocks_hash(blocks), budget, sorted(depths)])
+    key: list[Any] = [_FORMAT, teacher_key, blocks_hash(blocks), budget, sorted(depths)]
+    payload = json.dumps(key + [finalists] if finalists else key)
     return (
         Path(cache_dir)
         / "shape_search"
@@ -183,9 +223,12 @@ def search_shape(
     depths: list[int],
     cache_dir: Path,
     teacher_key: str,
+    finalists: Finalists | None = None,
 ) -> tuple[Shape, list[int], list[dict[str, Any]]]:
     """The best-scored shape within ``budget``, the teacher layers it keeps, and every
-    candidate's record (shape, parameters, KL), best first. Cached (module docstring).
+    candidate's record (shape, parameters, pruned KL ``kl``), best first. With
+    ``finalists``, the trained ones come first, ordered by their KL after training (their
+    ``kl_trained``: ``{step: KL}``), then the others by pruned KL. Cached (module docstring).
 
     Raises:
         ModelError: no shape fits the budget, or see :func:`candidates`.
@@ -196,11 +239,89 @@ def search_shape(
     ranked = _read(path)
     if ranked is None:
         ranked = _run(teacher, train_blocks, blocks, shapes, cache_dir, teacher_key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {"ranked": ranked})
-        log.info("shape search: cached in %s", path)
+        _write(path, ranked)
+    if finalists is not None and finalists.count >= 2 and len(ranked) >= 2:
+        recipe = f"{finalists.count} x {finalists.recipe}"
+        final_path = _cache_path(cache_dir, teacher_key, blocks, budget, depths, recipe)
+        trained = _read(final_path)
+        if trained is None:
+            trained = _train_finalists(teacher, train_blocks, blocks, ranked, finalists)
+            _write(final_path, trained)
+        ranked = trained
     best = Shape(**ranked[0]["shape"])
     return best, list(ranked[0]["layers"]), ranked
+
+
+def _write(path: Path, ranked: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"ranked": ranked})
+    log.info("shape search: cached in %s", path)
+
+
+def final_kl(record: dict[str, Any]) -> float:
+    """A finalist's KL after its last training step."""
+    trained = record["kl_trained"]
+    return float(trained[max(trained, key=int)])
+
+
+def _cut(teacher: PreTrainedModel, blocks: torch.Tensor, record: dict[str, Any]) -> PreTrainedModel:
+    """The candidate of ``record`` cut from the teacher again, as :func:`_run` cut it."""
+    shape = Shape(**record["shape"])
+    cut = build_student_from_teacher(teacher, list(record["layers"]))
+    kept = choose_kept(cut.config, shape.width(), measure_importance(cut, blocks, 1))
+    return model_from_state(width_config(cut.config, shape.width()), cut_state(cut, kept))
+
+
+def _train_finalists(
+    teacher: PreTrainedModel,
+    train_blocks: torch.Tensor,
+    blocks: torch.Tensor,
+    ranked: list[dict[str, Any]],
+    finalists: Finalists,
+) -> list[dict[str, Any]]:
+    """``ranked`` with its best ``finalists.count`` short-trained and re-ranked first."""
+    count = min(finalists.count, len(ranked))
+    rest = train_blocks[blocks.shape[0] :]  # never the blocks the scores are taken on
+    if rest.shape[0] == 0:
+        raise ModelError(
+            f"pair.student.budget_finalists={finalists.count} needs training blocks beyond "
+            f"the {blocks.shape[0]} the shapes are scored on: set it to 0 or give more text"
+        )
+    log.info(
+        "shape search: the best %d shapes pruned, each trained %d steps on %d training blocks "
+        "and scored again (the bar's estimate is for all of them)",
+        count,
+        finalists.steps,
+        rest.shape[0],
+    )
+    reference = metrics.teacher_sides(teacher, blocks, 1)
+    trained = []
+    start = time.perf_counter()
+    with tqdm(total=count * finalists.steps, desc="finalists", unit="step") as bar:
+        for record in ranked[:count]:
+            bar.set_postfix_str(_label(record))
+            student = _cut(teacher, blocks, record)
+            scores = finalists.retrain(
+                student, rest, lambda m: _score(m, blocks, reference), lambda: bar.update(1)
+            )
+            trained.append({**record, "kl_trained": {str(k): v for k, v in scores.items()}})
+            del student
+    trained.sort(key=lambda r: (final_kl(r), -r["params"]))
+    log.info(
+        "shape search: %d finalists trained in %.0f s; KL after training: %s",
+        count,
+        time.perf_counter() - start,
+        ", ".join(f"{_label(r)} {final_kl(r):.3f}" for r in trained),
+    )
+    return trained + ranked[count:]
+
+
+def _label(record: dict[str, Any]) -> str:
+    s = record["shape"]
+    return (
+        f"{s['num_layers']}L/MLP {s['intermediate_size']}/kv {s['num_key_value_heads']}/"
+        f"h {s['hidden_size']}"
+    )
 
 
 def _read(path: Path) -> list[dict[str, Any]] | None:

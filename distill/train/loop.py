@@ -45,6 +45,7 @@ from distill.train.on_policy import SampleSettings, check_sampling_supported
 from distill.train.placement import check_placement, fused_heads, place_teacher
 from distill.train.qad import fake_quantized, grid_at
 from distill.train.run_state import config_fingerprint, finished_state
+from distill.train.short_train import finalists
 from distill.train.step import (
     StepContext,
     explain_out_of_memory,
@@ -249,6 +250,7 @@ def _build(
             train_blocks=corpus.train,
             cache_dir=cache_root(cfg),
             teacher_key=lambda: handle.weights_key,
+            finalists=finalists(cfg, teacher) if cfg.pair.student.budget is not None else None,
         )
     check_vocab(
         tokenizer,

@@ -114,3 +114,76 @@ def test_a_budget_on_the_command_line_clears_the_pair_files_shape() -> None:
     assert out.pair.student.layers is None and out.pair.student.intermediate_size is None
     kept = depth_from_command_line(cfg, ["pair.student.budget=0.5", "pair.student.layers=[0]"])
     assert kept.pair.student.layers == [0, 1]  # given on the command line too: left to the schema
+
+
+def test_the_finalists_are_the_best_pruned_and_the_best_after_training_is_built(
+    teacher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in training that reverses the pruned order: the worst of the three finalists
+    must come out chosen, scored on blocks its training never saw."""
+    _, _, pruned = search_shape(teacher, BLOCKS, 0.7, [2, 3, 4], tmp_path, "key")
+    by_shape = {tuple(r["shape"].values()): r["kl"] for r in pruned}
+    seen: list[tuple[int, ...]] = []
+
+    def retrain(student, blocks, score, tick):
+        c = student.config
+        key = (c.num_hidden_layers, c.intermediate_size, c.num_key_value_heads, c.hidden_size)
+        seen.append(key)
+        # The candidate arrives as it was scored pruned, and trains on the other blocks.
+        assert score(student) == pytest.approx(by_shape[key], abs=1e-5)
+        assert torch.equal(blocks, BLOCKS[shape_search.SCORE_BLOCKS :])
+        tick()
+        return {1: 5.0, 2: 5.0 - by_shape[key]}
+
+    finalists = shape_search.Finalists(3, 2, retrain, "reversed")
+    shape, layers, ranked = search_shape(
+        teacher, BLOCKS, 0.7, [2, 3, 4], tmp_path, "key", finalists
+    )
+    assert sorted(seen) == sorted(tuple(r["shape"].values()) for r in pruned[:3])
+    assert [shape_search.final_kl(r) for r in ranked[:3]] == sorted(
+        5.0 - r["kl"] for r in pruned[:3]
+    )
+    assert ranked[0]["shape"] == pruned[2]["shape"] and Shape(**pruned[2]["shape"]) == shape
+    assert ranked[3:] == pruned[3:] and layers == pruned[2]["layers"]
+
+    # Cached per recipe: the same recipe trains nothing; another trains again.
+    seen.clear()
+    search_shape(teacher, BLOCKS, 0.7, [2, 3, 4], tmp_path, "key", finalists)
+    assert seen == []
+    other = shape_search.Finalists(2, 2, retrain, "another recipe")
+    search_shape(teacher, BLOCKS, 0.7, [2, 3, 4], tmp_path, "key", other)
+    assert len(seen) == 2
+
+    # The report says why: trained, and what the runner-up had.
+    from distill.evaluate.report import student_lines
+    from distill.evaluate.stage import student_shape
+
+    cfg = StudentConfig(layers=None, budget=0.7, budget_depths=[2, 3, 4])
+    student, _ = build_student(
+        cfg,
+        teacher,
+        0,
+        train_blocks=BLOCKS,
+        cache_dir=tmp_path,
+        teacher_key=lambda: "key",
+        finalists=finalists,
+    )
+    assert student.config.num_hidden_layers == shape.num_layers
+    (line,) = student_lines(student_shape(student.config, teacher.config))
+    assert "the 3 with the lowest KL to the teacher before training were each trained 2 steps" in (
+        line
+    )
+    assert f"lowest KL after ({5.0 - pruned[2]['kl']:.3f}; {pruned[2]['kl']:.3f} before;" in line
+    assert f"had {5.0 - pruned[1]['kl']:.3f} after ({pruned[1]['kl']:.3f} before)" in line
+
+
+def test_finalists_need_blocks_beyond_the_scored_ones(teacher, tmp_path: Path) -> None:
+    finalists = shape_search.Finalists(2, 1, lambda *a: {1: 0.0}, "any")
+    with pytest.raises(ModelError, match="budget_finalists=2 needs training blocks beyond"):
+        search_shape(
+            teacher, BLOCKS[: shape_search.SCORE_BLOCKS], 0.7, [3], tmp_path, "key", finalists
+        )
+    problems = StudentConfig(layers=None, budget=0.5, budget_finalists=-1).problems()
+    assert "pair.student.budget_finalists=-1: must be >= 0" in problems
+    bad = StudentConfig(layers=None, budget=0.5, budget_finalist_steps=0).problems()
+    assert any("budget_finalist_steps=0: must be >= 1" in p for p in bad)
