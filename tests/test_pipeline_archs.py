@@ -65,7 +65,11 @@ ARCHS = {
     "llama3": Arch("llama3", tie=False, gguf_arch="llama", gguf_pre="llama-bpe", width=_ALL_WIDTHS),
     "qwen2": Arch("qwen2", tie=True, gguf_arch="qwen2", gguf_pre="qwen2", width=_MLP),
     "qwen3": Arch("qwen2", tie=True, gguf_arch="qwen3", gguf_pre="qwen2", width=_ALL_WIDTHS),
-    # Sliding and full layers alternate; the student keeps [0, 3]: one of each.
+    # Sliding and full layers alternate; the student keeps [0, 3]: one of each (for Gemma 2,
+    # whose llama.cpp graph slides every other layer from the first, still alternating).
+    "gemma2": Arch(
+        "sentencepiece", tie=True, gguf_arch="gemma2", gguf_pre="default", width=_ALL_WIDTHS
+    ),
     "gemma3": Arch(
         "sentencepiece", tie=True, gguf_arch="gemma3", gguf_pre="default", width=_ALL_WIDTHS
     ),
@@ -140,8 +144,9 @@ def check_file_header(path: Path, spec: Arch) -> None:
     names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) is not spec.tie
     assert ("rope_freqs.weight" in names) is (spec.gguf_arch == "llama")
-    if spec.gguf_arch == "gemma3":  # the kept layers' own pattern: [0] slides, [3] is full
-        pattern = reader.fields["gemma3.attention.sliding_window_pattern"].contents()
+    if spec.gguf_arch.startswith("gemma"):  # the kept layers' pattern: [0] slides, [3] is full
+        key = f"{spec.gguf_arch}.attention.sliding_window_pattern"
+        pattern = reader.fields[key].contents()
         assert [bool(x) for x in pattern] == [True, False]
 
 

@@ -48,7 +48,7 @@ KEPT_CHANNELS_ATTR = "distill_kept_channels"
 # Architectures whose layout width pruning knows and tests (transformers' model_type; Gemma 3
 # is its text model). GPT-2 fuses q/k/v into one Conv1D and ties its head size to n_embd /
 # n_head: not supported.
-WIDTH_ARCHS = ("llama", "qwen2", "qwen3", "gemma3_text")
+WIDTH_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3_text")
 # Norms whose output is a normalised block input (hidden-channel importance is read there).
 _BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")
 

@@ -3,8 +3,8 @@
 The file holds the weights in one of ``distill.names.GGUF_TYPES`` (quantized in numpy by the
 ``gguf`` package) and the tokenizer (:mod:`distill.quantize.gguf_tokenizer`), so ``llama-cli -m
 student-q4_0.gguf`` needs nothing else. Architectures: llama (RoPE ``default`` or Llama 3's
-``llama3``), qwen2, qwen3, gemma3 and gpt2, each laid out as llama.cpp's own converter writes it
-(:mod:`distill.quantize.gguf_arch`):
+``llama3``), qwen2, qwen3, gemma2, gemma3 and gpt2, each laid out as llama.cpp's own converter
+writes it (:mod:`distill.quantize.gguf_arch`):
 
 * tensor names ``token_embd``, ``blk.N.attn_q`` ... ``output_norm``; a tied LM head is *not*
   written (``output.weight`` absent means tied, for llama.cpp and transformers alike);
@@ -161,7 +161,8 @@ def export_gguf(
     int4_groups: dict[str, Int4Groups] | None = None,
     embedding_bits: int = 8,
 ) -> GGUFExport:
-    """Write ``model`` (llama, qwen2, qwen3, gemma3 or gpt2, any layer count) and its tokenizer.
+    """Write ``model`` (llama, qwen2, qwen3, gemma2, gemma3 or gpt2, any layer count) and its
+    tokenizer.
 
     The file is written next to ``path`` under a temporary name and renamed into place.
 

@@ -1,4 +1,5 @@
-"""Per-architecture GGUF layouts: what llama.cpp loads for llama, qwen2, qwen3, gemma3, gpt2.
+"""Per-architecture GGUF layouts: what llama.cpp loads for llama, qwen2, qwen3, gemma2, gemma3,
+gpt2.
 
 Each layout was written from llama.cpp's own converter (``convert_hf_to_gguf.py``, its
 ``conversion/{llama,qwen,gpt2}.py`` classes) and loaders (``src/models/<arch>.cpp``), read at
@@ -19,6 +20,13 @@ the version llama-cpp-python 0.3.36 vendors:
   layer (``attention.sliding_window_pattern`` as a bool array, read by llama.cpp's
   ``load_swa_pattern``), so a student whose cut broke Gemma's every-sixth-layer rhythm
   still runs its own pattern; the sliding layers' RoPE base is ``rope.freq_base_swa``.
+* **gemma2**: Gemma 3's block without the per-head q/k norms, one RoPE base for every layer,
+  and soft-capping: llama.cpp's graph always caps the attention scores and the final logits
+  (``attn_logit_softcapping``, ``final_logit_softcapping``; its defaults 50 and 30 when the
+  keys are absent), so a model without both is refused. The sliding layers are written as
+  Gemma 3's are (a bool array), which llama.cpp's gemma2 loader reads (without it, every
+  other layer from the first slides), so any cut's pattern runs as it is. For both Gemmas a
+  model with no sliding layer is refused: llama.cpp aborts the process loading one.
 * **gpt2**: fused ``attn_qkv``, LayerNorm with biases, an F32 ``position_embd`` of exactly
   ``n_positions`` rows, no RoPE; Conv1D weights are stored ``(in, out)`` and are transposed
   by the writer (:mod:`distill.quantize.gguf`).
@@ -83,14 +91,15 @@ def _decoder_layer(qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool) 
     return names
 
 
-def _gemma3_layer() -> dict[str, str]:
+def _gemma_layer(qk_norm: bool) -> dict[str, str]:
+    """Gemma 2's and 3's block: four RMSNorms (before and after attention and MLP)."""
     names = {
         "input_layernorm.weight": "attn_norm.weight",
         "post_attention_layernorm.weight": "post_attention_norm.weight",
         "pre_feedforward_layernorm.weight": "ffn_norm.weight",
         "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
     }
-    plain = _decoder_layer(False, False, False, True)
+    plain = _decoder_layer(False, False, False, qk_norm)
     return names | {k: v for k, v in plain.items() if k not in _RMS_NORMS}
 
 
@@ -127,8 +136,11 @@ LAYOUTS: dict[str, ArchLayout] = {
     "qwen3": ArchLayout(
         "qwen3", _DECODER_TOP, _DECODER_BLOCK, _decoder_layer(False, False, False, True), False
     ),
+    "gemma2": ArchLayout(
+        "gemma2", _DECODER_TOP, _DECODER_BLOCK, _gemma_layer(False), False, norm_shift=1.0
+    ),
     "gemma3_text": ArchLayout(
-        "gemma3", _DECODER_TOP, _DECODER_BLOCK, _gemma3_layer(), False, norm_shift=1.0
+        "gemma3", _DECODER_TOP, _DECODER_BLOCK, _gemma_layer(True), False, norm_shift=1.0
     ),
     "gpt2": ArchLayout(
         "gpt2",
@@ -282,12 +294,19 @@ def _decoder_problems(config: Any, arch: str) -> list[str]:
     return problems
 
 
-def gemma3_attention_scale_dim(config: Any) -> int:
-    """The size whose inverse square root llama.cpp's gemma3 graph scales queries by: the
-    head size, but ``hidden / heads`` for a 62-layer model (it takes that depth for Gemma 3
-    27B, whose ``query_pre_attn_scalar`` is so)."""
+# The depth at which llama.cpp takes a model for its 27B (Gemma 2: 46, Gemma 3: 62), whose
+# queries it scales by hidden / heads instead of the head size.
+_GEMMA_27B_DEPTH = {"gemma2": 46, "gemma3": 62}
+
+
+def gemma_attention_scale_dim(config: Any, arch: str = "gemma3") -> int:
+    """The size whose inverse square root llama.cpp's gemma2/gemma3 graph scales queries by:
+    the head size, but ``hidden / heads`` at the 27B's depth (whose
+    ``query_pre_attn_scalar`` is so)."""
     n_heads, _, head_dim = heads(config)
-    return config.hidden_size // n_heads if config.num_hidden_layers == 62 else head_dim
+    if config.num_hidden_layers == _GEMMA_27B_DEPTH[arch]:
+        return config.hidden_size // n_heads
+    return head_dim
 
 
 def sliding_pattern(config: Any) -> list[bool]:
@@ -296,28 +315,55 @@ def sliding_pattern(config: Any) -> list[bool]:
     return [t == "sliding_attention" for t in types][: config.num_hidden_layers]
 
 
-def _gemma3_problems(config: Any) -> list[str]:
+def _gemma_problems(config: Any, arch: str) -> list[str]:
+    """What Gemma 2 and 3 share: the MLP, no biases, causal, the query scale, layer types."""
     problems = []
     if getattr(config, "hidden_activation", None) != "gelu_pytorch_tanh":
         problems.append(
             f"hidden_activation is {getattr(config, 'hidden_activation', None)!r} (llama.cpp's "
-            "gemma3 MLP is the tanh GELU, gelu_pytorch_tanh)"
+            f"{arch} MLP is the tanh GELU, gelu_pytorch_tanh)"
         )
-    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if getattr(config, key, None):
-            problems.append(f"{key} is set (llama.cpp's gemma3 graph does not cap)")
     if getattr(config, "attention_bias", False):
-        problems.append("attention_bias is set (llama.cpp's gemma3 loader has no biases)")
+        problems.append(f"attention_bias is set (llama.cpp's {arch} loader has no biases)")
     if getattr(config, "use_bidirectional_attention", False):
         problems.append("use_bidirectional_attention is set (a causal graph)")
-    scale_dim = gemma3_attention_scale_dim(config)
+    scale_dim = gemma_attention_scale_dim(config, arch)
     if getattr(config, "query_pre_attn_scalar", scale_dim) != scale_dim:
         problems.append(
             f"query_pre_attn_scalar is {config.query_pre_attn_scalar} (llama.cpp scales "
             f"queries by 1/sqrt({scale_dim}) at this shape)"
         )
-    if len(sliding_pattern(config)) != config.num_hidden_layers:
+    pattern = sliding_pattern(config)
+    if len(pattern) != config.num_hidden_layers:
         problems.append("layer_types does not name every layer's attention")
+    elif not any(pattern):
+        # llama.cpp aborts the whole process on such a file (GGML_ASSERT is_swa_any).
+        problems.append(
+            f"layer_types has no sliding_attention layer (llama.cpp's {arch} loader needs one; "
+            "keep a sliding teacher layer in pair.student.layers)"
+        )
+    return problems
+
+
+def _gemma2_problems(config: Any) -> list[str]:
+    problems = _gemma_problems(config, "gemma2")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if not getattr(config, key, None):
+            problems.append(
+                f"{key} is not set (llama.cpp's gemma2 graph always caps, at 50 and 30 "
+                "without the keys)"
+            )
+    rope_type = rope_parameters(config)["rope_type"]
+    if rope_type != "default":
+        problems.append(f"rope_parameters.rope_type is {rope_type!r} (written: default)")
+    return problems
+
+
+def _gemma3_problems(config: Any) -> list[str]:
+    problems = _gemma_problems(config, "gemma3")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(config, key, None):
+            problems.append(f"{key} is set (llama.cpp's gemma3 graph does not cap)")
     for layer_type, allowed in (
         ("full_attention", ("default", "linear")),
         ("sliding_attention", ("default",)),
@@ -352,7 +398,8 @@ def check_exportable(config: Any) -> None:
 
     Supported: ``model_type`` llama (RoPE ``default`` or ``llama3``, biases allowed), qwen2
     (no sliding window), qwen3 (no sliding window, no attention bias), gemma3_text (tanh
-    GELU, no soft-capping, queries scaled as llama.cpp does, linear or no RoPE scaling) and
+    GELU, no soft-capping, queries scaled as llama.cpp does, linear or no RoPE scaling),
+    gemma2 (the same, but soft-capped both ways, sliding every other layer, no RoPE scaling) and
     gpt2 (tanh GELU, attention scaled by ``1/sqrt(head_dim)``). Reading
     ``reorder_and_upcast_attn`` is not needed: it changes the fp16 rounding of GPT-2's
     attention, not its maths.
@@ -368,6 +415,8 @@ def check_exportable(config: Any) -> None:
         problems = _gpt2_problems(config)
     elif model_type == "gemma3_text":
         problems = _gemma3_problems(config)
+    elif model_type == "gemma2":
+        problems = _gemma2_problems(config)
     else:
         problems = _decoder_problems(config, model_type)
     if problems:
@@ -402,7 +451,7 @@ def add_model_metadata(writer: Any, config: Any) -> None:
     writer.add_head_count_kv(n_kv)
     writer.add_rope_dimension_count(head_dim)
     # The loader defaults the head size to hidden / heads; qwen3's and gemma3's often differ.
-    if arch in ("qwen3", "gemma3") or head_dim != config.hidden_size // n_heads:
+    if arch in ("qwen3", "gemma2", "gemma3") or head_dim != config.hidden_size // n_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     # llama3 scaling is rope_freqs.weight (extra_tensors), no key: as llama.cpp's converter.
@@ -411,6 +460,11 @@ def add_model_metadata(writer: Any, config: Any) -> None:
     writer.add_vocab_size(int(config.vocab_size))
     if arch == "gemma3":
         _add_gemma3_metadata(writer, config)
+    if arch == "gemma2":
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern(sliding_pattern(config))
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 def _add_gemma3_metadata(writer: Any, config: Any) -> None:

@@ -12,6 +12,9 @@ from distill.errors import DistillError
 from distill.run_dir import RunDir
 from distill.train.checkpoint import TrainerState, complete_checkpoints, read_trainer_state
 
+# The budget search's settings (distill.config.StudentConfig) that only act with a budget.
+BUDGET_SEARCH_KEYS = ("budget_finalists", "budget_finalist_steps")
+
 
 def config_fingerprint(cfg: PipelineConfig, num_processes: int = 1) -> str:
     """Hash of everything that shapes the trajectory (not eval/quant/publish settings).
@@ -29,8 +32,14 @@ def config_fingerprint(cfg: PipelineConfig, num_processes: int = 1) -> str:
     }
     trajectory = {k: v for k, v in asdict(cfg.train).items() if k not in bookkeeping}
     trajectory["batch_size"] = cfg.train.batch_size * num_processes
+    pair = asdict(cfg.pair)
+    if cfg.pair.student.budget is None:
+        # Without a budget they choose nothing; left out, a run made before they existed
+        # stays this config's run.
+        for key in BUDGET_SEARCH_KEYS:
+            pair["student"].pop(key)
     payload = json.dumps(
-        [asdict(cfg.pair), asdict(cfg.data), asdict(cfg.loss), trajectory],
+        [pair, asdict(cfg.data), asdict(cfg.loss), trajectory],
         sort_keys=True,
         default=str,
     )

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import CORPUS
 
-ARCHS = ("llama3", "qwen2", "qwen3", "gemma3", "gpt2")
+ARCHS = ("llama3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 50000.0,
@@ -51,6 +51,7 @@ def arch_model(
     """
     from transformers import (
         AutoModelForCausalLM,
+        Gemma2Config,
         Gemma3TextConfig,
         GPT2Config,
         LlamaConfig,
@@ -74,6 +75,7 @@ def arch_model(
         "llama3": lambda: LlamaConfig(**common, rope_parameters=dict(LLAMA3_ROPE)),
         "qwen2": lambda: Qwen2Config(**common, rope_theta=50000.0),
         "qwen3": lambda: Qwen3Config(**common, head_dim=QWEN3_HEAD_DIM, rope_theta=50000.0),
+        "gemma2": lambda: Gemma2Config(**common, **gemma2_shape(layers)),
         "gemma3": lambda: Gemma3TextConfig(**common, **gemma3_shape(layers)),
         "gpt2": lambda: GPT2Config(
             vocab_size=vocab,
@@ -106,6 +108,26 @@ def gemma3_shape(layers: int) -> dict:
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "rope_theta": 50000.0, "factor": 2.0},
         },
+        bos_token_id=None,
+        pad_token_id=None,
+        eos_token_id=None,
+    )
+
+
+def gemma2_shape(layers: int) -> dict:
+    """Gemma 2's traits in miniature: head_dim above hidden / heads, a window (8) shorter
+    than the test sequences, sliding and full layers alternating, and soft-caps low enough
+    (1 on the attention scores, 1.5 on the logits) that every score and logit is bent by
+    them: llama.cpp's defaults (50, 30) then leave the logits units away."""
+    return dict(
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+        + ["sliding_attention"] * (layers % 2),
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+        attn_logit_softcapping=1.0,
+        final_logit_softcapping=1.5,
         bos_token_id=None,
         pad_token_id=None,
         eos_token_id=None,

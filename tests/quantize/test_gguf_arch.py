@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
@@ -44,6 +45,19 @@ _SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_valu
         (Gemma3TextConfig(**_SMALL, final_logit_softcapping=30.0), "final_logit_softcapping"),
         (Gemma3TextConfig(**_SMALL, head_dim=8, query_pre_attn_scalar=64), "query_pre_attn"),
         (Gemma3TextConfig(**_SMALL, hidden_activation="gelu"), "hidden_activation"),
+        (
+            Gemma3TextConfig(**_SMALL, num_hidden_layers=2, layer_types=["full_attention"] * 2),
+            "no sliding",
+        ),
+        (Gemma2Config(**_SMALL, head_dim=8, final_logit_softcapping=None), "final_logit_soft"),
+        (Gemma2Config(**_SMALL, head_dim=8, attn_logit_softcapping=None), "attn_logit_soft"),
+        (
+            Gemma2Config(
+                **_SMALL, head_dim=8, num_hidden_layers=2, layer_types=["full_attention"] * 2
+            ),
+            "no sliding",
+        ),
+        (Gemma2Config(**_SMALL, head_dim=8, query_pre_attn_scalar=64), "query_pre_attn"),
         (GPT2Config(n_embd=32, n_head=4, activation_function="relu"), "activation_function"),
         (GPT2Config(n_embd=32, n_head=4, scale_attn_by_inverse_layer_idx=True), "inverse_layer"),
     ],
@@ -56,7 +70,7 @@ def test_what_llama_cpp_would_compute_differently_is_refused(config, key: str) -
     assert isinstance(err.value, DistillError)
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3", "gemma3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"])
 def test_supported_architectures_pass_and_map_every_tensor(arch: str) -> None:
     model = arch_model(arch, 64)
     check_exportable(model.config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import gguf
 import llama_cpp
 import numpy as np
 import pytest
@@ -82,13 +83,20 @@ def max_delta(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0", "q4_0"])
 @pytest.mark.parametrize(
     "arch,tie",
-    [("llama3", False), ("qwen2", True), ("qwen3", True), ("gemma3", True), ("gpt2", True)],
+    [
+        ("llama3", False),
+        ("qwen2", True),
+        ("qwen3", True),
+        ("gemma2", True),
+        ("gemma3", True),
+        ("gpt2", True),
+    ],
 )
 def test_llama_cpp_reproduces_each_architecture(
     tmp_path, tokenizer, spm_tokenizer, arch: str, tie: bool, gguf_type: str
 ) -> None:
     # Gemma 3 with its own kind of tokenizer (SentencePiece-style, written as GGUF "llama").
-    tokenizer = spm_tokenizer if arch == "gemma3" else tokenizer
+    tokenizer = spm_tokenizer if arch.startswith("gemma") else tokenizer
     model = arch_model(arch, len(tokenizer), tie=tie, context=CONTEXT, layers=4)
     export = export_gguf(model, tokenizer, tmp_path / f"{arch}-{gguf_type}.gguf", gguf_type)
     got = llama_cpp_logits(export.path, IDS)
@@ -99,6 +107,16 @@ def test_llama_cpp_reproduces_each_architecture(
     assert ("output.weight" in export.tensor_types) is not tie
     assert ("rope_freqs.weight" in export.tensor_types) is (arch == "llama3")
     assert export.tensor_bytes == gguf_tensor_bytes(export.path)
+
+
+def test_a_gemma2_cut_runs_its_own_sliding_pattern(tmp_path, spm_tokenizer) -> None:
+    # llama.cpp's gemma2 graph reads the written pattern (without it, every other layer from
+    # the first slides): a cut keeping [full, sliding, sliding, full] layers runs as it is.
+    pattern = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    model = arch_model("gemma2", len(spm_tokenizer), layers=4, layer_types=pattern)
+    export = export_gguf(model, spm_tokenizer, tmp_path / "cut.gguf", "f16")
+    got = llama_cpp_logits(export.path, IDS)
+    assert max_delta(got, hf_logits(model, IDS)) < MAX_DELTA_F16_VS_TRANSFORMERS
 
 
 def test_llama_biases_are_permuted_with_their_rows(tmp_path, tokenizer) -> None:
@@ -121,6 +139,9 @@ def test_llama_biases_are_permuted_with_their_rows(tmp_path, tokenizer) -> None:
         ("llama3", "no-freqs"),
         ("gemma3", "no-norm-shift"),
         ("gemma3", "all-sliding"),
+        ("gemma2", "no-norm-shift"),
+        ("gemma2", "no-softcaps"),
+        ("gemma2", "all-sliding"),
     ],
 )
 def test_a_layout_slip_is_far_outside_the_tolerance(
@@ -136,6 +157,9 @@ def test_a_layout_slip_is_far_outside_the_tolerance(
         monkeypatch.setitem(gguf_arch.LAYOUTS, model_type, wrong)
     elif slip == "all-sliding":
         monkeypatch.setattr(gguf_arch, "sliding_pattern", lambda c: [True] * c.num_hidden_layers)
+    elif slip == "no-softcaps":  # llama.cpp then caps at its own defaults, 50 and 30
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            monkeypatch.setattr(gguf.GGUFWriter, f"add_{key}", lambda *a: None)
     else:
         wrong = dataclasses.replace(gguf_arch.LAYOUTS[model_type], permute_qk=slip == "permute")
         monkeypatch.setitem(gguf_arch.LAYOUTS, model_type, wrong)

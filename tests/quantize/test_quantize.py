@@ -471,16 +471,19 @@ def test_fresh_process_reload_takes_relative_paths(
     torch.testing.assert_close(fresh["logits"], torch.cat(rows), atol=0, rtol=0)
 
 
-def test_gemma3_int8_folder_reloads_with_its_embedding_scale(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_int8_folder_reloads_with_its_embedding_scale(tmp_path: Path, arch: str) -> None:
     # Gemma's scaled embedding keeps sqrt(hidden) in an unsaved buffer that transformers'
     # torchao reload leaves uninitialized once the embedding is quantized: the embedding stays
     # in float, says why, and the folder passes the fresh-process parity check.
     from tests.conftest import make_tokenizer
     from tests.models.test_width import VOCAB as GEMMA_VOCAB
     from tests.models.test_width import tiny_gemma3
+    from tests.quantize.gguf_models import arch_model
 
     run_dir = tmp_path / "run"
-    tiny_gemma3().save_pretrained(str(run_dir / "final"))
+    model = tiny_gemma3() if arch == "gemma3" else arch_model(arch, GEMMA_VOCAB, layers=4)
+    model.save_pretrained(str(run_dir / "final"))
     make_tokenizer(GEMMA_VOCAB).save_pretrained(str(run_dir / "final"))
     ids = torch.arange(64).reshape(4, 16) * 5 % GEMMA_VOCAB
     (record,) = run(

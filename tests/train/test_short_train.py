@@ -42,3 +42,16 @@ def test_a_finalist_trains_toward_the_teacher_and_is_scored_at_its_steps() -> No
     assert scores[24] == kl(student)  # the last score is the student as it was left
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, before_teacher[name]), name
+
+
+def test_the_finalists_settings_shape_a_budget_run_only() -> None:
+    """A run without a budget keeps its fingerprint (so a run dir trained before these
+    settings existed is still finished); with a budget they choose the student."""
+    from distill.train.run_state import config_fingerprint
+
+    def fingerprint(finalists: int, **student) -> str:
+        pair = PairConfig(name="t", student=StudentConfig(budget_finalists=finalists, **student))
+        return config_fingerprint(PipelineConfig(pair=pair))
+
+    assert fingerprint(3, layers=[0, 1]) == fingerprint(5, layers=[0, 1])
+    assert fingerprint(3, budget=0.5) != fingerprint(5, budget=0.5)
