@@ -25,6 +25,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
         # students
         "build_student": "build",
         "planned_config": "build",
+        # the budget search's finalists, trained by the train stage
+        "Finalists": "shape_search",
         "TEACHER_LAYERS_ATTR": "student",
         "build_student_from_teacher": "student",
         "decoder_layers": "student",

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from distill.config import PipelineConfig
-from distill.models.shape_search import Finalists
+from distill.models import Finalists
 from distill.train.hidden_states import hidden_match
 from distill.train.losses import make_kd_loss, scored_positions
 from distill.train.step import (
