@@ -182,34 +182,15 @@ def from_command_line(overrides: list[str]) -> PipelineConfig:
 
 def test_a_depth_on_the_command_line_replaces_the_pair_files() -> None:
     default = from_command_line([]).pair.student
-    assert default.layers == [
-        0,
-        1,
-        2,
-        4,
-        6,
-        7,
-        8,
-        9,
-        10,
-        11,
-        15,
-        19,
-        20,
-        21,
-        22,
-        23,
-        24,
-        27,
-        28,
-        29,
-    ]
-    assert default.num_layers is None and default.intermediate_size == 896
+    assert default.layers == [*range(5), *range(6, 16), *range(19, 25), 26, 27, 28, 29]
+    assert default.num_layers is None and default.intermediate_size == 800
+    assert default.num_key_value_heads == 2
     for override in ("pair.student.num_layers=8", "+pair.student.num_layers=8"):
         student = from_command_line([override]).pair.student
         assert (student.num_layers, student.layers) == (8, None), override
         # The pair file's width cut is part of its shape: replaced with it.
         assert student.intermediate_size is None, override
+        assert student.num_key_value_heads is None, override
     # A width given beside the depth stays.
     both = from_command_line(["pair.student.num_layers=8", "pair.student.intermediate_size=512"])
     assert both.pair.student.intermediate_size == 512
