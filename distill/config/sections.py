@@ -388,10 +388,10 @@ class EvalConfig:
             out.append(
                 f"eval.lm_eval_include: {missing} not a folder (give folders of lm-eval task YAMLs)"
             )
-        for key in ("lm_eval_num_fewshot", "lm_eval_limit"):
+        for key, least in (("lm_eval_num_fewshot", 0), ("lm_eval_limit", 1)):
             value = getattr(self, key)
-            if value is not None and value < (0 if key == "lm_eval_num_fewshot" else 1):
-                out.append(f"eval.{key}={value}: must be >= {int(key == 'lm_eval_limit')} or null")
+            if value is not None and value < least:
+                out.append(f"eval.{key}={value}: must be >= {least} or null")
         out += _at_least("eval", self, ("lm_eval_max_length", "lm_eval_batch_size"))
         return out
 

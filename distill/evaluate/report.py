@@ -411,7 +411,7 @@ def _search_text(search: dict[str, Any]) -> str:
         steps = max(trained, key=int)
         text = (
             f" Chosen for pair.student.budget={budget}: of {count} shapes that fit, the "
-            f"{search.get('finalists', '?')} with the lowest KL to the teacher before training "
+            f"{search['finalists']} with the lowest KL to the teacher before training "
             f"were each trained {steps} steps, and this one had the lowest KL after "
             f"({trained[steps]:.3f}; {chosen['kl']:.3f} before; "
             f"{chosen['params'] / 1e6:.1f}M parameters)"

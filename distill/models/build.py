@@ -74,9 +74,9 @@ def budget_shape(
         teacher, train_blocks, cfg.budget, depths, cache_dir, key, finalists
     )
     chosen = ranked[0]
+    trained = sum("kl_trained" in r for r in ranked)
     why = f"KL {chosen['kl']:.3f} pruned, the best of {len(ranked)} shapes"
-    if "kl_trained" in chosen:
-        trained = sum("kl_trained" in r for r in ranked)
+    if trained:
         why = (
             f"KL {final_kl(chosen):.3f} after {max(map(int, chosen['kl_trained']))} steps, the "
             f"best of the {trained} best pruned of {len(ranked)} shapes"
@@ -93,7 +93,7 @@ def budget_shape(
         why,
     )
     summary = {"budget": cfg.budget, "candidates": len(ranked), "chosen": chosen}
-    summary["finalists"] = sum("kl_trained" in r for r in ranked)
+    summary["finalists"] = trained
     summary["runner_up"] = ranked[1] if len(ranked) > 1 else None
     return layers, shape.width(), summary
 

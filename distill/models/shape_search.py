@@ -264,11 +264,20 @@ def final_kl(record: dict[str, Any]) -> float:
     return float(trained[max(trained, key=int)])
 
 
-def _cut(teacher: PreTrainedModel, blocks: torch.Tensor, record: dict[str, Any]) -> PreTrainedModel:
-    """The candidate of ``record`` cut from the teacher again, as :func:`_run` cut it."""
+def _cut(
+    teacher: PreTrainedModel,
+    blocks: torch.Tensor,
+    record: dict[str, Any],
+    importance: dict[tuple[int, ...], Any],
+) -> PreTrainedModel:
+    """The candidate of ``record`` cut from the teacher again, as :func:`_run` cut it; the
+    importance of each depth cut is measured once (``importance``, by kept layers)."""
     shape = Shape(**record["shape"])
-    cut = build_student_from_teacher(teacher, list(record["layers"]))
-    kept = choose_kept(cut.config, shape.width(), measure_importance(cut, blocks, 1))
+    layers = tuple(record["layers"])
+    cut = build_student_from_teacher(teacher, list(layers))
+    if layers not in importance:
+        importance[layers] = measure_importance(cut, blocks, 1)
+    kept = choose_kept(cut.config, shape.width(), importance[layers])
     return model_from_state(width_config(cut.config, shape.width()), cut_state(cut, kept))
 
 
@@ -295,12 +304,13 @@ def _train_finalists(
         rest.shape[0],
     )
     reference = metrics.teacher_sides(teacher, blocks, 1)
-    trained = []
+    trained: list[dict[str, Any]] = []
+    importance: dict[tuple[int, ...], Any] = {}
     start = time.perf_counter()
     with tqdm(total=count * finalists.steps, desc="finalists", unit="step") as bar:
         for record in ranked[:count]:
             bar.set_postfix_str(_label(record))
-            student = _cut(teacher, blocks, record)
+            student = _cut(teacher, blocks, record, importance)
             scores = finalists.retrain(
                 student, rest, lambda m: _score(m, blocks, reference), lambda: bar.update(1)
             )

@@ -299,7 +299,7 @@ def _decoder_problems(config: Any, arch: str) -> list[str]:
 _GEMMA_27B_DEPTH = {"gemma2": 46, "gemma3": 62}
 
 
-def gemma_attention_scale_dim(config: Any, arch: str = "gemma3") -> int:
+def gemma_attention_scale_dim(config: Any, arch: str) -> int:
     """The size whose inverse square root llama.cpp's gemma2/gemma3 graph scales queries by:
     the head size, but ``hidden / heads`` at the 27B's depth (whose
     ``query_pre_attn_scalar`` is so)."""

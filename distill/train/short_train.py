@@ -10,6 +10,8 @@ order and the same learning-rate schedule (the run's, compressed to ``steps``).
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -27,6 +29,8 @@ from distill.train.step import (
     micro_batch_loss,
     micro_batches_for_step,
 )
+
+log = logging.getLogger(__name__)
 
 
 def score_steps(steps: int) -> list[int]:
@@ -47,6 +51,22 @@ def finalists(cfg: PipelineConfig, teacher: Any) -> Finalists:
         grad_accum_steps=1,
         on_policy_fraction=0.0,  # sampling needs the run's accelerator; see the docstring
     )
+    # What the run has that a finalist's few steps leave out, said rather than dropped silently.
+    left_out = [
+        f"train.{key}={getattr(tc, key)}"
+        for key, plain in (("grad_accum_steps", 1), ("on_policy_fraction", 0.0))
+        if getattr(tc, key) != plain
+    ]
+    if tc.teacher_mode != "online":
+        left_out.append(
+            f"train.teacher_mode={tc.teacher_mode} (the finalists read the teacher online)"
+        )
+    if left_out and student_cfg.budget_finalists >= 2:
+        log.info(
+            "budget search: the finalists train one micro-batch a step, off-policy, with the "
+            "online teacher; not applied to them: %s",
+            ", ".join(left_out),
+        )
     recipe = (
         f"{steps} steps of batch {tc.batch_size}, lr {tc.lr} (warmup "
         f"{schedule.warmup_steps}, min ratio {tc.min_lr_ratio}), weight decay "
@@ -85,7 +105,7 @@ def finalists(cfg: PipelineConfig, teacher: Any) -> Finalists:
             loss, parts = micro_batch_loss(ctx, batch, tokens)
             loss.backward()
             norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), tc.max_grad_norm))
-            if not (torch.isfinite(loss) and torch.isfinite(torch.tensor(norm))):
+            if not (math.isfinite(parts["loss"]) and math.isfinite(norm)):
                 raise NonFiniteError(
                     f"budget search: a finalist's step {step} gave loss {parts['loss']}, "
                     f"gradient norm {norm}: lower train.lr or set "

@@ -94,43 +94,40 @@ def arch_model(
     return perturb_vectors(AutoModelForCausalLM.from_config(cfg).eval())
 
 
-def gemma3_shape(layers: int) -> dict:
-    """Gemma 3's traits in miniature: head_dim above hidden / heads, a window (8) shorter
-    than the test sequences, sliding and full layers alternating with their own RoPE bases,
-    and the full layers' RoPE scaled linearly (as Gemma 3 4B and up ship)."""
+def _gemma_shape(layers: int) -> dict:
+    """What both Gemmas' miniatures share: head_dim above hidden / heads, a window (8)
+    shorter than the test sequences, sliding and full layers alternating, no special ids."""
     return dict(
         head_dim=32,
         query_pre_attn_scalar=32,
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention"] * (layers // 2)
         + ["sliding_attention"] * (layers % 2),
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "linear", "rope_theta": 50000.0, "factor": 2.0},
-        },
         bos_token_id=None,
         pad_token_id=None,
         eos_token_id=None,
     )
 
 
+def gemma3_shape(layers: int) -> dict:
+    """Gemma 3's traits in miniature (:func:`_gemma_shape`), with the sliding and full layers'
+    own RoPE bases and the full layers' RoPE scaled linearly (as Gemma 3 4B and up ship)."""
+    return _gemma_shape(layers) | dict(
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 50000.0, "factor": 2.0},
+        },
+    )
+
+
 def gemma2_shape(layers: int) -> dict:
-    """Gemma 2's traits in miniature: head_dim above hidden / heads, a window (8) shorter
-    than the test sequences, sliding and full layers alternating, and soft-caps low enough
-    (1 on the attention scores, 1.5 on the logits) that every score and logit is bent by
-    them: llama.cpp's defaults (50, 30) then leave the logits units away."""
-    return dict(
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"] * (layers // 2)
-        + ["sliding_attention"] * (layers % 2),
+    """Gemma 2's traits in miniature (:func:`_gemma_shape`), with soft-caps low enough (1 on
+    the attention scores, 1.5 on the logits) that every score and logit is bent by them:
+    llama.cpp's defaults (50, 30) then leave the logits units away."""
+    return _gemma_shape(layers) | dict(
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
         attn_logit_softcapping=1.0,
         final_logit_softcapping=1.5,
-        bos_token_id=None,
-        pad_token_id=None,
-        eos_token_id=None,
     )
 
 
